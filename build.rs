@@ -1,0 +1,196 @@
+//! Compiles every `kernels/*.cu` to PTX with nvcc and embeds the result.
+//!
+//! nvcc is looked up through `NVCC`, then `CUDA_HOME` / `CUDA_PATH`, then `PATH`, then
+//! `/usr/local/cuda`. Without nvcc (or when a kernel fails to compile) the crate still
+//! builds: one warning is printed and every GPU entry point returns
+//! `BnError::PtxUnavailable` carrying the reason. `CUDA_BATCHNORM_REQUIRE_NVCC=1` turns
+//! either case into a build error (CI sets it).
+//!
+//! Output: `$OUT_DIR/ptx.rs`, included by `src/kernels.rs`, defining
+//! `PTX_MODULES: &[PtxModule]` and `PTX_UNAVAILABLE: Option<&str>`.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// PTX targets, lowest first; the module loader picks the highest one the device runs.
+/// CUDA 13 compiles for compute capability 7.5 and newer.
+const TARGETS: &[(&str, u32)] = &[("compute_75", 75)];
+
+/// The toolkit the embedded PTX is pinned to: CUDA 13.0 emits PTX ISA 9.0, which drivers
+/// from 580 load. A newer toolkit emits PTX that such drivers refuse.
+const PINNED_NVCC: &str = "release 13.0";
+
+const HOW_TO_GET_NVCC: &str = "install CUDA 13.0's nvcc (scripts/install-cuda-toolchain \
+    installs it from NVIDIA's Python wheels and prints the path), set NVCC to it, and rebuild";
+
+fn main() {
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kernel_dir = manifest.join("kernels");
+
+    println!("cargo:rerun-if-changed=kernels");
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "CUDA_BATCHNORM_REQUIRE_NVCC",
+    ] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let require = env::var("CUDA_BATCHNORM_REQUIRE_NVCC").is_ok_and(|v| v == "1");
+    let mut sources = kernel_sources(&kernel_dir);
+    sources.sort();
+    for entry in fs::read_dir(&kernel_dir).into_iter().flatten().flatten() {
+        println!("cargo:rerun-if-changed={}", entry.path().display());
+    }
+
+    let outcome = find_nvcc()
+        .ok_or_else(|| format!("nvcc was not found (looked at NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda); {HOW_TO_GET_NVCC}"))
+        .and_then(|nvcc| {
+            check_version(&nvcc);
+            compile_all(&nvcc, &sources, &kernel_dir, &out_dir)
+        });
+
+    let generated = match outcome {
+        Ok(modules) => render(&modules, None),
+        Err(reason) => {
+            if require {
+                panic!("CUDA_BATCHNORM_REQUIRE_NVCC=1 but the kernels were not built: {reason}");
+            }
+            println!("cargo:warning=cuda-batchnorm is built without GPU kernels: {reason}");
+            render(&[], Some(&reason))
+        }
+    };
+    fs::write(out_dir.join("ptx.rs"), generated).expect("write ptx.rs");
+}
+
+struct Built {
+    module: String,
+    min_cc: u32,
+    path: PathBuf,
+}
+
+fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect()
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let exe = if cfg!(windows) { "nvcc.exe" } else { "nvcc" };
+    if let Some(p) = env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env::var_os(var) {
+            let p = PathBuf::from(root).join("bin").join(exe);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let p = dir.join(exe);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let p = PathBuf::from("/usr/local/cuda/bin").join(exe);
+    p.is_file().then_some(p)
+}
+
+fn check_version(nvcc: &Path) {
+    // A failure to run nvcc at all is reported by compile_all.
+    let Ok(out) = Command::new(nvcc).arg("--version").output() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !text.contains(PINNED_NVCC) {
+        let line = text
+            .lines()
+            .find(|l| l.contains("release"))
+            .unwrap_or("unknown version");
+        println!(
+            "cargo:warning=nvcc at {} reports `{}`; the crate is pinned to CUDA 13.0 (PTX ISA 9.0, \
+             drivers >= 580). PTX from a newer toolkit is refused by older drivers.",
+            nvcc.display(),
+            line.trim()
+        );
+    }
+}
+
+fn compile_all(
+    nvcc: &Path,
+    sources: &[PathBuf],
+    include: &Path,
+    out_dir: &Path,
+) -> Result<Vec<Built>, String> {
+    if sources.is_empty() {
+        return Err(format!("no kernels/*.cu files in {}", include.display()));
+    }
+    let mut built = Vec::new();
+    for src in sources {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("kernels")
+            .to_string();
+        for &(arch, min_cc) in TARGETS {
+            let path = out_dir.join(format!("{stem}.{arch}.ptx"));
+            let out = Command::new(nvcc)
+                .arg("--ptx")
+                .arg(format!("-arch={arch}"))
+                .args(["-std=c++17", "-O3", "-lineinfo"])
+                .arg("-I")
+                .arg(include)
+                .arg("-o")
+                .arg(&path)
+                .arg(src)
+                .output()
+                .map_err(|e| format!("could not run {}: {e}; {HOW_TO_GET_NVCC}", nvcc.display()))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "nvcc failed on {} for {arch}:\n{}{}",
+                    src.display(),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            built.push(Built {
+                module: stem.clone(),
+                min_cc,
+                path,
+            });
+        }
+    }
+    Ok(built)
+}
+
+fn render(modules: &[Built], unavailable: Option<&str>) -> String {
+    let mut s = String::from("// @generated by build.rs\n");
+    s.push_str("pub(crate) const PTX_MODULES: &[PtxModule] = &[\n");
+    for m in modules {
+        s.push_str(&format!(
+            "    PtxModule {{ name: {:?}, min_cc: {}, ptx: include_str!({:?}) }},\n",
+            m.module,
+            m.min_cc,
+            m.path.display().to_string()
+        ));
+    }
+    s.push_str("];\n");
+    s.push_str(&format!(
+        "pub(crate) const PTX_UNAVAILABLE: Option<&str> = {unavailable:?};\n"
+    ));
+    s
+}
