@@ -1,0 +1,204 @@
+//! Backends: where tensors live and how a validated batch-norm call runs there.
+//!
+//! [`Cuda`](crate::functional::Cuda) runs the kernels on a GPU stream;
+//! [`Cpu`](crate::cpu::Cpu) computes on host slices in f64. The argument structs here
+//! are shared by both, so that `torch.nn.functional.batch_norm`'s arguments are spelled
+//! once, and the modules ([`crate::module::BatchNorm`]) are written once over any
+//! backend.
+
+use crate::dtype::{Float, ParamFor};
+use crate::error::Result;
+use crate::shape::Shape;
+use crate::validate::{self, BackwardSpec, ForwardKind, ForwardSpec};
+
+/// Anything with a length in elements.
+pub trait Len {
+    /// Elements.
+    fn len(&self) -> usize;
+    /// No elements.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<E> Len for [E] {
+    fn len(&self) -> usize {
+        <[E]>::len(self)
+    }
+}
+
+/// A place where tensors live and batch norm runs.
+pub trait Backend: Sized + Send + Sync {
+    /// A tensor read by a call: `dyn DevicePtr<E>` on CUDA, `[E]` on the CPU.
+    type Tensor<'t, E: Float>: ?Sized + Len + 't;
+    /// A tensor written by a call: `dyn DevicePtrMut<E>` on CUDA, `[E]` on the CPU.
+    type TensorMut<'t, E: Float>: ?Sized + Len + 't;
+    /// An owned buffer: `CudaSlice<E>` on CUDA, `Vec<E>` on the CPU.
+    type Buffer<E: Float>: Send + Sync;
+    /// Scratch memory reused across calls.
+    type Workspace: Default + Send + Sync;
+
+    /// A buffer of `len` copies of `fill`.
+    fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<Self::Buffer<E>>;
+    /// A buffer's length.
+    fn buffer_len<E: Float>(b: &Self::Buffer<E>) -> usize;
+    /// A buffer as a read tensor.
+    fn tensor<E: Float>(b: &Self::Buffer<E>) -> &Self::Tensor<'_, E>;
+    /// A buffer as a written tensor.
+    fn tensor_mut<E: Float>(b: &mut Self::Buffer<E>) -> &mut Self::TensorMut<'_, E>;
+    /// The same read tensor for a shorter lifetime. (Associated types are invariant in
+    /// their lifetime, so the modules shorten callers' tensors explicitly.)
+    fn reborrow<'s, 'l: 's, E: Float>(t: &'s Self::Tensor<'l, E>) -> &'s Self::Tensor<'s, E>;
+    /// The same written tensor for a shorter lifetime.
+    fn reborrow_mut<'s, 'l: 's, E: Float>(
+        t: &'s mut Self::TensorMut<'l, E>,
+    ) -> &'s mut Self::TensorMut<'s, E>;
+    /// A buffer's contents on the host.
+    fn to_host<E: Float>(&self, b: &Self::Buffer<E>) -> Result<Vec<E>>;
+    /// Overwrites a buffer with host values (same length).
+    fn copy_from_host<E: Float>(&self, b: &mut Self::Buffer<E>, v: &[E]) -> Result<()>;
+
+    /// The forward of `torch.nn.functional.batch_norm`, validated then run.
+    fn batch_norm<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Forward<'_, Self, T, P>,
+        output: &mut Self::TensorMut<'_, T>,
+        save: Option<SaveStats<'_, Self, T::Acc>>,
+        workspace: &mut Self::Workspace,
+    ) -> Result<()>;
+
+    /// The backward, validated then run.
+    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Backward<'_, Self, T, P>,
+        grads: Grads<'_, Self, T, P>,
+        workspace: &mut Self::Workspace,
+    ) -> Result<()>;
+}
+
+/// `torch.nn.functional.batch_norm`'s arguments, output and saved statistics apart.
+pub struct Forward<'a, B: Backend, T: Float, P: ParamFor<T>> {
+    /// Input, `shape.numel()` elements in `shape`'s memory format.
+    pub input: &'a B::Tensor<'a, T>,
+    /// The input's size and memory format.
+    pub shape: Shape,
+    /// Running mean (C): read in eval, updated in training.
+    pub running_mean: Option<&'a mut B::TensorMut<'a, P>>,
+    /// Running variance (C), likewise.
+    pub running_var: Option<&'a mut B::TensorMut<'a, P>>,
+    /// Scale (C); absent means 1.
+    pub weight: Option<&'a B::Tensor<'a, P>>,
+    /// Shift (C); absent means 0.
+    pub bias: Option<&'a B::Tensor<'a, P>>,
+    /// Normalise with this batch's statistics (and update the running ones if given).
+    pub training: bool,
+    /// The running-average factor: `running = momentum * batch + (1 - momentum) * running`.
+    pub momentum: f64,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+/// Where a training forward leaves the batch statistics for the backward.
+pub struct SaveStats<'a, B: Backend, A: Float> {
+    /// Batch mean (C).
+    pub mean: &'a mut B::TensorMut<'a, A>,
+    /// 1 / sqrt(biased batch variance + eps) (C).
+    pub invstd: &'a mut B::TensorMut<'a, A>,
+}
+
+/// The statistics a backward differentiates through.
+pub enum BackwardStats<'a, B: Backend, A: Float, P: Float> {
+    /// Training: the forward's saved batch statistics.
+    Batch {
+        /// save_mean (C).
+        save_mean: &'a B::Tensor<'a, A>,
+        /// save_invstd (C).
+        save_invstd: &'a B::Tensor<'a, A>,
+    },
+    /// Eval: the running statistics and eps the forward used.
+    Running {
+        /// running_mean (C).
+        mean: &'a B::Tensor<'a, P>,
+        /// running_var (C).
+        var: &'a B::Tensor<'a, P>,
+        /// eps.
+        eps: f64,
+    },
+}
+
+/// A backward's inputs.
+pub struct Backward<'a, B: Backend, T: Float, P: ParamFor<T>> {
+    /// Gradient of the output.
+    pub grad_output: &'a B::Tensor<'a, T>,
+    /// The forward's input.
+    pub input: &'a B::Tensor<'a, T>,
+    /// Their size and memory format.
+    pub shape: Shape,
+    /// The forward's weight; absent means 1.
+    pub weight: Option<&'a B::Tensor<'a, P>>,
+    /// Statistics of the forward.
+    pub stats: BackwardStats<'a, B, T::Acc, P>,
+}
+
+/// A backward's outputs.
+pub struct Grads<'a, B: Backend, T: Float, P: ParamFor<T>> {
+    /// Gradient of the input.
+    pub input: &'a mut B::TensorMut<'a, T>,
+    /// Gradient of the weight, if wanted.
+    pub weight: Option<&'a mut B::TensorMut<'a, P>>,
+    /// Gradient of the bias, if wanted.
+    pub bias: Option<&'a mut B::TensorMut<'a, P>>,
+}
+
+impl<B: Backend, T: Float, P: ParamFor<T>> Forward<'_, B, T, P> {
+    /// Validates the call ([`validate::forward`]) given the output and saved-statistics
+    /// buffers it writes. Every backend calls this before running anything.
+    pub fn validate(
+        &self,
+        output: &B::TensorMut<'_, T>,
+        save: Option<&SaveStats<'_, B, T::Acc>>,
+    ) -> Result<ForwardKind> {
+        validate::forward(&ForwardSpec {
+            shape: self.shape,
+            training: self.training,
+            eps: self.eps,
+            momentum: self.momentum,
+            input: self.input.len(),
+            output: output.len(),
+            weight: self.weight.map(|b| b.len()),
+            bias: self.bias.map(|b| b.len()),
+            running_mean: self.running_mean.as_ref().map(|b| b.len()),
+            running_var: self.running_var.as_ref().map(|b| b.len()),
+            save_mean: save.map(|s| s.mean.len()),
+            save_invstd: save.map(|s| s.invstd.len()),
+        })
+    }
+}
+
+impl<B: Backend, T: Float, P: ParamFor<T>> Backward<'_, B, T, P> {
+    /// Validates the call ([`validate::backward`]) given the gradients it writes.
+    /// `Ok(false)`: the input is empty and only the parameter gradients are zeroed.
+    pub fn validate(&self, grads: &Grads<'_, B, T, P>) -> Result<bool> {
+        let (batch_stats, stats, eps) = match &self.stats {
+            BackwardStats::Batch {
+                save_mean,
+                save_invstd,
+            } => (true, (Some(save_mean.len()), Some(save_invstd.len())), 0.0),
+            BackwardStats::Running { mean, var, eps } => {
+                (false, (Some(mean.len()), Some(var.len())), *eps)
+            }
+        };
+        validate::backward(&BackwardSpec {
+            shape: self.shape,
+            batch_stats,
+            eps,
+            grad_output: self.grad_output.len(),
+            input: self.input.len(),
+            grad_input: grads.input.len(),
+            weight: self.weight.map(|w| w.len()),
+            stats,
+            grad_weight: grads.weight.as_ref().map(|g| g.len()),
+            grad_bias: grads.bias.as_ref().map(|g| g.len()),
+        })
+    }
+}

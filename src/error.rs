@@ -1,0 +1,192 @@
+//! The crate's one error type.
+//!
+//! Variants in the first group carry PyTorch's own sentences, so that code and tests
+//! written against `torch.nn.BatchNorm*d` see the same text. The rest cover what PyTorch
+//! cannot get wrong (buffers shorter than their shape, non-finite options) or what only
+//! a GPU can get wrong (no driver, no device, no PTX, a buffer of another context).
+
+use cudarc::driver::DriverError;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = BnError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a cuda-batchnorm call. A call that returns `Err`
+/// has changed no state: no buffer, no running statistic, no counter.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BnError {
+    /// The input's rank does not fit the module (`expected 4D input (got 3D input)`).
+    #[error("expected {expected} input (got {got}D input)")]
+    InputRank {
+        /// What the module accepts: `2D or 3D`, `4D` or `5D`.
+        expected: &'static str,
+        /// The rank it was given.
+        got: usize,
+    },
+
+    /// Training needs at least two values per channel.
+    #[error("Expected more than 1 value per channel when training, got input size {size:?}")]
+    TooFewValues {
+        /// The input's size.
+        size: Vec<usize>,
+    },
+
+    /// A parameter or running buffer whose length is not the input's channel count.
+    #[error("{name} should contain {expected} elements not {got}")]
+    FeatureCount {
+        /// `running_mean`, `running_var`, `weight` or `bias`.
+        name: &'static str,
+        /// The input's channel count.
+        expected: usize,
+        /// The buffer's length.
+        got: usize,
+    },
+
+    /// Evaluation with batch statistics needs running statistics to normalise with.
+    #[error("{name} must be defined in evaluation mode")]
+    MissingRunningStat {
+        /// `running_mean` or `running_var`.
+        name: &'static str,
+    },
+
+    /// Only one of running_mean and running_var was given.
+    #[error("running_mean and running_var must either both be None or neither be None")]
+    RunningStatsPairing,
+
+    /// eps <= 0 in training.
+    #[error("batch_norm eps must be positive during training, but got {eps:?}")]
+    EpsNotPositive {
+        /// The eps given.
+        eps: f64,
+    },
+
+    /// eps < 0 in evaluation.
+    #[error("batch_norm eps must be non-negative, but got {eps:?}")]
+    EpsNegative {
+        /// The eps given.
+        eps: f64,
+    },
+
+    /// Deviation from PyTorch: a NaN or infinite eps or momentum is refused.
+    #[error("batch_norm {name} must be finite, but got {value:?}")]
+    NonFinite {
+        /// `eps` or `momentum`.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+    },
+
+    /// A shape PyTorch's batch_norm cannot take at all (fewer than 2 dimensions).
+    #[error("batch_norm expects an input of at least 2 dimensions (N, C, ...), got size {size:?}")]
+    InputTooFewDims {
+        /// The size given.
+        size: Vec<usize>,
+    },
+
+    /// A size whose element count does not fit in memory addressing.
+    #[error("input size {size:?} has more elements than can be addressed")]
+    InputTooLarge {
+        /// The size given.
+        size: Vec<usize>,
+    },
+
+    /// A buffer is shorter than its shape requires.
+    #[error("{name} holds {got} elements but input size {size:?} needs {needed}")]
+    BufferTooShort {
+        /// Which argument (`input`, `output`, `grad_output`, `save_mean`, ...).
+        name: &'static str,
+        /// Elements needed.
+        needed: usize,
+        /// Elements it holds.
+        got: usize,
+        /// The input size the need comes from.
+        size: Vec<usize>,
+    },
+
+    /// A backward call that lacks the statistics its mode needs.
+    #[error("{0}")]
+    Backward(&'static str),
+
+    /// A module's backward whose input does not match its last forward.
+    #[error(
+        "backward got input size {got:?} but the last forward in this mode had size {expected:?}"
+    )]
+    BackwardShape {
+        /// The size of the last forward.
+        expected: Vec<usize>,
+        /// The size given to backward.
+        got: Vec<usize>,
+    },
+
+    /// A state dict that does not fit the module, in PyTorch's words.
+    #[error("Error(s) in loading state_dict for {module}:\n\t{detail}")]
+    StateDict {
+        /// `BatchNorm1d`, `BatchNorm2d` or `BatchNorm3d`.
+        module: &'static str,
+        /// What did not fit.
+        detail: String,
+    },
+
+    /// libcuda could not be loaded: no NVIDIA driver on this machine.
+    #[error(
+        "no CUDA driver: libcuda could not be loaded (an NVIDIA driver, 580 or newer, is needed)"
+    )]
+    NoDriver,
+
+    /// The driver loaded but there is no usable device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+
+    /// The crate was built without PTX (no nvcc at build time, or a failed compile).
+    #[error("cuda-batchnorm was built without GPU kernels: {0}")]
+    PtxUnavailable(&'static str),
+
+    /// The driver refused to load the embedded PTX.
+    #[error(
+        "the CUDA driver refused the embedded PTX ({source}); the PTX is ISA 9.0 from CUDA 13.0 and \
+         needs driver 580 or newer (this driver reports CUDA {driver_version}); rebuild with NVCC \
+         pointing at an older toolkit for an older driver"
+    )]
+    PtxRejected {
+        /// The driver's error.
+        source: DriverError,
+        /// The driver's CUDA version, e.g. `12.8`.
+        driver_version: String,
+    },
+
+    /// A buffer or stream of another CUDA context than the one the call runs in.
+    #[error("{name} belongs to a different CUDA context than the stream the call runs on")]
+    ContextMismatch {
+        /// Which argument.
+        name: &'static str,
+    },
+
+    /// The dtype combination has no kernel (for instance f64 parameters with f16 input).
+    #[error("no kernel for input {input} with parameters {param}")]
+    UnsupportedTypes {
+        /// Input dtype name.
+        input: &'static str,
+        /// Parameter dtype name.
+        param: &'static str,
+    },
+
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error in {op}: {source}")]
+    Driver {
+        /// What the crate was doing.
+        op: &'static str,
+        /// The driver's error.
+        source: DriverError,
+    },
+
+    /// A kernel launch failed in an executor other than the CUDA driver (the emulator).
+    #[error("kernel launch failed: {0}")]
+    Launch(String),
+}
+
+impl BnError {
+    /// Wraps a driver error with what the crate was doing.
+    pub(crate) fn driver(op: &'static str) -> impl FnOnce(DriverError) -> BnError {
+        move |source| BnError::Driver { op, source }
+    }
+}

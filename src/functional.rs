@@ -1,0 +1,553 @@
+//! Safe batch-norm functions on cudarc buffers, `torch.nn.functional.batch_norm`'s
+//! semantics.
+//!
+//! * [`batch_norm`]: the general forward, all four modes (training or not, running
+//!   statistics or not), the running-statistics update included.
+//! * [`batch_norm_eval`]: the eval forward with running statistics, taking only shared
+//!   references (for inference servers sharing one model across threads and streams);
+//!   no workspace, no allocation, no host synchronisation.
+//! * [`batch_norm_backward`]: input, weight and bias gradients, training or eval.
+//!
+//! Every function validates all of its arguments ([`crate::validate`]) before touching
+//! the device; an `Err` leaves every buffer as it was. Buffers may be any
+//! [`DevicePtr`] / [`DevicePtrMut`] (`CudaSlice`, `CudaView`, `CudaViewMut`), including
+//! views at offsets that break 16-byte alignment. They must belong to the stream's
+//! context; work is queued on `stream` and nothing waits for it.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop,
+};
+
+use crate::backend::{self, Backend, Len};
+use crate::dtype::{DType, Float, ParamFor};
+use crate::error::{BnError, Result};
+use crate::kernels::{CudaLauncher, Kernels};
+use crate::launch::Tuning;
+use crate::raw::{self, WorkspaceSize};
+use crate::shape::Shape;
+use crate::validate::{self, ForwardKind, ForwardSpec};
+
+/// Memory the training forward and the backward need: counters that coordinate the
+/// blocks of a reduction (zeroed once, kept zero by the kernels) and scratch for
+/// per-split partial results. Reuse one per stream; [`Workspace::for_shape`] sizes one
+/// in advance so that later calls on that shape allocate nothing.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    counters: Option<CudaSlice<u32>>,
+    scratch: Option<CudaSlice<u8>>,
+}
+
+impl Workspace {
+    /// An empty workspace; the first call that needs one allocates it.
+    pub const fn new() -> Workspace {
+        Workspace {
+            counters: None,
+            scratch: None,
+        }
+    }
+
+    /// A workspace large enough for every call on `shape` with input type `input`.
+    pub fn for_shape(stream: &Arc<CudaStream>, shape: &Shape, input: DType) -> Result<Workspace> {
+        let mut ws = Workspace::new();
+        ws.reserve(stream, workspace_size(stream, shape, input)?)?;
+        Ok(ws)
+    }
+
+    /// Current size: (counters, scratch bytes).
+    pub fn size(&self) -> WorkspaceSize {
+        WorkspaceSize {
+            counters: self.counters.as_ref().map_or(0, |b| b.len()),
+            scratch_bytes: self.scratch.as_ref().map_or(0, |b| b.len()),
+        }
+    }
+
+    /// Grows to at least `size` (new memory zeroed), keeping allocations that are large
+    /// enough and belong to the stream's context.
+    pub fn reserve(&mut self, stream: &Arc<CudaStream>, size: WorkspaceSize) -> Result<()> {
+        fn fits<E>(b: &Option<CudaSlice<E>>, len: usize, stream: &CudaStream) -> bool {
+            b.as_ref().is_some_and(|b| {
+                b.len() >= len && b.stream().context().cu_ctx() == stream.context().cu_ctx()
+            })
+        }
+        // At least one element each, so that the addresses exist.
+        let counters = size.counters.max(1);
+        let scratch = size.scratch_bytes.max(1);
+        if !fits(&self.counters, counters, stream) {
+            self.counters = Some(
+                stream
+                    .alloc_zeros::<u32>(counters)
+                    .map_err(BnError::driver("allocating the workspace"))?,
+            );
+        }
+        if !fits(&self.scratch, scratch, stream) {
+            self.scratch = Some(
+                stream
+                    .alloc_zeros::<u8>(scratch)
+                    .map_err(BnError::driver("allocating the workspace"))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Device addresses of the counters and the scratch, with their cudarc guards.
+    fn ptrs<'a>(&'a mut self, stream: &'a CudaStream) -> Result<[(u64, SyncOnDrop<'a>); 2]> {
+        let missing = || BnError::Backward("the workspace was not reserved");
+        let counters = self.counters.as_mut().ok_or_else(missing)?;
+        let scratch = self.scratch.as_mut().ok_or_else(missing)?;
+        Ok([
+            counters.device_ptr_mut(stream),
+            scratch.device_ptr_mut(stream),
+        ])
+    }
+}
+
+/// The workspace any forward or backward call on `shape` needs on `stream`'s device.
+pub fn workspace_size(
+    stream: &Arc<CudaStream>,
+    shape: &Shape,
+    input: DType,
+) -> Result<WorkspaceSize> {
+    let kernels = Kernels::for_context(stream.context())?;
+    raw::workspace_size(shape, input, kernels.device(), &Tuning::default())
+}
+
+/// The CUDA backend: a stream, on whose context every buffer of a call must live.
+#[derive(Clone, Debug)]
+pub struct Cuda {
+    stream: Arc<CudaStream>,
+}
+
+impl Cuda {
+    /// A backend that queues its work on `stream`.
+    pub fn new(stream: &Arc<CudaStream>) -> Cuda {
+        Cuda {
+            stream: stream.clone(),
+        }
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl<E> Len for dyn DevicePtr<E> + '_ {
+    fn len(&self) -> usize {
+        DeviceSlice::len(self)
+    }
+}
+
+impl<E> Len for dyn DevicePtrMut<E> + '_ {
+    fn len(&self) -> usize {
+        DeviceSlice::len(self)
+    }
+}
+
+/// `torch.nn.functional.batch_norm`'s arguments on CUDA buffers.
+pub type Forward<'a, T, P> = backend::Forward<'a, Cuda, T, P>;
+/// Where a training forward leaves its batch statistics.
+pub type SaveStats<'a, A> = backend::SaveStats<'a, Cuda, A>;
+/// A backward's inputs on CUDA buffers.
+pub type Backward<'a, T, P> = backend::Backward<'a, Cuda, T, P>;
+/// The statistics a backward differentiates through.
+pub type BackwardStats<'a, A, P> = backend::BackwardStats<'a, Cuda, A, P>;
+/// A backward's outputs on CUDA buffers.
+pub type Grads<'a, T, P> = backend::Grads<'a, Cuda, T, P>;
+
+/// The eval forward's arguments: running statistics, no state changes.
+pub struct Eval<'a, T: Float, P: ParamFor<T>> {
+    /// Input.
+    pub input: &'a dyn DevicePtr<T>,
+    /// Its size and memory format.
+    pub shape: Shape,
+    /// Running mean (C).
+    pub running_mean: &'a dyn DevicePtr<P>,
+    /// Running variance (C).
+    pub running_var: &'a dyn DevicePtr<P>,
+    /// Scale (C); absent means 1.
+    pub weight: Option<&'a dyn DevicePtr<P>>,
+    /// Shift (C); absent means 0.
+    pub bias: Option<&'a dyn DevicePtr<P>>,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl Backend for Cuda {
+    type Tensor<'t, E: Float> = dyn DevicePtr<E> + 't;
+    type TensorMut<'t, E: Float> = dyn DevicePtrMut<E> + 't;
+    type Buffer<E: Float> = CudaSlice<E>;
+    type Workspace = Workspace;
+
+    fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<CudaSlice<E>> {
+        self.stream
+            .clone_htod(&vec![fill; len])
+            .map_err(BnError::driver("allocating a buffer"))
+    }
+
+    fn buffer_len<E: Float>(b: &CudaSlice<E>) -> usize {
+        b.len()
+    }
+
+    fn tensor<E: Float>(b: &CudaSlice<E>) -> &(dyn DevicePtr<E> + '_) {
+        b
+    }
+
+    fn tensor_mut<E: Float>(b: &mut CudaSlice<E>) -> &mut (dyn DevicePtrMut<E> + '_) {
+        b
+    }
+
+    fn reborrow<'s, 'l: 's, E: Float>(
+        t: &'s (dyn DevicePtr<E> + 'l),
+    ) -> &'s (dyn DevicePtr<E> + 's) {
+        t
+    }
+
+    fn reborrow_mut<'s, 'l: 's, E: Float>(
+        t: &'s mut (dyn DevicePtrMut<E> + 'l),
+    ) -> &'s mut (dyn DevicePtrMut<E> + 's) {
+        t
+    }
+
+    fn to_host<E: Float>(&self, b: &CudaSlice<E>) -> Result<Vec<E>> {
+        self.stream
+            .clone_dtoh(b)
+            .map_err(BnError::driver("copying a buffer to the host"))
+    }
+
+    fn copy_from_host<E: Float>(&self, b: &mut CudaSlice<E>, v: &[E]) -> Result<()> {
+        self.stream
+            .memcpy_htod(v, b)
+            .map_err(BnError::driver("copying a buffer to the device"))
+    }
+
+    fn batch_norm<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Forward<'_, T, P>,
+        output: &mut (dyn DevicePtrMut<T> + '_),
+        save: Option<SaveStats<'_, T::Acc>>,
+        workspace: &mut Workspace,
+    ) -> Result<()> {
+        batch_norm(&self.stream, args, output, save, workspace)
+    }
+
+    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Backward<'_, T, P>,
+        grads: Grads<'_, T, P>,
+        workspace: &mut Workspace,
+    ) -> Result<()> {
+        batch_norm_backward(&self.stream, args, grads, workspace)
+    }
+}
+
+fn same_context<T, B: DeviceSlice<T> + ?Sized>(
+    stream: &CudaStream,
+    name: &'static str,
+    b: &B,
+) -> Result<()> {
+    if b.stream().context().cu_ctx() == stream.context().cu_ctx() {
+        Ok(())
+    } else {
+        Err(BnError::ContextMismatch { name })
+    }
+}
+
+/// Device address of an optional buffer read by the launch, with its cudarc guard.
+fn read<'a, T>(
+    b: &'a Option<&'a (dyn DevicePtr<T> + 'a)>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match b {
+        Some(b) => {
+            let (p, g) = b.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// Device address of an optional buffer written by the launch, with its cudarc guard.
+fn write<'a, 'b: 'a, T>(
+    b: &'a mut Option<&'b mut (dyn DevicePtrMut<T> + 'b)>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match b {
+        Some(b) => {
+            let (p, g) = b.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// The forward of `torch.nn.functional.batch_norm`: batch statistics when `training`
+/// (updating the running statistics if given, and writing `save` if given), running
+/// statistics otherwise.
+pub fn batch_norm<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Forward<'_, T, P>,
+    output: &mut dyn DevicePtrMut<T>,
+    save: Option<SaveStats<'_, T::Acc>>,
+    workspace: &mut Workspace,
+) -> Result<()> {
+    let ForwardKind::Run {
+        batch_stats,
+        update_running,
+    } = args.validate(&*output, save.as_ref())?
+    else {
+        return Ok(());
+    };
+    let backend::Forward {
+        input,
+        shape,
+        mut running_mean,
+        mut running_var,
+        weight,
+        bias,
+        momentum,
+        eps,
+        ..
+    } = args;
+    same_context(stream, "input", input)?;
+    same_context(stream, "output", &*output)?;
+    for (name, b) in [("weight", weight), ("bias", bias)] {
+        if let Some(b) = b {
+            same_context(stream, name, b)?;
+        }
+    }
+    for (name, b) in [
+        ("running_mean", &running_mean),
+        ("running_var", &running_var),
+    ] {
+        if let Some(b) = b {
+            same_context(stream, name, &**b)?;
+        }
+    }
+    if let Some(s) = &save {
+        same_context(stream, "save_mean", &*s.mean)?;
+        same_context(stream, "save_invstd", &*s.invstd)?;
+    }
+    let kernels = Kernels::for_context(stream.context())?;
+    let tuning = Tuning::default();
+    workspace.reserve(
+        stream,
+        raw::workspace_size(&shape, T::DTYPE, kernels.device(), &tuning)?,
+    )?;
+
+    let (x, _gx) = input.device_ptr(stream);
+    let (y, _gy) = output.device_ptr_mut(stream);
+    let (w, _gw) = read(&weight, stream);
+    let (b, _gb) = read(&bias, stream);
+    let (rm, _grm) = write(&mut running_mean, stream);
+    let (rv, _grv) = write(&mut running_var, stream);
+    let (mut save_mean, mut save_invstd) = match save {
+        Some(s) => (Some(s.mean), Some(s.invstd)),
+        None => (None, None),
+    };
+    let (sm, _gsm) = write(&mut save_mean, stream);
+    let (si, _gsi) = write(&mut save_invstd, stream);
+    let [(counters, _gc), (scratch, _gs)] = workspace.ptrs(stream)?;
+    let a = raw::ForwardArgs {
+        x,
+        y,
+        weight: w,
+        bias: b,
+        running_mean: rm,
+        running_var: rv,
+        save_mean: sm,
+        save_invstd: si,
+        counters,
+        scratch,
+        batch_stats,
+        update_running,
+        eps,
+        momentum,
+    };
+    // SAFETY: validation checked every buffer's length against the shape and that all
+    // belong to the stream's context; the guards above keep them alive and ordered until
+    // the launches are queued; the workspace was reserved for this shape.
+    unsafe { raw::forward::<T, P>(&CudaLauncher::new(stream, &kernels), &shape, &a, &tuning) }
+}
+
+/// The eval forward: `(x - running_mean) / sqrt(running_var + eps) * weight + bias`.
+/// Takes shared references only, needs no workspace and allocates nothing.
+pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Eval<'_, T, P>,
+    output: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    let Eval {
+        input,
+        shape,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        eps,
+    } = args;
+    let spec = ForwardSpec {
+        shape,
+        training: false,
+        eps,
+        momentum: 0.0,
+        input: input.len(),
+        output: output.len(),
+        weight: weight.map(|b| b.len()),
+        bias: bias.map(|b| b.len()),
+        running_mean: Some(running_mean.len()),
+        running_var: Some(running_var.len()),
+        save_mean: None,
+        save_invstd: None,
+    };
+    if validate::forward(&spec)? == ForwardKind::Empty {
+        return Ok(());
+    }
+    same_context(stream, "input", input)?;
+    same_context(stream, "output", &*output)?;
+    for (name, b) in [
+        ("running_mean", Some(running_mean)),
+        ("running_var", Some(running_var)),
+        ("weight", weight),
+        ("bias", bias),
+    ] {
+        if let Some(b) = b {
+            same_context(stream, name, b)?;
+        }
+    }
+    let kernels = Kernels::for_context(stream.context())?;
+    let (x, _gx) = input.device_ptr(stream);
+    let (y, _gy) = output.device_ptr_mut(stream);
+    let (rm, _grm) = running_mean.device_ptr(stream);
+    let (rv, _grv) = running_var.device_ptr(stream);
+    let (w, _gw) = read(&weight, stream);
+    let (b, _gb) = read(&bias, stream);
+    let a = raw::ForwardArgs {
+        x,
+        y,
+        weight: w,
+        bias: b,
+        running_mean: rm,
+        running_var: rv,
+        eps,
+        ..raw::ForwardArgs::default()
+    };
+    // SAFETY: as in batch_norm; the eval path uses no workspace.
+    unsafe {
+        raw::forward::<T, P>(
+            &CudaLauncher::new(stream, &kernels),
+            &shape,
+            &a,
+            &Tuning::default(),
+        )
+    }
+}
+
+/// The backward: `grads.input` always, `grads.weight` / `grads.bias` when given.
+pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Backward<'_, T, P>,
+    grads: Grads<'_, T, P>,
+    workspace: &mut Workspace,
+) -> Result<()> {
+    let run = args.validate(&grads)?;
+    let backend::Backward {
+        grad_output,
+        input,
+        shape,
+        weight,
+        stats,
+    } = args;
+    let backend::Grads {
+        input: grad_input,
+        weight: mut grad_weight,
+        bias: mut grad_bias,
+    } = grads;
+    same_context(stream, "grad_output", grad_output)?;
+    same_context(stream, "input", input)?;
+    same_context(stream, "grad_input", &*grad_input)?;
+    if let Some(w) = weight {
+        same_context(stream, "weight", w)?;
+    }
+    for (name, g) in [("grad_weight", &grad_weight), ("grad_bias", &grad_bias)] {
+        if let Some(g) = g {
+            same_context(stream, name, &**g)?;
+        }
+    }
+    match &stats {
+        BackwardStats::Batch {
+            save_mean,
+            save_invstd,
+        } => {
+            same_context(stream, "save_mean", *save_mean)?;
+            same_context(stream, "save_invstd", *save_invstd)?;
+        }
+        BackwardStats::Running { mean, var, .. } => {
+            same_context(stream, "running_mean", *mean)?;
+            same_context(stream, "running_var", *var)?;
+        }
+    }
+    if !run {
+        // Empty input: the parameter gradients are zero, as in PyTorch.
+        for g in [&mut grad_weight, &mut grad_bias].into_iter().flatten() {
+            let bytes = g.len() * std::mem::size_of::<P>();
+            let (p, _guard) = g.device_ptr_mut(stream);
+            // SAFETY: p is a live allocation of at least `bytes` bytes in the stream's
+            // context (checked above), kept alive by the guard.
+            unsafe { result::memset_d8_async(p, 0, bytes, stream.cu_stream()) }
+                .map_err(BnError::driver("zeroing parameter gradients"))?;
+        }
+        return Ok(());
+    }
+    let kernels = Kernels::for_context(stream.context())?;
+    let tuning = Tuning::default();
+    workspace.reserve(
+        stream,
+        raw::workspace_size(&shape, T::DTYPE, kernels.device(), &tuning)?,
+    )?;
+    let (dy, _gdy) = grad_output.device_ptr(stream);
+    let (x, _gx) = input.device_ptr(stream);
+    let (dx, _gdx) = grad_input.device_ptr_mut(stream);
+    let (w, _gw) = read(&weight, stream);
+    let (gw, _ggw) = write(&mut grad_weight, stream);
+    let (gb, _ggb) = write(&mut grad_bias, stream);
+    let (s0, _gs0, s1, _gs1, raw_stats);
+    match &stats {
+        BackwardStats::Batch {
+            save_mean,
+            save_invstd,
+        } => {
+            (s0, _gs0) = save_mean.device_ptr(stream);
+            (s1, _gs1) = save_invstd.device_ptr(stream);
+            raw_stats = raw::BackwardStats::Batch {
+                save_mean: s0,
+                save_invstd: s1,
+            };
+        }
+        BackwardStats::Running { mean, var, eps } => {
+            (s0, _gs0) = mean.device_ptr(stream);
+            (s1, _gs1) = var.device_ptr(stream);
+            raw_stats = raw::BackwardStats::Running {
+                mean: s0,
+                var: s1,
+                eps: *eps,
+            };
+        }
+    }
+    let [(counters, _gc), (scratch, _gs)] = workspace.ptrs(stream)?;
+    let a = raw::BackwardArgs {
+        dy,
+        x,
+        dx,
+        weight: w,
+        stats: raw_stats,
+        grad_weight: gw,
+        grad_bias: gb,
+        counters,
+        scratch,
+    };
+    // SAFETY: validation checked every length against the shape and the contexts; the
+    // guards keep the buffers alive and ordered until the launches are queued.
+    unsafe { raw::backward::<T, P>(&CudaLauncher::new(stream, &kernels), &shape, &a, &tuning) }
+}

@@ -1,0 +1,319 @@
+//! The embedded PTX and its loading: one module per CUDA context, loaded on first use,
+//! kernel functions looked up once each.
+//!
+//! Layers, from the bottom: the driver calls (`cudarc::driver::result`), the [`Kernels`]
+//! of a context (module handles and function table, `Result`-returning), and
+//! [`CudaLauncher`], the [`Launcher`] the safe functional layer runs through.
+
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+
+use crate::dtype::DType;
+use crate::error::{BnError, Result};
+use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Layout, Stage};
+use crate::raw::{Launcher, Region};
+
+/// One embedded PTX module.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PtxModule {
+    /// The `.cu` file it came from.
+    #[allow(dead_code)]
+    pub name: &'static str,
+    /// Lowest compute capability it targets, as 10 * major + minor.
+    pub min_cc: u32,
+    /// The PTX text.
+    pub ptx: &'static str,
+}
+
+// Defines PTX_MODULES and PTX_UNAVAILABLE.
+include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+
+/// Why the GPU path cannot run at all, if it cannot: no PTX was built into the crate.
+pub fn ptx_unavailable() -> Option<&'static str> {
+    if PTX_MODULES.is_empty() {
+        Some(PTX_UNAVAILABLE.unwrap_or("no PTX modules were embedded"))
+    } else {
+        None
+    }
+}
+
+/// Opens device `ordinal` and returns its primary context. Unlike
+/// `CudaContext::new`, never panics: a machine without libcuda gives
+/// [`BnError::NoDriver`], one without a device [`BnError::NoDevice`].
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // SAFETY: only probes whether the library can be loaded.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(BnError::NoDriver);
+    }
+    let count = CudaContext::device_count()
+        .map_err(|e| BnError::NoDevice(format!("the driver found none ({e})")))?;
+    if count <= 0 {
+        return Err(BnError::NoDevice("the driver reports 0 devices".into()));
+    }
+    if ordinal >= count as usize {
+        return Err(BnError::NoDevice(format!(
+            "device {ordinal} asked for, {count} present"
+        )));
+    }
+    CudaContext::new(ordinal)
+        .map_err(|e| BnError::NoDevice(format!("device {ordinal} could not be opened ({e})")))
+}
+
+/// The driver's CUDA version as `major.minor`.
+pub fn driver_version() -> Option<String> {
+    // SAFETY: only probes whether the library can be loaded.
+    if !unsafe { sys::is_culib_present() } {
+        return None;
+    }
+    let mut v: std::ffi::c_int = 0;
+    // SAFETY: cuDriverGetVersion writes one int through a valid pointer and needs no
+    // initialised driver.
+    let r = unsafe { sys::cuDriverGetVersion(&mut v) };
+    (r == sys::CUresult::CUDA_SUCCESS).then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+}
+
+/// Number of kernel entry points the table holds: 4 stages x 2 layouts x 6 type pairs.
+const TABLE: usize = 48;
+
+fn table_index(id: &KernelId) -> Option<usize> {
+    let stage = Stage::ALL.iter().position(|s| *s == id.stage)?;
+    let layout = match id.layout {
+        Layout::Nchw => 0,
+        Layout::Nhwc => 1,
+    };
+    let pair = match (id.input, id.param) {
+        (DType::F32, DType::F32) => 0,
+        (DType::F64, DType::F64) => 1,
+        (DType::F16, DType::F16) => 2,
+        (DType::BF16, DType::BF16) => 3,
+        (DType::F16, DType::F32) => 4,
+        (DType::BF16, DType::F32) => 5,
+        _ => return None,
+    };
+    Some((stage * 2 + layout) * 6 + pair)
+}
+
+/// The kernels of one CUDA context.
+pub struct Kernels {
+    ctx: Arc<CudaContext>,
+    module: sys::CUmodule,
+    info: DeviceInfo,
+    functions: [OnceLock<usize>; TABLE],
+}
+
+// SAFETY: a CUmodule and the CUfunctions looked up in it are driver handles that may be
+// used from any thread once the owning context is current there; every use below binds
+// `ctx` first, and the handles are only written once (OnceLock).
+unsafe impl Send for Kernels {}
+// SAFETY: as above; shared use only reads the handles.
+unsafe impl Sync for Kernels {}
+
+impl Drop for Kernels {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the module was loaded into this context and no function of it
+            // can be launched any more (the last Arc is being dropped).
+            let _ = unsafe { result::module::unload(self.module) };
+        }
+    }
+}
+
+static LOADED: Mutex<Vec<Arc<Kernels>>> = Mutex::new(Vec::new());
+
+impl Kernels {
+    /// The kernels of `ctx`, loading the PTX into it on first use.
+    pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+        if let Some(reason) = ptx_unavailable() {
+            return Err(BnError::PtxUnavailable(reason));
+        }
+        let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = loaded.iter().find(|k| k.ctx.cu_ctx() == ctx.cu_ctx()) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(Kernels::load(ctx)?);
+        loaded.push(k.clone());
+        Ok(k)
+    }
+
+    fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+        ctx.bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(BnError::driver("reading the compute capability"))?;
+        let cc = (major * 10 + minor) as u32;
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(BnError::driver("reading device attributes"))
+        };
+        let info = DeviceInfo {
+            sm_count: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                as u32,
+            compute_capability: (major as u32, minor as u32),
+            l2_bytes: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64,
+        };
+        // The newest PTX target the device runs.
+        let module = PTX_MODULES
+            .iter()
+            .filter(|m| m.min_cc <= cc)
+            .max_by_key(|m| m.min_cc)
+            .ok_or(BnError::PtxUnavailable(
+                "no embedded PTX targets this device's compute capability",
+            ))?;
+        let image = CString::new(module.ptx)
+            .map_err(|_| BnError::PtxUnavailable("embedded PTX contains a NUL byte"))?;
+        // SAFETY: `image` is a NUL-terminated PTX string that outlives the call; the
+        // context is bound to this thread.
+        let handle = unsafe { result::module::load_data(image.as_ptr().cast::<c_void>()) }
+            .map_err(|source| {
+                use sys::cudaError_enum as E;
+                match source.0 {
+                    E::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                    | E::CUDA_ERROR_INVALID_PTX
+                    | E::CUDA_ERROR_NO_BINARY_FOR_GPU
+                    | E::CUDA_ERROR_JIT_COMPILER_NOT_FOUND => BnError::PtxRejected {
+                        source,
+                        driver_version: driver_version().unwrap_or_else(|| "unknown".into()),
+                    },
+                    _ => BnError::Driver {
+                        op: "loading the kernels' PTX",
+                        source,
+                    },
+                }
+            })?;
+        Ok(Kernels {
+            ctx: ctx.clone(),
+            module: handle,
+            info,
+            functions: std::array::from_fn(|_| OnceLock::new()),
+        })
+    }
+
+    /// The device's properties.
+    pub fn device(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn function(&self, id: &KernelId) -> Result<sys::CUfunction> {
+        let idx = table_index(id).ok_or(BnError::UnsupportedTypes {
+            input: id.input.name(),
+            param: id.param.name(),
+        })?;
+        if let Some(&f) = self.functions[idx].get() {
+            return Ok(f as sys::CUfunction);
+        }
+        let name = CString::new(id.name()).expect("kernel names have no NUL");
+        // SAFETY: the module is loaded in self.ctx, which the caller has bound.
+        let f = unsafe { result::module::get_function(self.module, name) }.map_err(
+            BnError::driver("looking up a kernel (the embedded PTX lacks it)"),
+        )?;
+        Ok(*self.functions[idx].get_or_init(|| f as usize) as sys::CUfunction)
+    }
+}
+
+/// Launches kernels on one stream through the driver.
+pub struct CudaLauncher<'a> {
+    stream: &'a CudaStream,
+    kernels: &'a Kernels,
+}
+
+impl<'a> CudaLauncher<'a> {
+    /// A launcher for `stream`, whose context `kernels` belongs to.
+    pub fn new(stream: &'a CudaStream, kernels: &'a Kernels) -> CudaLauncher<'a> {
+        CudaLauncher { stream, kernels }
+    }
+}
+
+impl Launcher for CudaLauncher<'_> {
+    fn device(&self) -> &DeviceInfo {
+        &self.kernels.info
+    }
+
+    fn launch(
+        &self,
+        kernel: KernelId,
+        config: &LaunchConfig,
+        params: &BnParams,
+        _regions: &[Region],
+    ) -> Result<()> {
+        self.kernels
+            .ctx
+            .bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        let f = self.kernels.function(&kernel)?;
+        let mut p = *params;
+        let mut args = [(&mut p as *mut BnParams).cast::<c_void>()];
+        // SAFETY: `f` takes exactly one BnParams by value (every entry point does), `args`
+        // points at one that lives until cuLaunchKernel has copied it, the stream belongs
+        // to the bound context, and the raw layer's contract makes every address in it
+        // valid for the launch.
+        unsafe {
+            result::launch_kernel(
+                f,
+                config.grid,
+                config.block,
+                config.shared_bytes,
+                self.stream.cu_stream(),
+                &mut args,
+            )
+        }
+        .map_err(BnError::driver("launching a kernel"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_indices_are_a_bijection() {
+        let pairs = [
+            (DType::F32, DType::F32),
+            (DType::F64, DType::F64),
+            (DType::F16, DType::F16),
+            (DType::BF16, DType::BF16),
+            (DType::F16, DType::F32),
+            (DType::BF16, DType::F32),
+        ];
+        let mut seen = [false; TABLE];
+        for stage in Stage::ALL {
+            for layout in [Layout::Nchw, Layout::Nhwc] {
+                for (input, param) in pairs {
+                    let i = table_index(&KernelId {
+                        stage,
+                        layout,
+                        input,
+                        param,
+                    })
+                    .unwrap();
+                    assert!(!seen[i]);
+                    seen[i] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+        let bad = KernelId {
+            stage: Stage::FwdNorm,
+            layout: Layout::Nchw,
+            input: DType::F16,
+            param: DType::F64,
+        };
+        assert!(table_index(&bad).is_none());
+    }
+
+    #[test]
+    fn embedded_ptx_has_every_entry_point() {
+        for m in PTX_MODULES {
+            for stage in Stage::ALL {
+                for layout in [Layout::Nchw, Layout::Nhwc] {
+                    for tag in ["f32", "f64", "f16", "bf16", "f16_f32", "bf16_f32"] {
+                        let name = format!(".entry bn_{}_{}_{}(", stage.name(), layout.name(), tag);
+                        assert!(m.ptx.contains(&name), "{} lacks {name}", m.name);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,735 @@
+//! Launch planning: from a shape, its element type and the device's properties to each
+//! kernel's grid, block, variant flags and workspace layout.
+//!
+//! Everything here is a pure function, so the choices are tested without a GPU, and the
+//! same plan drives both the CUDA launch and the CPU emulation of the kernels.
+//!
+//! How work is cut (see `kernels/batchnorm.cu` for the kernels' side):
+//!
+//! * `nchw` (contiguous, `S > 1`): each channel's `M = N * S` values are cut into
+//!   `splits` slices of `chunk` values; one 256-thread block per (channel, slice), so
+//!   `grid.x = C * splits`. Slices are whole planes when planes are smaller than a slice.
+//!   Threads work on planes in groups of `tile_x` (a power of two from 32 to 256).
+//! * `nhwc` (channels-last, or `S == 1`): `R = N * S` rows of `C` channels. A block is
+//!   `tile_x` threads across channels (one vector of channels each) by `256 / tile_x`
+//!   threads across rows; the grid is `tiles` channel tiles by `splits` row splits.
+//!
+//! `splits` is chosen so that the grid fills the device (`blocks_per_sm` blocks per
+//! multiprocessor) without giving a block less than `min_values_per_block` values, and
+//! so that a split never holds more than 2^24 values (the kernels count in f32).
+
+use crate::dtype::{kernel_tag, DType};
+use crate::error::{BnError, Result};
+use crate::shape::Shape;
+
+/// Threads per block of every kernel (`bn::kBlockThreads` in `kernels/common.cuh`).
+pub const BLOCK_THREADS: u32 = 256;
+
+/// Largest number of splits of one channel or channel tile.
+pub const MAX_SPLITS: u32 = 1024;
+
+/// Most values one split may hold: counts stay exact in f32.
+pub const MAX_SPLIT_VALUES: usize = 1 << 24;
+
+/// Flags of `BnParams::flags` (mirrors `BN_F_*` in `kernels/params.h`).
+pub mod flags {
+    /// 64-bit index arithmetic.
+    pub const INDEX64: u32 = 1 << 0;
+    /// 16-byte loads and stores where alignment allows.
+    pub const VEC: u32 = 1 << 1;
+    /// Normalise with this batch's statistics (else running).
+    pub const BATCH_STATS: u32 = 1 << 2;
+    /// Fold the batch statistics into running_mean / running_var.
+    pub const UPDATE_RUNNING: u32 = 1 << 3;
+}
+
+/// The one argument of every kernel; mirrors `struct BnParams` in `kernels/params.h`
+/// field for field (the `bn_selftest_params` kernel checks it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BnParams {
+    /// Input T[N*C*S].
+    pub x: u64,
+    /// Forward output T[N*C*S].
+    pub y: u64,
+    /// Gradient of the output T[N*C*S].
+    pub dy: u64,
+    /// Gradient of the input T[N*C*S].
+    pub dx: u64,
+    /// P[C] (0: weight 1).
+    pub weight: u64,
+    /// P[C] (0: bias 0).
+    pub bias: u64,
+    /// P[C].
+    pub running_mean: u64,
+    /// P[C].
+    pub running_var: u64,
+    /// Acc[C] batch mean.
+    pub save_mean: u64,
+    /// Acc[C] batch invstd.
+    pub save_invstd: u64,
+    /// P[C].
+    pub grad_weight: u64,
+    /// P[C].
+    pub grad_bias: u64,
+    /// u32 counters, zero between launches.
+    pub ws_counters: u64,
+    /// Acc[2 * splits * C] per-split partials.
+    pub ws_partials: u64,
+    /// Acc[3 * C] per-channel data for the next kernel.
+    pub ws_channel: u64,
+    /// Batch size N.
+    pub n: i64,
+    /// Channels C.
+    pub c: i64,
+    /// Spatial size S.
+    pub s: i64,
+    /// Values (nchw) or rows (nhwc) per split.
+    pub chunk: i64,
+    /// eps.
+    pub eps: f64,
+    /// Running-average factor.
+    pub momentum: f64,
+    /// M / (M - 1).
+    pub bessel: f64,
+    /// `flags::*`.
+    pub flags: u32,
+    /// Blocks per channel (nchw) or channel tile (nhwc).
+    pub splits: u32,
+    /// nchw: threads per plane group; nhwc: threads across channels.
+    pub tile_x: u32,
+    /// Padding to a multiple of 8 bytes.
+    pub reserved: u32,
+}
+
+impl BnParams {
+    /// The struct's bytes, as a kernel parameter buffer.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: BnParams is #[repr(C)], made only of integers and floats, with no
+        // padding (every field is 8 bytes, then four 4-byte fields: 22*8 + 4*4 = 192),
+        // so all of its bytes are initialised.
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const BnParams).cast::<u8>(),
+                std::mem::size_of::<BnParams>(),
+            )
+        }
+    }
+}
+
+// SAFETY: BnParams is #[repr(C)] plain data that matches the kernels' parameter type.
+unsafe impl cudarc::driver::DeviceRepr for BnParams {}
+
+/// The device properties that planning depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Multiprocessors.
+    pub sm_count: u32,
+    /// Compute capability, e.g. (9, 0).
+    pub compute_capability: (u32, u32),
+    /// L2 cache bytes.
+    pub l2_bytes: u64,
+}
+
+impl DeviceInfo {
+    /// An H100 SXM's figures, for tests and for planning without a device.
+    pub const H100: DeviceInfo = DeviceInfo {
+        sm_count: 132,
+        compute_capability: (9, 0),
+        l2_bytes: 50 << 20,
+    };
+}
+
+/// Knobs of the planner. The defaults are what the GPU path uses; tests lower them to
+/// make small shapes take the multi-block paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tuning {
+    /// Blocks per multiprocessor the reductions aim for.
+    pub blocks_per_sm: u32,
+    /// Fewest values a block of a reduction is given.
+    pub min_values_per_block: usize,
+    /// Always use 64-bit index arithmetic.
+    pub force_index64: bool,
+    /// Never use 16-byte accesses.
+    pub force_scalar: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            blocks_per_sm: 4,
+            min_values_per_block: 8192,
+            force_index64: false,
+            force_scalar: false,
+        }
+    }
+}
+
+/// Kernel layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// Channel planes of S contiguous values.
+    Nchw,
+    /// Rows of C contiguous channels.
+    Nhwc,
+}
+
+impl Layout {
+    /// The layout the kernels use for a shape: nhwc whenever the channel is innermost
+    /// in memory (channels-last, or S == 1), nchw otherwise.
+    pub fn of(shape: &Shape) -> Layout {
+        if shape.channel_innermost() {
+            Layout::Nhwc
+        } else {
+            Layout::Nchw
+        }
+    }
+
+    /// `nchw` / `nhwc`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
+        }
+    }
+}
+
+/// Kernel stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Batch statistics, finalised in the same launch.
+    FwdStats,
+    /// The normalisation itself (training and eval).
+    FwdNorm,
+    /// sum_dy and dotp, grad_weight and grad_bias.
+    BwdReduce,
+    /// The input gradient.
+    BwdDx,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 4] = [
+        Stage::FwdStats,
+        Stage::FwdNorm,
+        Stage::BwdReduce,
+        Stage::BwdDx,
+    ];
+
+    /// The stage's part of a kernel name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::FwdStats => "fwd_stats",
+            Stage::FwdNorm => "fwd_norm",
+            Stage::BwdReduce => "bwd_reduce",
+            Stage::BwdDx => "bwd_dx",
+        }
+    }
+
+    /// Whether blocks coordinate through workspace counters.
+    pub const fn reduces(self) -> bool {
+        matches!(self, Stage::FwdStats | Stage::BwdReduce)
+    }
+}
+
+/// Identifies one kernel entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelId {
+    /// Stage.
+    pub stage: Stage,
+    /// Layout.
+    pub layout: Layout,
+    /// Input storage type.
+    pub input: DType,
+    /// Parameter type.
+    pub param: DType,
+}
+
+impl KernelId {
+    /// The entry point's name: `bn_<stage>_<layout>_<tag>`.
+    pub fn name(&self) -> String {
+        format!(
+            "bn_{}_{}_{}",
+            self.stage.name(),
+            self.layout.name(),
+            kernel_tag(self.input, self.param)
+        )
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks.
+    pub grid: (u32, u32, u32),
+    /// Threads per block.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory bytes.
+    pub shared_bytes: u32,
+}
+
+/// How one stage's launch cuts the work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StagePlan {
+    /// Kernel layout.
+    pub layout: Layout,
+    /// Grid and block.
+    pub config: LaunchConfig,
+    /// Blocks per channel (nchw) or per channel tile (nhwc).
+    pub splits: u32,
+    /// Values per split and channel (nchw) or rows per split (nhwc).
+    pub chunk: usize,
+    /// nchw: threads per plane group; nhwc: threads across channels.
+    pub tile_x: u32,
+    /// nhwc: channel tiles (grid.x); nchw: channels.
+    pub tiles: u32,
+    /// 16-byte accesses.
+    pub vec: bool,
+    /// 64-bit index arithmetic.
+    pub index64: bool,
+}
+
+impl StagePlan {
+    /// The plan's part of `BnParams::flags`.
+    pub fn flags(&self) -> u32 {
+        (if self.vec { flags::VEC } else { 0 }) | (if self.index64 { flags::INDEX64 } else { 0 })
+    }
+
+    /// Coordination counters the stage needs: one per channel (nchw) or tile (nhwc).
+    pub fn counters(&self) -> usize {
+        self.tiles as usize
+    }
+}
+
+/// The workspace of one call. Counters live in a buffer of their own, zeroed once when
+/// allocated, which the kernels leave zero after every launch and nothing else writes
+/// (so one workspace serves calls of any shape). The scratch buffer holds the per-split
+/// partials and the per-channel data one kernel leaves for the next; its contents
+/// between calls do not matter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WorkspaceLayout {
+    /// u32 counters needed in the counter buffer.
+    pub counters: usize,
+    /// Byte offset of the partials (accumulator type) in the scratch buffer.
+    pub partials: usize,
+    /// Number of accumulator values there.
+    pub partial_count: usize,
+    /// Byte offset of the per-channel data in the scratch buffer.
+    pub channel: usize,
+    /// Number of accumulator values there.
+    pub channel_count: usize,
+    /// Scratch bytes.
+    pub scratch_bytes: usize,
+}
+
+const WS_ALIGN: usize = 256;
+
+fn align_up(v: usize, a: usize) -> usize {
+    v.div_ceil(a) * a
+}
+
+/// Alignment facts about the buffers of one call, which decide the vector path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alignment {
+    /// Every tensor buffer (x, y, dy, dx) has the same address modulo 16.
+    pub same_misalignment: bool,
+    /// Every tensor buffer is 16-byte aligned.
+    pub all_aligned: bool,
+}
+
+impl Alignment {
+    /// Alignment of a set of device addresses (absent ones, 0, are skipped).
+    pub fn of(addrs: &[u64]) -> Alignment {
+        let mut present = addrs.iter().copied().filter(|&a| a != 0);
+        let first = present.clone().next().map(|a| a % 16);
+        Alignment {
+            same_misalignment: present.clone().all(|a| Some(a % 16) == first),
+            all_aligned: present.all(|a| a % 16 == 0),
+        }
+    }
+
+    /// All 16-byte aligned.
+    pub const ALIGNED: Alignment = Alignment {
+        same_misalignment: true,
+        all_aligned: true,
+    };
+}
+
+/// Plans one stage for a non-empty shape.
+pub fn plan_stage(
+    stage: Stage,
+    shape: &Shape,
+    input: DType,
+    align: Alignment,
+    dev: &DeviceInfo,
+    tuning: &Tuning,
+) -> Result<StagePlan> {
+    let c = shape.c();
+    let per_channel = shape.per_channel();
+    debug_assert!(c > 0 && per_channel > 0, "empty shapes are not launched");
+    let vec_width = 16 / input.size();
+    let target_blocks = (dev.sm_count.max(1) as usize) * (tuning.blocks_per_sm.max(1) as usize);
+    let too_large = || BnError::InputTooLarge {
+        size: shape.dims().to_vec(),
+    };
+    let min_split = if stage.reduces() {
+        tuning.min_values_per_block.max(1)
+    } else {
+        tuning.min_values_per_block.max(1) / 2
+    };
+
+    let layout = Layout::of(shape);
+    let plan = match layout {
+        Layout::Nchw => {
+            let s = shape.spatial();
+            let vec = !tuning.force_scalar && align.same_misalignment;
+            let wanted = target_blocks.div_ceil(c);
+            let by_work = (per_channel / min_split).max(1);
+            let by_count = per_channel.div_ceil(MAX_SPLIT_VALUES);
+            let splits = wanted
+                .min(by_work)
+                .clamp(1, MAX_SPLITS as usize)
+                .max(by_count);
+            let mut chunk = per_channel.div_ceil(splits);
+            chunk = if chunk >= s {
+                align_up(chunk, s)
+            } else {
+                align_up(chunk, vec_width)
+            };
+            if chunk > MAX_SPLIT_VALUES {
+                // whole planes overshot the count limit: cut inside planes instead
+                chunk = align_up(per_channel.div_ceil(splits), vec_width).min(MAX_SPLIT_VALUES);
+            }
+            let splits = per_channel.div_ceil(chunk);
+            // Threads per plane group: enough vectors to cover a plane's part of a split.
+            let seg = s.min(chunk);
+            let seg_units = if vec { seg.div_ceil(vec_width) } else { seg };
+            let tile_x = seg_units
+                .next_power_of_two()
+                .clamp(32, BLOCK_THREADS as usize) as u32;
+            let blocks = c
+                .checked_mul(splits)
+                .filter(|&b| b <= i32::MAX as usize)
+                .ok_or_else(too_large)?;
+            StagePlan {
+                layout,
+                config: LaunchConfig {
+                    grid: (blocks as u32, 1, 1),
+                    block: (BLOCK_THREADS, 1, 1),
+                    shared_bytes: 0,
+                },
+                splits: u32::try_from(splits).map_err(|_| too_large())?,
+                chunk,
+                tile_x,
+                tiles: u32::try_from(c).map_err(|_| too_large())?,
+                vec,
+                index64: false,
+            }
+        }
+        Layout::Nhwc => {
+            let rows = per_channel;
+            let vec =
+                !tuning.force_scalar && align.all_aligned && c % vec_width == 0 && vec_width > 1;
+            let width = if vec { vec_width } else { 1 };
+            let units = c.div_ceil(width);
+            let tile_x = units.next_power_of_two().min(32) as u32;
+            let tile_y = (BLOCK_THREADS / tile_x) as usize;
+            let tiles = units.div_ceil(tile_x as usize);
+            let wanted = target_blocks.div_ceil(tiles);
+            // a block's rows times its channels should reach min_split values
+            let values_per_row = (tile_x as usize * width).min(c);
+            let rows_min = min_split.div_ceil(values_per_row).max(tile_y);
+            let by_work = (rows / rows_min).max(1);
+            let by_count = rows.div_ceil(MAX_SPLIT_VALUES);
+            let splits = wanted
+                .min(by_work)
+                .clamp(1, MAX_SPLITS as usize)
+                .max(by_count);
+            if splits > 65535 {
+                return Err(too_large());
+            }
+            let chunk = rows.div_ceil(splits);
+            let splits = rows.div_ceil(chunk);
+            StagePlan {
+                layout,
+                config: LaunchConfig {
+                    grid: (
+                        u32::try_from(tiles).map_err(|_| too_large())?,
+                        splits as u32,
+                        1,
+                    ),
+                    block: (tile_x, tile_y as u32, 1),
+                    shared_bytes: 0,
+                },
+                splits: splits as u32,
+                chunk,
+                tile_x,
+                tiles: tiles as u32,
+                vec,
+                index64: false,
+            }
+        }
+    };
+    Ok(StagePlan {
+        index64: tuning.force_index64 || needs_index64(shape, &plan),
+        ..plan
+    })
+}
+
+/// Whether any index the kernels form for this plan can reach 2^31 - 1. Indices stay
+/// below numel plus one split plus one block stride, and the workspace indices below
+/// 2 * splits * C + 3 * C.
+fn needs_index64(shape: &Shape, plan: &StagePlan) -> bool {
+    let limit = i32::MAX as u128;
+    let numel = shape.numel() as u128;
+    let headroom = plan.chunk as u128 + 2 * BLOCK_THREADS as u128 * 16;
+    let ws = 2 * plan.splits as u128 * shape.c() as u128 + 3 * shape.c() as u128;
+    numel + headroom > limit || ws > limit
+}
+
+/// The workspace layout serving every stage of an op on this shape.
+pub fn workspace_layout(plans: &[StagePlan], c: usize, acc: DType) -> WorkspaceLayout {
+    let counters = plans
+        .iter()
+        .filter(|p| p.splits > 1)
+        .map(StagePlan::counters)
+        .max()
+        .unwrap_or(0);
+    let partial_count = plans
+        .iter()
+        .filter(|p| p.splits > 1)
+        .map(|p| 2 * p.splits as usize * c)
+        .max()
+        .unwrap_or(0);
+    let channel_count = 3 * c;
+    let partials = 0;
+    let channel = align_up(partials + acc.size() * partial_count, WS_ALIGN);
+    let scratch_bytes = align_up(channel + acc.size() * channel_count, WS_ALIGN);
+    WorkspaceLayout {
+        counters,
+        partials,
+        partial_count,
+        channel,
+        channel_count,
+        scratch_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::MemoryFormat;
+
+    fn plan(dims: &[usize], fmt: MemoryFormat, dt: DType) -> StagePlan {
+        let shape = Shape::new(dims, fmt).unwrap();
+        plan_stage(
+            Stage::FwdStats,
+            &shape,
+            dt,
+            Alignment::ALIGNED,
+            &DeviceInfo::H100,
+            &Tuning::default(),
+        )
+        .unwrap()
+    }
+
+    /// Checks the invariants the kernels assume (see kernels/batchnorm.cu).
+    fn check_invariants(dims: &[usize], fmt: MemoryFormat, dt: DType) {
+        let shape = Shape::new(dims, fmt).unwrap();
+        let p = plan(dims, fmt, dt);
+        let (bx, by, bz) = p.config.block;
+        assert_eq!(bx * by * bz, BLOCK_THREADS, "{dims:?}");
+        let total = shape.per_channel();
+        assert!(
+            p.chunk * p.splits as usize >= total,
+            "{dims:?}: splits cover everything"
+        );
+        assert!(
+            p.chunk * (p.splits as usize - 1) < total,
+            "{dims:?}: no split is empty"
+        );
+        assert!(p.chunk <= MAX_SPLIT_VALUES || p.layout == Layout::Nhwc);
+        assert!(p.splits <= MAX_SPLITS.max(total.div_ceil(MAX_SPLIT_VALUES) as u32));
+        match p.layout {
+            Layout::Nchw => {
+                assert_eq!(p.config.grid, (shape.c() as u32 * p.splits, 1, 1));
+                assert!(p.tile_x.is_power_of_two() && (32..=256).contains(&p.tile_x));
+            }
+            Layout::Nhwc => {
+                assert!(p.tile_x.is_power_of_two() && p.tile_x <= 32);
+                assert_eq!(p.config.grid, (p.tiles, p.splits, 1));
+                let width = if p.vec { 16 / dt.size() } else { 1 };
+                assert!(p.tiles as usize * p.tile_x as usize * width >= shape.c());
+                // rows per split times channels per block: the block's values
+                assert!(p.chunk <= MAX_SPLIT_VALUES);
+            }
+        }
+    }
+
+    #[test]
+    fn plans_keep_the_kernels_invariants() {
+        let shapes: &[&[usize]] = &[
+            &[32, 64, 112, 112],
+            &[256, 2048, 7, 7],
+            &[1, 64, 512, 512],
+            &[16, 2, 112, 112, 112],
+            &[20, 6, 65536],
+            &[64, 1000, 7, 7],
+            &[3, 17, 5, 7],
+            &[2, 1, 1, 1],
+            &[126000, 16],
+            &[215857, 64],
+            &[2, 2048],
+            &[64, 256, 1024],
+            &[8, 64, 16, 56, 56],
+        ];
+        for dims in shapes {
+            for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                for dt in [DType::F32, DType::F16, DType::F64] {
+                    check_invariants(dims, fmt, dt);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_channel_count_is_split_across_the_device() {
+        // 2 channels of 22.5M values each must not run as 2 blocks.
+        let p = plan(
+            &[16, 2, 112, 112, 112],
+            MemoryFormat::Contiguous,
+            DType::F32,
+        );
+        assert!(p.config.grid.0 >= 132, "{p:?}");
+        let p = plan(&[126000, 16], MemoryFormat::Contiguous, DType::F32);
+        assert_eq!(p.layout, Layout::Nhwc);
+        assert!(p.config.grid.0 * p.config.grid.1 >= 132, "{p:?}");
+    }
+
+    #[test]
+    fn layout_follows_the_channel_position() {
+        assert_eq!(
+            plan(&[4, 3, 8, 8], MemoryFormat::Contiguous, DType::F32).layout,
+            Layout::Nchw
+        );
+        assert_eq!(
+            plan(&[4, 3, 8, 8], MemoryFormat::ChannelsLast, DType::F32).layout,
+            Layout::Nhwc
+        );
+        assert_eq!(
+            plan(&[4, 3, 1, 1], MemoryFormat::Contiguous, DType::F32).layout,
+            Layout::Nhwc
+        );
+        assert_eq!(
+            plan(&[4, 3], MemoryFormat::Contiguous, DType::F32).layout,
+            Layout::Nhwc
+        );
+    }
+
+    #[test]
+    fn vector_path_needs_alignment() {
+        let shape = Shape::nhwc(4, 17, 8, 8).unwrap();
+        let p = plan_stage(
+            Stage::FwdNorm,
+            &shape,
+            DType::F32,
+            Alignment::ALIGNED,
+            &DeviceInfo::H100,
+            &Tuning::default(),
+        )
+        .unwrap();
+        assert!(!p.vec, "C = 17 is not a multiple of 4");
+        let shape = Shape::nhwc(4, 16, 8, 8).unwrap();
+        let odd = Alignment::of(&[0x1000, 0x2004]);
+        assert!(!odd.same_misalignment && !odd.all_aligned);
+        let p = plan_stage(
+            Stage::FwdNorm,
+            &shape,
+            DType::F32,
+            odd,
+            &DeviceInfo::H100,
+            &Tuning::default(),
+        )
+        .unwrap();
+        assert!(!p.vec);
+        let shifted = Alignment::of(&[0x1004, 0x2004, 0]);
+        assert!(shifted.same_misalignment && !shifted.all_aligned);
+        let nchw = Shape::nchw(4, 16, 8, 8).unwrap();
+        let p = plan_stage(
+            Stage::FwdNorm,
+            &nchw,
+            DType::F32,
+            shifted,
+            &DeviceInfo::H100,
+            &Tuning::default(),
+        )
+        .unwrap();
+        assert!(
+            p.vec,
+            "nchw handles a common misalignment with a scalar head"
+        );
+    }
+
+    #[test]
+    fn index_width_follows_the_size() {
+        assert!(!plan(&[32, 64, 112, 112], MemoryFormat::Contiguous, DType::F32).index64);
+        assert!(plan(&[1, 3, 32768, 32768], MemoryFormat::Contiguous, DType::F16).index64);
+        assert!(plan(&[65536, 32768], MemoryFormat::Contiguous, DType::F16).index64);
+    }
+
+    #[test]
+    fn workspace_parts_do_not_overlap() {
+        let shape = Shape::nchw(32, 64, 56, 56).unwrap();
+        let plans: Vec<_> = Stage::ALL
+            .iter()
+            .map(|&s| {
+                plan_stage(
+                    s,
+                    &shape,
+                    DType::F32,
+                    Alignment::ALIGNED,
+                    &DeviceInfo::H100,
+                    &Tuning::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let ws = workspace_layout(&plans, 64, DType::F32);
+        assert!(ws.partials + 4 * ws.partial_count <= ws.channel);
+        assert!(ws.channel + 4 * ws.channel_count <= ws.scratch_bytes);
+        assert_eq!(ws.channel % WS_ALIGN, 0);
+        assert_eq!(
+            ws.counters,
+            plans
+                .iter()
+                .filter(|p| p.splits > 1)
+                .map(|p| p.counters())
+                .max()
+                .unwrap_or(0)
+        );
+    }
+
+    #[test]
+    fn kernel_names_follow_the_convention() {
+        let id = KernelId {
+            stage: Stage::FwdStats,
+            layout: Layout::Nhwc,
+            input: DType::F16,
+            param: DType::F32,
+        };
+        assert_eq!(id.name(), "bn_fwd_stats_nhwc_f16_f32");
+        let id = KernelId {
+            stage: Stage::BwdDx,
+            layout: Layout::Nchw,
+            input: DType::BF16,
+            param: DType::BF16,
+        };
+        assert_eq!(id.name(), "bn_bwd_dx_nchw_bf16");
+    }
+
+    #[test]
+    fn params_struct_is_192_bytes_without_padding() {
+        assert_eq!(std::mem::size_of::<BnParams>(), 192);
+        assert_eq!(std::mem::align_of::<BnParams>(), 8);
+    }
+}

@@ -1,0 +1,66 @@
+//! Batch Normalization for NVIDIA GPUs with PyTorch's semantics, numbers and error
+//! messages: handwritten CUDA kernels compiled to PTX at build time and launched
+//! through [`cudarc`].
+//!
+//! # Layers
+//!
+//! * [`nn`]: `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d` modules with parameters,
+//!   running statistics, train/eval, forward, backward and state dicts; [`cpu`] has the
+//!   same modules on host memory.
+//! * [`functional`]: `batch_norm` (all modes), `batch_norm_eval` (shared references, for
+//!   inference) and `batch_norm_backward` on cudarc buffers, validated exactly as PyTorch
+//!   validates.
+//! * [`raw`]: the same operations on device addresses through any [`raw::Launcher`]
+//!   (unsafe; the CPU emulator in the tests launches through it).
+//! * [`launch`]: launch planning, pure functions.
+//!
+//! # Semantics
+//!
+//! PyTorch's (`torch.nn.BatchNorm*d` / `torch.nn.functional.batch_norm`): biased batch
+//! variance for normalisation, unbiased for the running variance, `momentum: None` as
+//! the cumulative average, the four (training, track_running_stats) modes, empty
+//! batches. f16/bf16 inputs accumulate in f32 and may have f32 parameters.
+//!
+//! # Deliberate deviations from PyTorch
+//!
+//! * A call that returns `Err` changes no state: PyTorch increments
+//!   `num_batches_tracked` before validating; here the counter only moves when the
+//!   forward succeeds.
+//! * A NaN or infinite `eps` (any mode) or `momentum` (when it is used) is an error.
+//! * A buffer shorter than its shape needs, a buffer of another CUDA context, a missing
+//!   driver or device, and missing or refused PTX are typed errors; nothing panics.
+//! * Backward computes what autograd would for the last forward but writes gradients
+//!   rather than accumulating them.
+//!
+//! # Building
+//!
+//! `build.rs` compiles `kernels/*.cu` with nvcc (CUDA 13.0). Without nvcc the crate
+//! still builds, and every GPU entry point returns [`BnError::PtxUnavailable`] saying how
+//! to get it.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod functional;
+pub mod kernels;
+pub mod launch;
+pub mod module;
+pub mod nn;
+pub mod raw;
+pub mod shape;
+pub mod validate;
+
+pub use backend::Backend;
+pub use cpu::Cpu;
+pub use dtype::{DType, Float, ParamFor};
+pub use error::{BnError, Result};
+pub use functional::{Cuda, Workspace};
+pub use kernels::{driver_version, open_device, ptx_unavailable};
+pub use module::{BatchNorm, BatchNormOptions, Gradients, StateDict};
+pub use shape::{MemoryFormat, Shape};
+
+pub use cudarc;
+pub use half;

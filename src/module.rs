@@ -1,0 +1,465 @@
+//! `torch.nn.BatchNorm1d / 2d / 3d`, once, over any [`Backend`].
+//!
+//! [`BatchNorm<D, B, T, P>`]: `D` is 1, 2 or 3 (which input ranks it takes), `B` the
+//! backend ([`crate::functional::Cuda`] or [`crate::cpu::Cpu`]), `T` the input type and
+//! `P` the parameter type. `crate::nn::BatchNorm2d<T>` and `crate::cpu::BatchNorm2d<T>`
+//! are aliases.
+//!
+//! Semantics are PyTorch's: the four modes of (training, track_running_stats), the
+//! running-statistics update with `momentum` or the cumulative average
+//! (`momentum: None`), `num_batches_tracked`, empty batches (the counter still
+//! advances in training). One deviation: a call that returns `Err` changes nothing, the
+//! counter included (PyTorch increments it before validating the input).
+
+use crate::backend::{Backend, BackwardStats, Forward, Grads, SaveStats};
+use crate::dtype::{Float, ParamFor};
+use crate::error::{BnError, Result};
+use crate::shape::Shape;
+use crate::validate;
+
+/// A module's options, PyTorch's defaults.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormOptions {
+    /// Added to the variance (default 1e-5).
+    pub eps: f64,
+    /// Running-average factor (default `Some(0.1)`); `None` is the cumulative average.
+    pub momentum: Option<f64>,
+    /// Learnable weight and bias (default true).
+    pub affine: bool,
+    /// Keep running statistics and use them in eval (default true).
+    pub track_running_stats: bool,
+}
+
+impl Default for BatchNormOptions {
+    fn default() -> Self {
+        BatchNormOptions {
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: true,
+            track_running_stats: true,
+        }
+    }
+}
+
+/// A module's parameters and buffers on the host, under PyTorch's state_dict keys.
+/// `None` is an absent key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateDict<P> {
+    /// `weight`.
+    pub weight: Option<Vec<P>>,
+    /// `bias`.
+    pub bias: Option<Vec<P>>,
+    /// `running_mean`.
+    pub running_mean: Option<Vec<P>>,
+    /// `running_var`.
+    pub running_var: Option<Vec<P>>,
+    /// `num_batches_tracked`.
+    pub num_batches_tracked: Option<i64>,
+}
+
+/// Gradients returned by [`BatchNorm::backward`].
+pub struct Gradients<B: Backend, T: Float, P: Float> {
+    /// d loss / d input.
+    pub input: B::Buffer<T>,
+    /// d loss / d weight (affine modules).
+    pub weight: Option<B::Buffer<P>>,
+    /// d loss / d bias (affine modules).
+    pub bias: Option<B::Buffer<P>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct LastForward {
+    shape: Shape,
+    batch_stats: bool,
+}
+
+/// `BatchNorm{D}d` on backend `B`, input type `T`, parameter type `P`.
+pub struct BatchNorm<const D: usize, B: Backend, T: Float, P: ParamFor<T> = T> {
+    backend: B,
+    num_features: usize,
+    options: BatchNormOptions,
+    training: bool,
+    num_batches_tracked: i64,
+    weight: Option<B::Buffer<P>>,
+    bias: Option<B::Buffer<P>>,
+    running_mean: Option<B::Buffer<P>>,
+    running_var: Option<B::Buffer<P>>,
+    save_mean: B::Buffer<T::Acc>,
+    save_invstd: B::Buffer<T::Acc>,
+    workspace: B::Workspace,
+    last: Option<LastForward>,
+}
+
+impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P> {
+    /// A module in training mode with weight 1, bias 0, running_mean 0, running_var 1
+    /// and num_batches_tracked 0, as PyTorch initialises it.
+    pub fn new(backend: B, num_features: usize, options: BatchNormOptions) -> Result<Self> {
+        let one = P::from_f64(1.0);
+        let zero = P::from_f64(0.0);
+        let (affine, track) = (options.affine, options.track_running_stats);
+        Ok(BatchNorm {
+            weight: if affine {
+                Some(backend.alloc(num_features, one)?)
+            } else {
+                None
+            },
+            bias: if affine {
+                Some(backend.alloc(num_features, zero)?)
+            } else {
+                None
+            },
+            running_mean: if track {
+                Some(backend.alloc(num_features, zero)?)
+            } else {
+                None
+            },
+            running_var: if track {
+                Some(backend.alloc(num_features, one)?)
+            } else {
+                None
+            },
+            save_mean: backend.alloc(num_features, T::Acc::from_f64(0.0))?,
+            save_invstd: backend.alloc(num_features, T::Acc::from_f64(0.0))?,
+            workspace: B::Workspace::default(),
+            backend,
+            num_features,
+            options,
+            training: true,
+            num_batches_tracked: 0,
+            last: None,
+        })
+    }
+
+    /// `BatchNorm1d`, `BatchNorm2d` or `BatchNorm3d`.
+    pub fn name(&self) -> &'static str {
+        match D {
+            1 => "BatchNorm1d",
+            2 => "BatchNorm2d",
+            _ => "BatchNorm3d",
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// C.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+
+    /// The options it was built with.
+    pub fn options(&self) -> &BatchNormOptions {
+        &self.options
+    }
+
+    /// Training mode (batch statistics; running statistics updated).
+    pub fn train(&mut self) {
+        self.training = true;
+    }
+
+    /// Evaluation mode (running statistics, if tracked).
+    pub fn eval(&mut self) {
+        self.training = false;
+    }
+
+    /// Whether in training mode.
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+
+    /// Training forwards counted so far (0 when running statistics are not tracked).
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked
+    }
+
+    /// The weight, if affine.
+    pub fn weight(&self) -> Option<&B::Buffer<P>> {
+        self.weight.as_ref()
+    }
+
+    /// The weight, mutably (for an optimiser).
+    pub fn weight_mut(&mut self) -> Option<&mut B::Buffer<P>> {
+        self.weight.as_mut()
+    }
+
+    /// The bias, if affine.
+    pub fn bias(&self) -> Option<&B::Buffer<P>> {
+        self.bias.as_ref()
+    }
+
+    /// The bias, mutably.
+    pub fn bias_mut(&mut self) -> Option<&mut B::Buffer<P>> {
+        self.bias.as_mut()
+    }
+
+    /// The running mean, if tracked.
+    pub fn running_mean(&self) -> Option<&B::Buffer<P>> {
+        self.running_mean.as_ref()
+    }
+
+    /// The running variance, if tracked.
+    pub fn running_var(&self) -> Option<&B::Buffer<P>> {
+        self.running_var.as_ref()
+    }
+
+    /// Whether a forward now normalises with batch statistics: in training, and in
+    /// eval when no running statistics are tracked.
+    fn uses_batch_stats(&self) -> bool {
+        self.training || !self.options.track_running_stats
+    }
+
+    /// The running-average factor of the next forward, as PyTorch computes it.
+    fn factor(&self) -> f64 {
+        if self.training && self.options.track_running_stats {
+            match self.options.momentum {
+                Some(m) => m,
+                None => 1.0 / (self.num_batches_tracked + 1) as f64,
+            }
+        } else {
+            self.options.momentum.unwrap_or(0.0)
+        }
+    }
+
+    /// The forward into a caller's output buffer. In training (with tracked running
+    /// statistics) it updates them and counts the batch.
+    pub fn forward_into(
+        &mut self,
+        input: &B::Tensor<'_, T>,
+        shape: &Shape,
+        output: &mut B::TensorMut<'_, T>,
+    ) -> Result<()> {
+        validate::module_rank(D, shape)?;
+        let batch_stats = self.uses_batch_stats();
+        let momentum = self.factor();
+        // A module with no per-channel state takes any channel count, as PyTorch's does;
+        // its save buffers follow the input (committed only if the call succeeds).
+        let c = shape.c();
+        let mut regrown = None;
+        if batch_stats
+            && B::buffer_len(&self.save_mean) != c
+            && !self.options.affine
+            && !self.options.track_running_stats
+        {
+            let zero = T::Acc::from_f64(0.0);
+            regrown = Some((self.backend.alloc(c, zero)?, self.backend.alloc(c, zero)?));
+        }
+        let (save_mean, save_invstd) = match regrown.as_mut() {
+            Some((m, i)) => (m, i),
+            None => (&mut self.save_mean, &mut self.save_invstd),
+        };
+        let args = Forward {
+            input: B::reborrow(input),
+            shape: *shape,
+            running_mean: self.running_mean.as_mut().map(B::tensor_mut),
+            running_var: self.running_var.as_mut().map(B::tensor_mut),
+            weight: self.weight.as_ref().map(B::tensor),
+            bias: self.bias.as_ref().map(B::tensor),
+            training: batch_stats,
+            momentum,
+            eps: self.options.eps,
+        };
+        let save = batch_stats.then(|| SaveStats {
+            mean: B::tensor_mut(save_mean),
+            invstd: B::tensor_mut(save_invstd),
+        });
+        self.backend
+            .batch_norm(args, B::reborrow_mut(output), save, &mut self.workspace)?;
+        if let Some((m, i)) = regrown {
+            self.save_mean = m;
+            self.save_invstd = i;
+        }
+        if self.training && self.options.track_running_stats {
+            self.num_batches_tracked += 1;
+        }
+        self.last = Some(LastForward {
+            shape: *shape,
+            batch_stats,
+        });
+        Ok(())
+    }
+
+    /// The forward into a new buffer.
+    pub fn forward(&mut self, input: &B::Tensor<'_, T>, shape: &Shape) -> Result<B::Buffer<T>> {
+        let mut out = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
+        self.forward_into(input, shape, B::tensor_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// The backward of the last forward (same shape, and the same mode: batch
+    /// statistics or running ones). `input` must be that forward's input. Gradients are
+    /// written, not accumulated.
+    pub fn backward_into(
+        &mut self,
+        grad_output: &B::Tensor<'_, T>,
+        input: &B::Tensor<'_, T>,
+        shape: &Shape,
+        grad_input: &mut B::TensorMut<'_, T>,
+        grad_weight: Option<&mut B::TensorMut<'_, P>>,
+        grad_bias: Option<&mut B::TensorMut<'_, P>>,
+    ) -> Result<()> {
+        let last = self.last.ok_or(BnError::Backward(
+            "backward needs a forward on this module first",
+        ))?;
+        if last.shape != *shape {
+            return Err(BnError::BackwardShape {
+                expected: last.shape.dims().to_vec(),
+                got: shape.dims().to_vec(),
+            });
+        }
+        let stats = if last.batch_stats {
+            BackwardStats::Batch {
+                save_mean: B::tensor(&self.save_mean),
+                save_invstd: B::tensor(&self.save_invstd),
+            }
+        } else {
+            match (&self.running_mean, &self.running_var) {
+                (Some(m), Some(v)) => BackwardStats::Running {
+                    mean: B::tensor(m),
+                    var: B::tensor(v),
+                    eps: self.options.eps,
+                },
+                _ => {
+                    return Err(BnError::MissingRunningStat {
+                        name: "running_mean",
+                    })
+                }
+            }
+        };
+        let args = crate::backend::Backward {
+            grad_output: B::reborrow(grad_output),
+            input: B::reborrow(input),
+            shape: *shape,
+            weight: self.weight.as_ref().map(B::tensor),
+            stats,
+        };
+        let grads = Grads {
+            input: B::reborrow_mut(grad_input),
+            weight: grad_weight.map(|g| B::reborrow_mut(g)),
+            bias: grad_bias.map(|g| B::reborrow_mut(g)),
+        };
+        self.backend
+            .batch_norm_backward(args, grads, &mut self.workspace)
+    }
+
+    /// The backward into new buffers; parameter gradients for affine modules.
+    pub fn backward(
+        &mut self,
+        grad_output: &B::Tensor<'_, T>,
+        input: &B::Tensor<'_, T>,
+        shape: &Shape,
+    ) -> Result<Gradients<B, T, P>> {
+        let zero = P::from_f64(0.0);
+        let mut g_in = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
+        let mut g_w = if self.options.affine {
+            Some(self.backend.alloc(shape.c(), zero)?)
+        } else {
+            None
+        };
+        let mut g_b = if self.options.affine {
+            Some(self.backend.alloc(shape.c(), zero)?)
+        } else {
+            None
+        };
+        self.backward_into(
+            grad_output,
+            input,
+            shape,
+            B::tensor_mut(&mut g_in),
+            g_w.as_mut().map(B::tensor_mut),
+            g_b.as_mut().map(B::tensor_mut),
+        )?;
+        Ok(Gradients {
+            input: g_in,
+            weight: g_w,
+            bias: g_b,
+        })
+    }
+
+    /// Parameters and buffers on the host.
+    pub fn state_dict(&self) -> Result<StateDict<P>> {
+        let host =
+            |b: &Option<B::Buffer<P>>| b.as_ref().map(|b| self.backend.to_host(b)).transpose();
+        Ok(StateDict {
+            weight: host(&self.weight)?,
+            bias: host(&self.bias)?,
+            running_mean: host(&self.running_mean)?,
+            running_var: host(&self.running_var)?,
+            num_batches_tracked: self
+                .options
+                .track_running_stats
+                .then_some(self.num_batches_tracked),
+        })
+    }
+
+    /// Loads parameters and buffers. Every key the module has must be present with C
+    /// values (a missing `num_batches_tracked` keeps the current count, as PyTorch
+    /// does), and no other key may be; otherwise nothing is loaded and the error lists
+    /// every problem in PyTorch's words.
+    pub fn load_state_dict(&mut self, sd: &StateDict<P>) -> Result<()> {
+        let c = self.num_features;
+        let (affine, track) = (self.options.affine, self.options.track_running_stats);
+        let entries: [(&'static str, bool, Option<usize>); 4] = [
+            ("weight", affine, sd.weight.as_ref().map(Vec::len)),
+            ("bias", affine, sd.bias.as_ref().map(Vec::len)),
+            (
+                "running_mean",
+                track,
+                sd.running_mean.as_ref().map(Vec::len),
+            ),
+            ("running_var", track, sd.running_var.as_ref().map(Vec::len)),
+        ];
+        let mut missing = Vec::new();
+        let mut unexpected = Vec::new();
+        let mut sizes = Vec::new();
+        for (key, expected, got) in entries {
+            match (expected, got) {
+                (true, None) => missing.push(format!("\"{key}\"")),
+                (false, Some(_)) => unexpected.push(format!("\"{key}\"")),
+                (true, Some(n)) if n != c => sizes.push(format!(
+                    "size mismatch for {key}: copying a param with shape [{n}] from checkpoint, the shape in current model is [{c}]."
+                )),
+                _ => {}
+            }
+        }
+        if !track && sd.num_batches_tracked.is_some() {
+            unexpected.push("\"num_batches_tracked\"".to_string());
+        }
+        let mut msgs = Vec::new();
+        if !unexpected.is_empty() {
+            msgs.push(format!(
+                "Unexpected key(s) in state_dict: {}. ",
+                unexpected.join(", ")
+            ));
+        }
+        if !missing.is_empty() {
+            msgs.push(format!(
+                "Missing key(s) in state_dict: {}. ",
+                missing.join(", ")
+            ));
+        }
+        msgs.extend(sizes);
+        if !msgs.is_empty() {
+            return Err(BnError::StateDict {
+                module: self.name(),
+                detail: msgs.join("\n\t"),
+            });
+        }
+        let pairs = [
+            (&mut self.weight, &sd.weight),
+            (&mut self.bias, &sd.bias),
+            (&mut self.running_mean, &sd.running_mean),
+            (&mut self.running_var, &sd.running_var),
+        ];
+        for (dst, src) in pairs {
+            if let (Some(d), Some(s)) = (dst, src) {
+                self.backend.copy_from_host(d, s)?;
+            }
+        }
+        if let (true, Some(n)) = (track, sd.num_batches_tracked) {
+            self.num_batches_tracked = n;
+        }
+        Ok(())
+    }
+}
