@@ -1,0 +1,44 @@
+// ffi.h: the C ABI between the Rust crate (src/lib.rs) and the C++ runtime.
+// Keep in sync with the #[repr(C)] mirrors in src/lib.rs.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+extern "C" {
+
+// One launch buffer. kind: 0 Input, 1 Output, 2 InOut, 3 Scratch, 4 Counters.
+struct bn_emu_region {
+    uint64_t addr;
+    uint64_t bytes;
+    const char* name;  // not NUL-terminated
+    size_t name_len;
+    uint32_t kind;
+    uint32_t reserved;
+};
+
+struct bn_emu_launch_desc {
+    const char* kernel;  // not NUL-terminated
+    size_t kernel_len;
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint32_t dynamic_shared_bytes;
+    uint32_t cooperative;  // 0 or 1
+    uint64_t seed;
+    uint32_t max_resident_blocks;
+    uint32_t reserved;
+    const void* params;
+    size_t params_len;
+    const bn_emu_region* regions;
+    size_t nregions;
+};
+
+// Runs one launch to completion on the calling OS thread. Returns 0 on success, 1 on
+// failure; *message / *message_len receive the error text (empty on success), valid
+// until the next call of bn_emu_launch on the same OS thread.
+int bn_emu_launch(const bn_emu_launch_desc* desc, const char** message, size_t* message_len);
+
+// Registered kernels: count, and the name of one (not NUL-terminated; static storage).
+size_t bn_emu_kernel_count(void);
+const char* bn_emu_kernel_name(size_t index, size_t* len);
+}

@@ -1,0 +1,293 @@
+//! CPU emulator for the cuda-batchnorm CUDA kernels.
+//!
+//! The build script compiles every kernel in `kernels/*.cu` (and the emulator's own
+//! self-test kernels) as host C++ with `BN_EMULATION` defined, against `bn_emu.h`, and
+//! links them with a small runtime that executes each CUDA thread as a fiber. [`launch`]
+//! runs one kernel launch to completion on the calling OS thread with CUDA semantics:
+//! block barriers, warp shuffles and votes, atomics, shared memory, and a bounds,
+//! alignment and permission check on every global-memory access. Any violation fails the
+//! launch with an [`EmuError`] instead of corrupting memory or hanging.
+//!
+//! See `emu/README.md` for the supported CUDA subset, the scheduling model and what the
+//! emulator cannot show.
+
+use std::ffi::c_char;
+use std::fmt;
+
+/// How a kernel may use a launch buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegionKind {
+    /// Read-only for the kernel: any write fails the launch.
+    Input,
+    /// Written (and possibly read) by the kernel.
+    Output,
+    /// Read and written by the kernel.
+    InOut,
+    /// Kernel workspace: filled with 0xFF bytes before the launch, so that reading a
+    /// value that no thread wrote shows up (NaN for floats).
+    Scratch,
+    /// Coordination counters: must be all zero when the launch starts and again when it
+    /// ends, otherwise the launch fails with "counters not reset".
+    Counters,
+}
+
+impl RegionKind {
+    fn code(self) -> u32 {
+        match self {
+            RegionKind::Input => 0,
+            RegionKind::Output => 1,
+            RegionKind::InOut => 2,
+            RegionKind::Scratch => 3,
+            RegionKind::Counters => 4,
+        }
+    }
+}
+
+/// One launch buffer: `bytes` bytes of host memory at address `addr`, owned by the
+/// caller. Kernels may touch global memory only inside the regions of their launch.
+///
+/// The caller must keep the memory alive, and not access it from elsewhere, for the
+/// duration of [`launch`]; regions other than [`RegionKind::Input`] must be writable.
+/// Zero-byte regions are ignored; regions must not overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region<'a> {
+    /// Host address of the first byte (e.g. `vec.as_mut_ptr() as u64`).
+    pub addr: u64,
+    /// Length in bytes.
+    pub bytes: u64,
+    /// Name used in error messages (e.g. the BnParams field).
+    pub name: &'a str,
+    /// What the kernel may do with it.
+    pub kind: RegionKind,
+}
+
+/// Launch configuration, as for `cudaLaunchKernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Launch {
+    /// Grid dimensions in blocks: x in 1..=2^31-1, y and z in 1..=65535.
+    pub grid: [u32; 3],
+    /// Block dimensions in threads: x, y <= 1024, z <= 64, at most 1024 threads.
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block in bytes (static + dynamic <= 48 KiB).
+    pub dynamic_shared_bytes: u32,
+    /// Cooperative launch: every block resident at once; `bn_emu::grid_sync()` allowed.
+    pub cooperative: bool,
+}
+
+/// Scheduling options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Options {
+    /// Seeds the block admission order and each block's thread order. The same kernel,
+    /// configuration, inputs and seed always give the same interleaving and results.
+    pub seed: u64,
+    /// Blocks resident (interleaved) at once in a non-cooperative launch; 0 counts as
+    /// 1, and at most 65536 threads are kept resident.
+    pub max_resident_blocks: u32,
+}
+
+/// The seed used when `BN_EMU_SEED` is not set.
+const DEFAULT_SEED: u64 = 0x00c0_ffee_5eed_2024;
+
+impl Default for Options {
+    /// `seed` from the environment variable `BN_EMU_SEED` (decimal, or hex with `0x`)
+    /// if set and valid, else a fixed constant; four resident blocks.
+    fn default() -> Self {
+        let seed = std::env::var("BN_EMU_SEED")
+            .ok()
+            .and_then(|s| parse_seed(s.trim()))
+            .unwrap_or(DEFAULT_SEED);
+        Options {
+            seed,
+            max_resident_blocks: 4,
+        }
+    }
+}
+
+fn parse_seed(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// A failed launch: what went wrong, in which kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmuError {
+    /// The kernel name passed to [`launch`].
+    pub kernel: String,
+    /// What happened: for violations inside the kernel, the block and thread indices
+    /// and, for memory errors, the region name, byte offset, access size, region size
+    /// and direction; for barrier errors, the source line and example threads.
+    pub message: String,
+}
+
+impl fmt::Display for EmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kernel, self.message)
+    }
+}
+
+impl std::error::Error for EmuError {}
+
+// C ABI (emu/src/ffi.h).
+
+#[repr(C)]
+struct FfiRegion {
+    addr: u64,
+    bytes: u64,
+    name: *const c_char,
+    name_len: usize,
+    kind: u32,
+    reserved: u32,
+}
+
+#[repr(C)]
+struct FfiLaunch {
+    kernel: *const c_char,
+    kernel_len: usize,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_shared_bytes: u32,
+    cooperative: u32,
+    seed: u64,
+    max_resident_blocks: u32,
+    reserved: u32,
+    params: *const u8,
+    params_len: usize,
+    regions: *const FfiRegion,
+    nregions: usize,
+}
+
+extern "C" {
+    fn bn_emu_launch(
+        desc: *const FfiLaunch,
+        message: *mut *const c_char,
+        message_len: *mut usize,
+    ) -> i32;
+    fn bn_emu_kernel_count() -> usize;
+    fn bn_emu_kernel_name(index: usize, len: *mut usize) -> *const c_char;
+}
+
+/// Runs one launch of the registered kernel `kernel` to completion on the calling OS
+/// thread, with `params` (the bytes of the kernel's by-value argument, a `BnParams`) and
+/// the launch buffers `regions`. Several OS threads may launch concurrently, as long as
+/// their launches share no buffers.
+///
+/// Returns an error for an unknown kernel, an invalid configuration, a params size that
+/// differs from the kernel's, overlapping regions, counters that are not zero at the
+/// start or the end, and for the first violation inside the kernel (out-of-bounds,
+/// misaligned or read-only-violating access, barrier or warp-collective misuse,
+/// deadlock, shared memory overrun); the launch stops there, and the emulator is ready
+/// for the next launch.
+///
+/// # Safety
+///
+/// The kernel reads and writes the regions through the given addresses, and the
+/// emulator itself fills Scratch regions with 0xFF bytes and reads Counters regions. So
+/// every region must describe memory the caller owns for the duration of the call:
+/// valid for reads of `bytes` bytes, valid for writes too unless its kind is Input, and
+/// not accessed through any other reference while the launch runs. Addresses in
+/// `params` that lie outside every region are never dereferenced (such accesses fail
+/// the launch).
+pub unsafe fn launch(
+    kernel: &str,
+    cfg: &Launch,
+    params: &[u8],
+    regions: &[Region<'_>],
+    opts: &Options,
+) -> Result<(), EmuError> {
+    let ffi_regions: Vec<FfiRegion> = regions
+        .iter()
+        .map(|r| FfiRegion {
+            addr: r.addr,
+            bytes: r.bytes,
+            name: r.name.as_ptr().cast(),
+            name_len: r.name.len(),
+            kind: r.kind.code(),
+            reserved: 0,
+        })
+        .collect();
+    let desc = FfiLaunch {
+        kernel: kernel.as_ptr().cast(),
+        kernel_len: kernel.len(),
+        grid: cfg.grid,
+        block: cfg.block,
+        dynamic_shared_bytes: cfg.dynamic_shared_bytes,
+        cooperative: u32::from(cfg.cooperative),
+        seed: opts.seed,
+        max_resident_blocks: opts.max_resident_blocks,
+        reserved: 0,
+        params: params.as_ptr(),
+        params_len: params.len(),
+        regions: ffi_regions.as_ptr(),
+        nregions: ffi_regions.len(),
+    };
+    let mut msg: *const c_char = std::ptr::null();
+    let mut msg_len = 0usize;
+    // SAFETY: `desc` and everything it points to (kernel name, params, the region
+    // array and region names) outlive the call, with the lengths given; the runtime
+    // only reads them. The memory the regions describe is this function's contract with
+    // its caller (see # Safety). The out-pointers are valid for writes.
+    let rc = unsafe { bn_emu_launch(&desc, &mut msg, &mut msg_len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let message = if msg.is_null() || msg_len == 0 {
+        String::from("launch failed")
+    } else {
+        // SAFETY: the runtime returned a pointer to `msg_len` initialised bytes in its
+        // thread-local error buffer, which stays valid until the next launch on this OS
+        // thread; we copy them out before returning.
+        let bytes = unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), msg_len) };
+        String::from_utf8_lossy(bytes).into_owned()
+    };
+    Err(EmuError {
+        kernel: kernel.to_owned(),
+        message,
+    })
+}
+
+/// Names of all registered kernels (project kernels and the emulator's self-test
+/// kernels), sorted.
+pub fn kernel_names() -> Vec<String> {
+    // SAFETY: no arguments; reads the registry, which is complete after static
+    // initialisation and never modified afterwards.
+    let count = unsafe { bn_emu_kernel_count() };
+    let mut names: Vec<String> = (0..count)
+        .map(|i| {
+            let mut len = 0usize;
+            // SAFETY: `i < count`; the runtime writes the name's length to `len` and
+            // returns a pointer to that many bytes of static storage.
+            let p = unsafe { bn_emu_kernel_name(i, &mut len) };
+            // SAFETY: as above, `p` points to `len` initialised bytes that live for
+            // the whole program.
+            let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) };
+            String::from_utf8_lossy(bytes).into_owned()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_seed_forms() {
+        assert_eq!(parse_seed("42"), Some(42));
+        assert_eq!(parse_seed("0x2a"), Some(42));
+        assert_eq!(parse_seed("0X2A"), Some(42));
+        assert_eq!(parse_seed("nope"), None);
+    }
+
+    #[test]
+    fn error_display() {
+        let e = EmuError {
+            kernel: "k".into(),
+            message: "boom".into(),
+        };
+        assert_eq!(e.to_string(), "k: boom");
+    }
+}
