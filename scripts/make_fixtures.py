@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Writes the PyTorch golden fixtures in tests/fixtures/ (one command, any machine with
+PyTorch; a CPU is enough):
+
+    python3 scripts/make_fixtures.py            # writes tests/fixtures/*.txt
+
+Each case runs a torch.nn.BatchNorm{1,2,3}d through a few steps (training forwards and
+backwards, then an eval forward and backward) and records every input, output,
+gradient and buffer, so that tests/fixtures.rs can replay the same steps on the CPU
+backend, on the emulated kernels and on a GPU and compare.
+
+Format (line based, whitespace separated; tests/common/fixtures.rs parses it):
+
+    case NAME
+    module 1|2|3                 BatchNorm1d/2d/3d
+    dims N C ...                 the input's size
+    format nchw|nhwc             memory order of every tensor below (nhwc: channel last)
+    dtype f32|f64|f16|bf16       input type
+    param f32|f64|f16|bf16       parameter and running-statistics type
+    affine 0|1
+    track 0|1
+    momentum FLOAT|none
+    eps FLOAT
+    weight V...                  initial parameters (affine)
+    bias V...
+    step train|eval              then the step's tensors:
+      x V...  dy V...  y V...  dx V...  dweight V...  dbias V...
+      running_mean V...  running_var V...  num_batches_tracked K   (track; after the step)
+    end
+
+Values are the shortest decimals that round back to the stored value in its dtype
+(bf16 values are written through float32, exactly).
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def fmt(t):
+    """Shortest round-trip decimals of a flat tensor, in its own dtype."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    a = t.numpy().ravel()
+    return " ".join(np.format_float_scientific(v, unique=True, trim="-") for v in a)
+
+
+def to_memory_order(t, layout):
+    """The tensor's values in the memory order of `layout` (channel last for nhwc)."""
+    if layout == "nchw" or t.dim() == 1:
+        return t.contiguous()
+    perm = [0] + list(range(2, t.dim())) + [1]
+    return t.permute(*perm).contiguous()
+
+
+def from_memory_order(t, layout, dims):
+    """A logical (N, C, ...) tensor whose storage is channel last when layout is nhwc."""
+    if layout == "nchw":
+        return t.reshape(dims)
+    rest = dims[2:]
+    stored = t.reshape([dims[0]] + rest + [dims[1]])
+    perm = [0, stored.dim() - 1] + list(range(1, stored.dim() - 1))
+    return stored.permute(*perm)
+
+
+def channel_data(gen, dims, dtype, constant_channel=None):
+    """Random input with a different mean and spread per channel."""
+    n, c = dims[0], dims[1]
+    x = torch.randn(dims, generator=gen, dtype=torch.float64)
+    shape = [1, c] + [1] * (len(dims) - 2)
+    mean = torch.linspace(-1.5, 2.0, c, dtype=torch.float64).reshape(shape)
+    std = torch.linspace(0.5, 2.5, c, dtype=torch.float64).reshape(shape)
+    x = x * std + mean
+    if constant_channel is not None:
+        x[:, constant_channel] = 3.0
+    return x.to(dtype)
+
+
+def run_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, affine=True, track=True,
+             momentum=0.1, eps=1e-5, steps=("train", "train", "eval"), seed=0, constant_channel=None):
+    param = param or dtype
+    gen = torch.Generator().manual_seed(seed)
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[module]
+    bn = cls(dims[1], eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
+    bn = bn.to(DTYPES[param])
+    w = []
+    f.write(f"case {name}\nmodule {module}\ndims {' '.join(map(str, dims))}\nformat {layout}\n")
+    f.write(f"dtype {dtype}\nparam {param}\naffine {int(affine)}\ntrack {int(track)}\n")
+    f.write(f"momentum {'none' if momentum is None else repr(momentum)}\neps {eps!r}\n")
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(dims[1], generator=gen, dtype=torch.float64) + 0.5)
+            bn.bias.copy_(torch.randn(dims[1], generator=gen, dtype=torch.float64))
+        f.write(f"weight {fmt(bn.weight)}\nbias {fmt(bn.bias)}\n")
+    for mode in steps:
+        bn.train(mode == "train")
+        logical = channel_data(gen, dims, DTYPES[dtype], constant_channel)
+        x = from_memory_order(to_memory_order(logical, layout), layout, dims).detach().requires_grad_(True)
+        dy = torch.randn(dims, generator=gen, dtype=torch.float64).to(DTYPES[dtype])
+        if affine:
+            bn.weight.grad = None
+            bn.bias.grad = None
+        y = bn(x)
+        (y.double() * dy.double()).sum().backward()
+        f.write(f"step {mode}\n")
+        f.write(f"x {fmt(to_memory_order(x, layout))}\n")
+        f.write(f"dy {fmt(to_memory_order(dy, layout))}\n")
+        f.write(f"y {fmt(to_memory_order(y, layout))}\n")
+        f.write(f"dx {fmt(to_memory_order(x.grad, layout))}\n")
+        if affine:
+            f.write(f"dweight {fmt(bn.weight.grad)}\ndbias {fmt(bn.bias.grad)}\n")
+        if track:
+            f.write(f"running_mean {fmt(bn.running_mean)}\nrunning_var {fmt(bn.running_var)}\n")
+            f.write(f"num_batches_tracked {int(bn.num_batches_tracked)}\n")
+    f.write("end\n")
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    header = f"# Generated by scripts/make_fixtures.py with torch {torch.__version__}; do not edit.\n"
+    # Modules, modes and options, f32 (the foundation's fixtures).
+    with open(os.path.join(OUT, "modules_f32.txt"), "w") as f:
+        f.write(header)
+        run_case(f, "bn1d_nc", 1, [8, 3], seed=1)
+        run_case(f, "bn1d_ncl", 1, [4, 3, 5], seed=2)
+        run_case(f, "bn1d_one_sample_three_values", 1, [1, 4, 3], seed=3)
+        run_case(f, "bn2d", 2, [2, 3, 4, 5], seed=4)
+        run_case(f, "bn2d_no_affine", 2, [2, 3, 4, 5], affine=False, seed=5)
+        run_case(f, "bn2d_momentum_none", 2, [2, 3, 3, 3], momentum=None,
+                 steps=("train", "train", "train", "eval"), seed=6)
+        run_case(f, "bn2d_no_running_stats", 2, [3, 2, 3, 3], track=False, seed=7)
+        run_case(f, "bn2d_constant_channel_eps", 2, [2, 3, 3, 4], eps=1e-3, constant_channel=1, seed=8)
+        run_case(f, "bn3d", 3, [2, 2, 3, 3, 4], seed=9)
+        run_case(f, "bn3d_momentum_none_no_affine", 3, [2, 3, 2, 2, 3], momentum=None, affine=False, seed=10)
+    # Dtypes and memory formats (the dtype issue's fixtures).
+    with open(os.path.join(OUT, "dtypes_formats.txt"), "w") as f:
+        f.write(header)
+        run_case(f, "bn2d_f16", 2, [2, 3, 4, 5], dtype="f16", seed=11)
+        run_case(f, "bn2d_f16_f32", 2, [2, 3, 4, 5], dtype="f16", param="f32", seed=12)
+        run_case(f, "bn2d_bf16", 2, [2, 3, 4, 5], dtype="bf16", seed=13)
+        run_case(f, "bn2d_bf16_f32", 2, [2, 3, 4, 5], dtype="bf16", param="f32", seed=14)
+        run_case(f, "bn2d_f64", 2, [2, 3, 4, 5], dtype="f64", seed=15)
+        run_case(f, "bn1d_f64_momentum_none", 1, [6, 4], dtype="f64", momentum=None, seed=16)
+        run_case(f, "bn2d_nhwc", 2, [2, 3, 4, 5], layout="nhwc", seed=17)
+        run_case(f, "bn3d_ndhwc", 3, [2, 3, 2, 3, 4], layout="nhwc", seed=18)
+        run_case(f, "bn2d_nhwc_f16_f32", 2, [2, 5, 3, 4], layout="nhwc", dtype="f16", param="f32", seed=19)
+        run_case(f, "bn2d_nhwc_bf16", 2, [3, 4, 3, 3], layout="nhwc", dtype="bf16", seed=20)
+        run_case(f, "bn1d_nlc", 1, [3, 4, 6], layout="nhwc", seed=21)
+        run_case(f, "bn2d_nhwc_f64_no_affine", 2, [2, 3, 3, 3], layout="nhwc", dtype="f64", affine=False, seed=22)
+    print(f"wrote fixtures to {os.path.normpath(OUT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

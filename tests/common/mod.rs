@@ -1,0 +1,460 @@
+//! Shared by the test binaries: seeded problems, the f64 reference, the error norm and
+//! tolerances, a device-independent check of every operation, and PyTorch fixtures.
+//!
+//! A device plugs in through [`Runner`] (the emulated kernels in tests/emulated.rs, the
+//! GPU in tests/gpu.rs); [`check_problem`] runs the training forward, its backward, the
+//! eval forward and the eval backward on it and compares each output with the f64
+//! reference, norm-wise: ‖out − ref‖ / ‖ref‖ under the dtype's tolerance, NaN never
+//! passing.
+#![allow(dead_code)]
+
+pub mod fixtures;
+
+use cuda_batchnorm::cpu::reference;
+use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
+
+/// SplitMix64: small, seedable, good enough for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// Norm-wise tolerance per dtype, relative to the f64 reference.
+pub fn tolerance(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => 1e-10,
+        DType::F32 => 1e-5,
+        DType::F16 => 1e-3,
+        DType::BF16 => 1e-2,
+    }
+}
+
+/// ‖out − ref‖ / ‖ref‖ (absolute when ref is all zeros); infinite if anything is NaN.
+pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (o, r) in out.iter().zip(reference) {
+        if o.is_nan() || r.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (o - r) * (o - r);
+        den += r * r;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Compares `out` with the f64 reference under the tolerance of `E`.
+pub fn check_close<E: Float>(what: &str, out: &[E], reference: &[f64]) -> Result<(), String> {
+    if out.len() != reference.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            out.len(),
+            reference.len()
+        ));
+    }
+    let tol = tolerance(E::DTYPE);
+    let err = rel_err(&reference::to_f64(out), reference);
+    if err <= tol {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}: relative error {err:.3e} > {tol:.0e} ({})",
+            E::DTYPE
+        ))
+    }
+}
+
+/// What the input values look like.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// A different mean (-2..2) and spread (0.5..3) per channel.
+    Normal,
+    /// Every channel constant (a different constant per channel).
+    Constant,
+    /// Mean 1e4, std 1: cancellation in naive sums.
+    Offset1e4,
+    /// Std 1e-3 around 1: the variance (1e-6) is below eps (1e-5).
+    TinyVar,
+    /// Mean 100, std 30: f16 sums of squares would overflow.
+    Large,
+}
+
+/// One shape of the test table.
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub dims: &'static [usize],
+    pub data: Data,
+    pub affine: bool,
+}
+
+const fn case(dims: &'static [usize], data: Data) -> Case {
+    Case {
+        dims,
+        data,
+        affine: true,
+    }
+}
+
+/// DESIGN.md's test table at sizes the emulator runs in seconds: C = 1, S = 1, sizes
+/// that are not multiples of the block or vector width, odd C, constant channels,
+/// mean 1e4 with std 1, tiny variance, f16-overflowing values, every rank.
+pub const CASES: &[Case] = &[
+    case(&[4, 3, 5, 7], Data::Normal),
+    case(&[2, 1, 33, 17], Data::Normal),
+    case(&[64, 16, 1, 1], Data::Normal),
+    case(&[3, 17, 9, 11], Data::Normal),
+    case(&[5, 8, 13], Data::Normal),
+    case(&[7, 33], Data::Normal),
+    case(&[130, 8], Data::Normal),
+    case(&[2, 4, 3, 5, 6], Data::Normal),
+    case(&[1, 6, 300, 7], Data::Normal),
+    case(&[8, 12, 16, 16], Data::Normal),
+    case(&[2, 64, 14, 14], Data::Normal),
+    case(&[16, 2, 12, 12, 12], Data::Normal),
+    case(&[3, 5, 8, 8], Data::Constant),
+    case(&[4, 6, 7, 9], Data::Offset1e4),
+    case(&[4, 6, 8, 8], Data::TinyVar),
+    case(&[4, 8, 30, 30], Data::Large),
+    Case {
+        dims: &[6, 10, 5, 5],
+        data: Data::Normal,
+        affine: false,
+    },
+];
+
+/// The (input, parameter) type pairs with kernels.
+pub const TYPE_PAIRS: &[(DType, DType)] = &[
+    (DType::F32, DType::F32),
+    (DType::F64, DType::F64),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::F32),
+];
+
+/// Calls `$body` with type parameters `$t`, `$p` bound to the pair `$pair`.
+#[macro_export]
+macro_rules! with_types {
+    ($pair:expr, |$t:ident, $p:ident| $body:expr) => {{
+        use cuda_batchnorm::half::{bf16, f16};
+        use cuda_batchnorm::DType;
+        match $pair {
+            (DType::F32, DType::F32) => {
+                type $t = f32;
+                type $p = f32;
+                $body
+            }
+            (DType::F64, DType::F64) => {
+                type $t = f64;
+                type $p = f64;
+                $body
+            }
+            (DType::F16, DType::F16) => {
+                type $t = f16;
+                type $p = f16;
+                $body
+            }
+            (DType::BF16, DType::BF16) => {
+                type $t = bf16;
+                type $p = bf16;
+                $body
+            }
+            (DType::F16, DType::F32) => {
+                type $t = f16;
+                type $p = f32;
+                $body
+            }
+            (DType::BF16, DType::F32) => {
+                type $t = bf16;
+                type $p = f32;
+                $body
+            }
+            other => panic!("no kernels for {other:?}"),
+        }
+    }};
+}
+
+/// Inputs of one check: data, parameters, running statistics, options.
+#[derive(Clone, Debug)]
+pub struct Problem<T: Float, P: ParamFor<T>> {
+    pub shape: Shape,
+    pub x: Vec<T>,
+    pub dy: Vec<T>,
+    pub weight: Option<Vec<P>>,
+    pub bias: Option<Vec<P>>,
+    pub running_mean: Vec<P>,
+    pub running_var: Vec<P>,
+    pub eps: f64,
+    pub momentum: f64,
+}
+
+impl<T: Float, P: ParamFor<T>> Problem<T, P> {
+    pub fn new(case: &Case, format: MemoryFormat, seed: u64) -> Problem<T, P> {
+        let shape = Shape::new(case.dims, format).expect("valid test shape");
+        let mut rng = Rng::new(seed);
+        let c = shape.c();
+        let centre: Vec<f64> = (0..c).map(|_| rng.uniform() * 4.0 - 2.0).collect();
+        let spread: Vec<f64> = (0..c).map(|_| 0.5 + rng.uniform() * 2.5).collect();
+        let mut x = vec![T::default(); shape.numel()];
+        for n in 0..shape.n() {
+            for ch in 0..c {
+                for s in 0..shape.spatial() {
+                    let v = match case.data {
+                        Data::Normal => centre[ch] + spread[ch] * rng.normal(),
+                        Data::Constant => 1.0 + 0.5 * ch as f64,
+                        Data::Offset1e4 => 1e4 + rng.normal(),
+                        Data::TinyVar => 1.0 + 1e-3 * rng.normal(),
+                        Data::Large => 100.0 + 30.0 * rng.normal(),
+                    };
+                    x[shape.offset(n, ch, s)] = T::from_f64(v);
+                }
+            }
+        }
+        let dy = (0..shape.numel())
+            .map(|_| T::from_f64(rng.normal()))
+            .collect();
+        let param =
+            |f: &mut dyn FnMut() -> f64| (0..c).map(|_| P::from_f64(f())).collect::<Vec<P>>();
+        let weight = param(&mut || 0.5 + rng.uniform());
+        let bias = param(&mut || rng.normal());
+        // Running statistics near the data's (as after training), so that eval outputs
+        // and gradients stay in range for every dtype.
+        let level = match case.data {
+            Data::Offset1e4 => 1e4,
+            Data::Large => 100.0,
+            Data::TinyVar => 1.0,
+            Data::Normal | Data::Constant => 0.0,
+        };
+        let running_mean = param(&mut || level + 0.5 * rng.normal());
+        let running_var = param(&mut || 0.5 + 1.5 * rng.uniform());
+        Problem {
+            shape,
+            x,
+            dy,
+            weight: case.affine.then_some(weight),
+            bias: case.affine.then_some(bias),
+            running_mean,
+            running_var,
+            eps: 1e-5,
+            momentum: 0.1,
+        }
+    }
+
+    fn w64(&self) -> Option<Vec<f64>> {
+        self.weight.as_deref().map(reference::to_f64)
+    }
+
+    fn b64(&self) -> Option<Vec<f64>> {
+        self.bias.as_deref().map(reference::to_f64)
+    }
+}
+
+/// Outputs of a training forward with the running-statistics update.
+#[derive(Clone, Debug)]
+pub struct TrainOut<T, P, A> {
+    pub y: Vec<T>,
+    pub save_mean: Vec<A>,
+    pub save_invstd: Vec<A>,
+    pub running_mean: Vec<P>,
+    pub running_var: Vec<P>,
+}
+
+/// Outputs of a backward.
+#[derive(Clone, Debug)]
+pub struct GradOut<T, P> {
+    pub dx: Vec<T>,
+    pub dweight: Option<Vec<P>>,
+    pub dbias: Option<Vec<P>>,
+}
+
+/// The statistics a training backward differentiates through: (save_mean, save_invstd)
+/// from the forward; `None` asks for the eval backward.
+pub type Saved<'a, A> = Option<(&'a [A], &'a [A])>;
+
+/// A device that runs the four operations on a problem.
+pub trait Runner {
+    /// Training forward, updating a copy of the problem's running statistics and
+    /// saving the batch statistics.
+    fn train_forward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+    ) -> Result<TrainOut<T, P, T::Acc>, String>;
+    /// Eval forward with the problem's running statistics.
+    fn eval_forward<T: Float, P: ParamFor<T>>(&self, p: &Problem<T, P>) -> Result<Vec<T>, String>;
+    /// Backward: with `saved` (save_mean, save_invstd) the training backward, else the
+    /// eval backward with the problem's running statistics. Parameter gradients are
+    /// asked for when the problem is affine.
+    fn backward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+        saved: Saved<'_, T::Acc>,
+    ) -> Result<GradOut<T, P>, String>;
+}
+
+/// Runs every operation of `p` on `r` and checks each output against the reference.
+pub fn check_problem<R: Runner, T: Float, P: ParamFor<T>>(
+    r: &R,
+    p: &Problem<T, P>,
+) -> Result<(), String> {
+    let shape = &p.shape;
+    let x = reference::to_f64(&p.x);
+    let dy = reference::to_f64(&p.dy);
+    let (w, b) = (p.w64(), p.b64());
+
+    // training forward
+    let out = r.train_forward(p)?;
+    let (mean, var) = reference::batch_stats(&x, shape);
+    let invstd = reference::invstd(&var, p.eps);
+    check_close(
+        "train y",
+        &out.y,
+        &reference::normalize(&x, shape, &mean, &invstd, w.as_deref(), b.as_deref()),
+    )?;
+    check_close("save_mean", &out.save_mean, &mean)?;
+    check_close("save_invstd", &out.save_invstd, &invstd)?;
+    let m = p.momentum;
+    let count = shape.per_channel() as f64;
+    let rm: Vec<f64> = (0..shape.c())
+        .map(|c| m * mean[c] + (1.0 - m) * p.running_mean[c].to_f64())
+        .collect();
+    let rv: Vec<f64> = (0..shape.c())
+        .map(|c| m * var[c] * count / (count - 1.0) + (1.0 - m) * p.running_var[c].to_f64())
+        .collect();
+    check_close("running_mean", &out.running_mean, &rm)?;
+    check_close("running_var", &out.running_var, &rv)?;
+
+    // training backward, against the reference given the statistics the forward saved
+    let g = r.backward(p, Some((&out.save_mean, &out.save_invstd)))?;
+    let gref = reference::backward(
+        &dy,
+        &x,
+        shape,
+        &reference::to_f64(&out.save_mean),
+        &reference::to_f64(&out.save_invstd),
+        w.as_deref(),
+        true,
+    );
+    check_grads("train", &g, &gref, p.weight.is_some())?;
+
+    // eval forward and backward with the running statistics
+    let rm0 = reference::to_f64(&p.running_mean);
+    let inv0 = reference::invstd(&reference::to_f64(&p.running_var), p.eps);
+    let y = r.eval_forward(p)?;
+    check_close(
+        "eval y",
+        &y,
+        &reference::normalize(&x, shape, &rm0, &inv0, w.as_deref(), b.as_deref()),
+    )?;
+    let g = r.backward(p, None)?;
+    let gref = reference::backward(&dy, &x, shape, &rm0, &inv0, w.as_deref(), false);
+    check_grads("eval", &g, &gref, p.weight.is_some())
+}
+
+fn check_grads<T: Float, P: Float>(
+    mode: &str,
+    g: &GradOut<T, P>,
+    gref: &reference::Grads,
+    affine: bool,
+) -> Result<(), String> {
+    check_close(&format!("{mode} dx"), &g.dx, &gref.input)?;
+    if affine {
+        let dw = g.dweight.as_ref().ok_or(format!("{mode}: no dweight"))?;
+        let db = g.dbias.as_ref().ok_or(format!("{mode}: no dbias"))?;
+        check_close(&format!("{mode} dweight"), dw, &gref.weight)?;
+        check_close(&format!("{mode} dbias"), db, &gref.bias)?;
+    }
+    Ok(())
+}
+
+/// A value no kernel writes: outputs are surrounded by it and it must survive.
+pub fn sentinel<E: Float>() -> E {
+    E::from_f64(-12345.5)
+}
+
+/// A host buffer with `pad` sentinel elements on each side of `len` payload elements.
+pub struct Padded<E> {
+    pub data: Vec<E>,
+    pub pad: usize,
+    pub len: usize,
+}
+
+impl<E: Float> Padded<E> {
+    pub fn new(values: &[E], pad: usize) -> Padded<E> {
+        let mut data = vec![sentinel::<E>(); values.len() + 2 * pad];
+        data[pad..pad + values.len()].copy_from_slice(values);
+        Padded {
+            data,
+            pad,
+            len: values.len(),
+        }
+    }
+
+    /// An output buffer: payload filled with the sentinel too (every value must be
+    /// written).
+    pub fn output(len: usize, pad: usize) -> Padded<E> {
+        Padded {
+            data: vec![sentinel::<E>(); len + 2 * pad],
+            pad,
+            len,
+        }
+    }
+
+    pub fn payload(&self) -> &[E] {
+        &self.data[self.pad..self.pad + self.len]
+    }
+
+    pub fn payload_mut(&mut self) -> &mut [E] {
+        let (a, b) = (self.pad, self.pad + self.len);
+        &mut self.data[a..b]
+    }
+
+    /// Checks that the guard elements are intact and returns the payload.
+    pub fn checked(&self, what: &str) -> Result<Vec<E>, String> {
+        check_guards(what, &self.data, self.pad, self.len)?;
+        Ok(self.payload().to_vec())
+    }
+}
+
+/// Checks the sentinel guards around `[pad, pad + len)` of a whole buffer.
+pub fn check_guards<E: Float>(what: &str, all: &[E], pad: usize, len: usize) -> Result<(), String> {
+    let s = sentinel::<E>();
+    if let Some(i) = all[..pad].iter().position(|v| *v != s) {
+        return Err(format!(
+            "{what}: guard element {} before the buffer was overwritten",
+            pad - i
+        ));
+    }
+    if let Some(i) = all[pad + len..].iter().position(|v| *v != s) {
+        return Err(format!(
+            "{what}: guard element {i} after the buffer was overwritten"
+        ));
+    }
+    Ok(())
+}

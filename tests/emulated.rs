@@ -1,0 +1,839 @@
+//! Every kernel, every dtype pair and both layouts, executed on the CPU by the kernel
+//! emulator (the `cuda-batchnorm-emu` dev-dependency compiles kernels/*.cu as host C++
+//! and runs each CUDA thread as a fiber, checking every memory access, barrier and warp
+//! collective) and checked against the f64 reference. Runs in every `cargo test`, with
+//! or without nvcc or a GPU.
+//!
+//! The kernels are launched through the crate's own raw layer and launch plan
+//! (`cuda_batchnorm::raw`, `cuda_batchnorm::launch`), exactly as on the GPU; [`Emu`] is a
+//! [`Backend`] whose "device memory" is host memory, so the modules, the functional
+//! argument checks and the PyTorch fixtures run over the real kernels too.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use common::{
+    check_problem, fixtures, GradOut, Padded, Problem, Runner, TrainOut, CASES, TYPE_PAIRS,
+};
+use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
+use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning};
+use cuda_batchnorm::raw::{self, Launcher, Region, RegionKind};
+use cuda_batchnorm::validate::ForwardKind;
+use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Result, Shape};
+use cuda_batchnorm_emu as emu;
+
+/// Kernel names launched by any test of this binary.
+static LAUNCHED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+/// A small device: grids of a few blocks keep the emulation fast.
+const SMALL: DeviceInfo = DeviceInfo {
+    sm_count: 4,
+    compute_capability: (9, 0),
+    l2_bytes: 1 << 20,
+};
+
+/// Tuning that gives even small shapes several blocks per channel.
+const SPLIT: Tuning = Tuning {
+    blocks_per_sm: 4,
+    min_values_per_block: 64,
+    force_index64: false,
+    force_scalar: false,
+};
+
+/// The emulator as a [`Launcher`].
+struct EmuLauncher {
+    device: DeviceInfo,
+    options: emu::Options,
+}
+
+impl Launcher for EmuLauncher {
+    fn device(&self) -> &DeviceInfo {
+        &self.device
+    }
+
+    fn launch(
+        &self,
+        kernel: KernelId,
+        config: &LaunchConfig,
+        params: &BnParams,
+        regions: &[Region],
+    ) -> Result<()> {
+        let name = kernel.name();
+        let regions: Vec<emu::Region> = regions
+            .iter()
+            .filter(|r| r.bytes > 0)
+            .map(|r| emu::Region {
+                addr: r.addr,
+                bytes: r.bytes,
+                name: r.name,
+                kind: match r.kind {
+                    RegionKind::Input => emu::RegionKind::Input,
+                    RegionKind::Output => emu::RegionKind::Output,
+                    RegionKind::InOut => emu::RegionKind::InOut,
+                    RegionKind::Scratch => emu::RegionKind::Scratch,
+                    RegionKind::Counters => emu::RegionKind::Counters,
+                },
+            })
+            .collect();
+        let cfg = emu::Launch {
+            grid: [config.grid.0, config.grid.1, config.grid.2],
+            block: [config.block.0, config.block.1, config.block.2],
+            dynamic_shared_bytes: config.shared_bytes,
+            cooperative: false,
+        };
+        // SAFETY: the raw layer lists in `regions` exactly the buffers of the call, and
+        // every caller in this file passes host slices it owns and leaves alone until
+        // the launch returns.
+        unsafe { emu::launch(&name, &cfg, params.as_bytes(), &regions, &self.options) }
+            .map_err(|e| BnError::Launch(e.to_string()))?;
+        LAUNCHED.lock().unwrap().insert(name);
+        Ok(())
+    }
+}
+
+/// Counters and scratch of the emulated backend.
+type EmuWorkspace = (Vec<u32>, Vec<u64>);
+
+/// The emulated backend: host memory, kernels run by the emulator.
+#[derive(Clone, Copy)]
+struct Emu {
+    device: DeviceInfo,
+    tuning: Tuning,
+    seed: u64,
+    resident: u32,
+}
+
+impl Emu {
+    fn new(device: DeviceInfo, tuning: Tuning) -> Emu {
+        Emu {
+            device,
+            tuning,
+            seed: 1,
+            resident: 4,
+        }
+    }
+
+    fn launcher(&self) -> EmuLauncher {
+        EmuLauncher {
+            device: self.device,
+            options: emu::Options {
+                seed: self.seed,
+                max_resident_blocks: self.resident,
+            },
+        }
+    }
+
+    /// Grows the (counters, scratch) workspace for a shape and returns their addresses.
+    fn workspace(&self, ws: &mut EmuWorkspace, shape: &Shape, input: DType) -> Result<(u64, u64)> {
+        let need = raw::workspace_size(shape, input, &self.device, &self.tuning)?;
+        if ws.0.len() < need.counters {
+            ws.0 = vec![0u32; need.counters];
+        }
+        if ws.1.len() * 8 < need.scratch_bytes {
+            ws.1 = vec![0u64; need.scratch_bytes.div_ceil(8)];
+        }
+        Ok((ws.0.as_ptr() as u64, ws.1.as_ptr() as u64))
+    }
+}
+
+fn addr<E>(s: &[E]) -> u64 {
+    s.as_ptr() as u64
+}
+
+fn opt_addr<E>(s: &Option<&[E]>) -> u64 {
+    s.map_or(0, addr)
+}
+
+impl Backend for Emu {
+    type Tensor<'t, E: Float> = [E];
+    type TensorMut<'t, E: Float> = [E];
+    type Buffer<E: Float> = Vec<E>;
+    type Workspace = EmuWorkspace;
+
+    fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<Vec<E>> {
+        Ok(vec![fill; len])
+    }
+    fn buffer_len<E: Float>(b: &Vec<E>) -> usize {
+        b.len()
+    }
+    fn tensor<E: Float>(b: &Vec<E>) -> &[E] {
+        b
+    }
+    fn tensor_mut<E: Float>(b: &mut Vec<E>) -> &mut [E] {
+        b
+    }
+    fn reborrow<'s, 'l: 's, E: Float>(t: &'s [E]) -> &'s [E] {
+        t
+    }
+    fn reborrow_mut<'s, 'l: 's, E: Float>(t: &'s mut [E]) -> &'s mut [E] {
+        t
+    }
+    fn to_host<E: Float>(&self, b: &Vec<E>) -> Result<Vec<E>> {
+        Ok(b.clone())
+    }
+    fn copy_from_host<E: Float>(&self, b: &mut Vec<E>, v: &[E]) -> Result<()> {
+        b.copy_from_slice(v);
+        Ok(())
+    }
+
+    fn batch_norm<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Forward<'_, Emu, T, P>,
+        output: &mut [T],
+        save: Option<SaveStats<'_, Emu, T::Acc>>,
+        workspace: &mut EmuWorkspace,
+    ) -> Result<()> {
+        let ForwardKind::Run {
+            batch_stats,
+            update_running,
+        } = args.validate(output, save.as_ref())?
+        else {
+            return Ok(());
+        };
+        let (counters, scratch) = self.workspace(workspace, &args.shape, T::DTYPE)?;
+        let (sm, si) = save
+            .as_ref()
+            .map_or((0, 0), |s| (addr(s.mean), addr(s.invstd)));
+        let a = raw::ForwardArgs {
+            x: addr(args.input),
+            y: addr(output),
+            weight: opt_addr(&args.weight),
+            bias: opt_addr(&args.bias),
+            running_mean: args.running_mean.as_deref().map_or(0, addr),
+            running_var: args.running_var.as_deref().map_or(0, addr),
+            save_mean: sm,
+            save_invstd: si,
+            counters,
+            scratch,
+            batch_stats,
+            update_running,
+            eps: args.eps,
+            momentum: args.momentum,
+        };
+        // SAFETY: validation checked every slice against the shape; the slices and the
+        // workspace live across the call; host memory is what the emulator executes on.
+        unsafe { raw::forward::<T, P>(&self.launcher(), &args.shape, &a, &self.tuning) }
+    }
+
+    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+        &self,
+        args: backend::Backward<'_, Emu, T, P>,
+        grads: Grads<'_, Emu, T, P>,
+        workspace: &mut EmuWorkspace,
+    ) -> Result<()> {
+        if !args.validate(&grads)? {
+            for g in [grads.weight, grads.bias].into_iter().flatten() {
+                g.fill(P::from_f64(0.0));
+            }
+            return Ok(());
+        }
+        let (counters, scratch) = self.workspace(workspace, &args.shape, T::DTYPE)?;
+        let stats = match args.stats {
+            backend::BackwardStats::Batch {
+                save_mean,
+                save_invstd,
+            } => raw::BackwardStats::Batch {
+                save_mean: addr(save_mean),
+                save_invstd: addr(save_invstd),
+            },
+            backend::BackwardStats::Running { mean, var, eps } => raw::BackwardStats::Running {
+                mean: addr(mean),
+                var: addr(var),
+                eps,
+            },
+        };
+        let a = raw::BackwardArgs {
+            dy: addr(args.grad_output),
+            x: addr(args.input),
+            dx: addr(grads.input),
+            weight: opt_addr(&args.weight),
+            stats,
+            grad_weight: grads.weight.as_deref().map_or(0, addr),
+            grad_bias: grads.bias.as_deref().map_or(0, addr),
+            counters,
+            scratch,
+        };
+        // SAFETY: as in batch_norm.
+        unsafe { raw::backward::<T, P>(&self.launcher(), &args.shape, &a, &self.tuning) }
+    }
+}
+
+/// Runs problems on the emulated kernels with every output surrounded by sentinels.
+struct EmuRunner {
+    emu: Emu,
+    /// Guard elements around each buffer; an odd number shifts every buffer off 16-byte
+    /// alignment (all by the same amount).
+    pad: usize,
+    /// Extra guard elements before the output only: its misalignment then differs from
+    /// the input's.
+    skew: usize,
+}
+
+impl EmuRunner {
+    fn new(emu: Emu) -> EmuRunner {
+        EmuRunner {
+            emu,
+            pad: 8,
+            skew: 0,
+        }
+    }
+}
+
+fn guarded<E: Float>(v: &Option<Vec<E>>, pad: usize) -> Option<Padded<E>> {
+    v.as_deref().map(|v| Padded::new(v, pad))
+}
+
+impl Runner for EmuRunner {
+    fn train_forward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+    ) -> Result<TrainOut<T, P, T::Acc>, String> {
+        let (c, pad) = (p.shape.c(), self.pad);
+        let x = Padded::new(&p.x, pad);
+        let mut y = Padded::<T>::output(p.shape.numel(), pad + self.skew);
+        let mut rm = Padded::new(&p.running_mean, pad);
+        let mut rv = Padded::new(&p.running_var, pad);
+        let mut sm = Padded::<T::Acc>::output(c, pad);
+        let mut si = Padded::<T::Acc>::output(c, pad);
+        let (w, b) = (guarded(&p.weight, pad), guarded(&p.bias, pad));
+        let args = Forward::<Emu, T, P> {
+            input: x.payload(),
+            shape: p.shape,
+            running_mean: Some(rm.payload_mut()),
+            running_var: Some(rv.payload_mut()),
+            weight: w.as_ref().map(Padded::payload),
+            bias: b.as_ref().map(Padded::payload),
+            training: true,
+            momentum: p.momentum,
+            eps: p.eps,
+        };
+        let save = SaveStats {
+            mean: sm.payload_mut(),
+            invstd: si.payload_mut(),
+        };
+        self.emu
+            .batch_norm(
+                args,
+                y.payload_mut(),
+                Some(save),
+                &mut EmuWorkspace::default(),
+            )
+            .map_err(|e| e.to_string())?;
+        x.checked("input")?;
+        Ok(TrainOut {
+            y: y.checked("output")?,
+            save_mean: sm.checked("save_mean")?,
+            save_invstd: si.checked("save_invstd")?,
+            running_mean: rm.checked("running_mean")?,
+            running_var: rv.checked("running_var")?,
+        })
+    }
+
+    fn eval_forward<T: Float, P: ParamFor<T>>(&self, p: &Problem<T, P>) -> Result<Vec<T>, String> {
+        let pad = self.pad;
+        let x = Padded::new(&p.x, pad);
+        let mut y = Padded::<T>::output(p.shape.numel(), pad + self.skew);
+        let mut rm = Padded::new(&p.running_mean, pad);
+        let mut rv = Padded::new(&p.running_var, pad);
+        let (w, b) = (guarded(&p.weight, pad), guarded(&p.bias, pad));
+        let args = Forward::<Emu, T, P> {
+            input: x.payload(),
+            shape: p.shape,
+            running_mean: Some(rm.payload_mut()),
+            running_var: Some(rv.payload_mut()),
+            weight: w.as_ref().map(Padded::payload),
+            bias: b.as_ref().map(Padded::payload),
+            training: false,
+            momentum: p.momentum,
+            eps: p.eps,
+        };
+        self.emu
+            .batch_norm(args, y.payload_mut(), None, &mut EmuWorkspace::default())
+            .map_err(|e| e.to_string())?;
+        if rm.checked("running_mean")? != p.running_mean
+            || rv.checked("running_var")? != p.running_var
+        {
+            return Err("eval changed the running statistics".into());
+        }
+        y.checked("output")
+    }
+
+    fn backward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+        saved: common::Saved<'_, T::Acc>,
+    ) -> Result<GradOut<T, P>, String> {
+        let (c, pad) = (p.shape.c(), self.pad);
+        let x = Padded::new(&p.x, pad);
+        let dy = Padded::new(&p.dy, pad);
+        let mut dx = Padded::<T>::output(p.shape.numel(), pad + self.skew);
+        let w = guarded(&p.weight, pad);
+        let affine = p.weight.is_some();
+        let mut gw = affine.then(|| Padded::<P>::output(c, pad));
+        let mut gb = affine.then(|| Padded::<P>::output(c, pad));
+        let rm = Padded::new(&p.running_mean, pad);
+        let rv = Padded::new(&p.running_var, pad);
+        let (sm, si) = match saved {
+            Some((m, i)) => (Padded::new(m, pad), Padded::new(i, pad)),
+            None => (Padded::new(&[], pad), Padded::new(&[], pad)),
+        };
+        let stats = match saved {
+            Some(_) => backend::BackwardStats::Batch {
+                save_mean: sm.payload(),
+                save_invstd: si.payload(),
+            },
+            None => backend::BackwardStats::Running {
+                mean: rm.payload(),
+                var: rv.payload(),
+                eps: p.eps,
+            },
+        };
+        let args = backend::Backward::<Emu, T, P> {
+            grad_output: dy.payload(),
+            input: x.payload(),
+            shape: p.shape,
+            weight: w.as_ref().map(Padded::payload),
+            stats,
+        };
+        let grads = Grads {
+            input: dx.payload_mut(),
+            weight: gw.as_mut().map(Padded::payload_mut),
+            bias: gb.as_mut().map(Padded::payload_mut),
+        };
+        self.emu
+            .batch_norm_backward(args, grads, &mut EmuWorkspace::default())
+            .map_err(|e| e.to_string())?;
+        Ok(GradOut {
+            dx: dx.checked("grad_input")?,
+            dweight: gw.map(|g| g.checked("grad_weight")).transpose()?,
+            dbias: gb.map(|g| g.checked("grad_bias")).transpose()?,
+        })
+    }
+}
+
+/// Checks every case of the table, both formats, one type pair.
+fn check_pair(pair: (DType, DType), runner: &EmuRunner) {
+    let mut failures = Vec::new();
+    for (i, case) in CASES.iter().enumerate() {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let r = with_types!(pair, |T, P| check_problem(
+                runner,
+                &Problem::<T, P>::new(case, format, i as u64)
+            ));
+            if let Err(e) = r {
+                failures.push(format!(
+                    "{:?} {} {:?}: {e}",
+                    case.dims,
+                    format.name(),
+                    case.data
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{pair:?}:\n{}", failures.join("\n"));
+}
+
+fn split_runner() -> EmuRunner {
+    EmuRunner::new(Emu::new(SMALL, SPLIT))
+}
+
+#[test]
+fn kernels_f32() {
+    check_pair(TYPE_PAIRS[0], &split_runner());
+}
+
+#[test]
+fn kernels_f64() {
+    check_pair(TYPE_PAIRS[1], &split_runner());
+}
+
+#[test]
+fn kernels_f16() {
+    check_pair(TYPE_PAIRS[2], &split_runner());
+}
+
+#[test]
+fn kernels_bf16() {
+    check_pair(TYPE_PAIRS[3], &split_runner());
+}
+
+#[test]
+fn kernels_f16_with_f32_parameters() {
+    check_pair(TYPE_PAIRS[4], &split_runner());
+}
+
+#[test]
+fn kernels_bf16_with_f32_parameters() {
+    check_pair(TYPE_PAIRS[5], &split_runner());
+}
+
+/// A few cases on the launch plans an H100 gets (132 SMs, default tuning).
+#[test]
+fn gpu_launch_plans() {
+    let runner = EmuRunner::new(Emu::new(DeviceInfo::H100, Tuning::default()));
+    for dims in [
+        &[2usize, 64, 28, 28][..],
+        &[16, 2, 24, 24, 8],
+        &[3000, 24],
+        &[20, 6, 4096],
+    ] {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            for pair in [(DType::F32, DType::F32), (DType::F16, DType::F32)] {
+                let case = common::Case {
+                    dims,
+                    data: common::Data::Normal,
+                    affine: true,
+                };
+                let r = with_types!(pair, |T, P| check_problem(
+                    &runner,
+                    &Problem::<T, P>::new(&case, format, 5)
+                ));
+                r.unwrap_or_else(|e| panic!("{dims:?} {} {pair:?}: {e}", format.name()));
+            }
+        }
+    }
+}
+
+/// 64-bit index arithmetic and the scalar path, on every layout and a few dtypes.
+#[test]
+fn index64_and_scalar_variants() {
+    for tuning in [
+        Tuning {
+            force_index64: true,
+            ..SPLIT
+        },
+        Tuning {
+            force_scalar: true,
+            ..SPLIT
+        },
+    ] {
+        let runner = EmuRunner::new(Emu::new(SMALL, tuning));
+        for case in [&CASES[0], &CASES[3], &CASES[6], &CASES[9]] {
+            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                for pair in [TYPE_PAIRS[0], TYPE_PAIRS[1], TYPE_PAIRS[2]] {
+                    let r = with_types!(pair, |T, P| check_problem(
+                        &runner,
+                        &Problem::<T, P>::new(case, format, 9)
+                    ));
+                    r.unwrap_or_else(|e| {
+                        panic!("{tuning:?} {:?} {}: {e}", case.dims, format.name())
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Views at offsets that break 16-byte alignment: all shifted alike (nchw keeps its
+/// vectors after a scalar head) and shifted differently (scalar path).
+#[test]
+fn misaligned_views() {
+    for (pad, skew) in [(9, 0), (8, 1), (9, 2)] {
+        let runner = EmuRunner {
+            emu: Emu::new(SMALL, SPLIT),
+            pad,
+            skew,
+        };
+        for case in [&CASES[0], &CASES[9], &CASES[10], &CASES[6]] {
+            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                for pair in [TYPE_PAIRS[0], TYPE_PAIRS[2], TYPE_PAIRS[1]] {
+                    let r = with_types!(pair, |T, P| check_problem(
+                        &runner,
+                        &Problem::<T, P>::new(case, format, 3)
+                    ));
+                    r.unwrap_or_else(|e| {
+                        panic!(
+                            "pad {pad} skew {skew} {:?} {}: {e}",
+                            case.dims,
+                            format.name()
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Different block interleavings (seeds) and residencies give correct results: the
+/// last-block protocol does not depend on which block finishes last.
+#[test]
+fn interleavings() {
+    for seed in 1..=6 {
+        for resident in [1, 2, 3, 8] {
+            let emu = Emu {
+                seed,
+                resident,
+                ..Emu::new(SMALL, SPLIT)
+            };
+            let runner = EmuRunner::new(emu);
+            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                check_problem(&runner, &Problem::<f32, f32>::new(&CASES[11], format, seed))
+                    .unwrap_or_else(|e| {
+                        panic!("seed {seed} resident {resident} {}: {e}", format.name())
+                    });
+            }
+        }
+    }
+}
+
+/// One workspace across calls of different shapes and ops: the kernels leave the
+/// counters zero (the emulator fails a launch that finds them otherwise).
+#[test]
+fn workspace_is_reusable() {
+    let emu = Emu::new(SMALL, SPLIT);
+    let mut ws = EmuWorkspace::default();
+    for (i, case) in CASES.iter().take(8).enumerate() {
+        let p = Problem::<f32, f32>::new(case, MemoryFormat::Contiguous, i as u64);
+        let mut y = vec![0.0f32; p.shape.numel()];
+        let (mut rm, mut rv) = (p.running_mean.clone(), p.running_var.clone());
+        let (mut sm, mut si) = (vec![0.0f32; p.shape.c()], vec![0.0f32; p.shape.c()]);
+        let args = Forward::<Emu, f32, f32> {
+            input: &p.x,
+            shape: p.shape,
+            running_mean: Some(&mut rm),
+            running_var: Some(&mut rv),
+            weight: p.weight.as_deref(),
+            bias: p.bias.as_deref(),
+            training: true,
+            momentum: 0.1,
+            eps: 1e-5,
+        };
+        emu.batch_norm(
+            args,
+            &mut y,
+            Some(SaveStats {
+                mean: &mut sm,
+                invstd: &mut si,
+            }),
+            &mut ws,
+        )
+        .unwrap();
+        let mut dx = vec![0.0f32; p.shape.numel()];
+        let args = backend::Backward::<Emu, f32, f32> {
+            grad_output: &p.dy,
+            input: &p.x,
+            shape: p.shape,
+            weight: None,
+            stats: backend::BackwardStats::Batch {
+                save_mean: &sm,
+                save_invstd: &si,
+            },
+        };
+        emu.batch_norm_backward(
+            args,
+            Grads {
+                input: &mut dx,
+                weight: None,
+                bias: None,
+            },
+            &mut ws,
+        )
+        .unwrap();
+    }
+    assert!(ws.1.iter().any(|&w| w != 0), "the scratch was used");
+    assert!(
+        !ws.0.is_empty() && ws.0.iter().all(|&c| c == 0),
+        "the counters were used and left zero"
+    );
+}
+
+/// PyTorch's fixtures through the modules over the emulated kernels.
+#[test]
+fn fixtures_on_emulated_kernels() {
+    let mut failures = Vec::new();
+    for tuning in [SPLIT, Tuning::default()] {
+        for case in fixtures::all() {
+            let emu = Emu::new(SMALL, tuning);
+            let r = with_types!(
+                (case.dtype, case.param),
+                |T, P| fixtures::replay::<Emu, T, P>(emu, &case)
+            );
+            if let Err(e) = r {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// PyTorch checks that eval on an NCHW input and on its NHWC copy agree bit for bit.
+#[test]
+fn eval_is_bitwise_equal_across_formats() {
+    fn run<T: Float, P: ParamFor<T>>() {
+        let runner = split_runner();
+        let a = Problem::<T, P>::new(&CASES[10], MemoryFormat::Contiguous, 4);
+        let mut b = a.clone();
+        b.shape = a.shape.with_format(MemoryFormat::ChannelsLast);
+        for n in 0..a.shape.n() {
+            for c in 0..a.shape.c() {
+                for s in 0..a.shape.spatial() {
+                    b.x[b.shape.offset(n, c, s)] = a.x[a.shape.offset(n, c, s)];
+                }
+            }
+        }
+        let (ya, yb) = (
+            runner.eval_forward(&a).unwrap(),
+            runner.eval_forward(&b).unwrap(),
+        );
+        for n in 0..a.shape.n() {
+            for c in 0..a.shape.c() {
+                for s in 0..a.shape.spatial() {
+                    let (u, v) = (ya[a.shape.offset(n, c, s)], yb[b.shape.offset(n, c, s)]);
+                    assert!(u == v, "({n}, {c}, {s}): {u:?} != {v:?}");
+                }
+            }
+        }
+    }
+    run::<f32, f32>();
+    run::<cuda_batchnorm::half::f16, cuda_batchnorm::half::f16>();
+    run::<cuda_batchnorm::half::f16, f32>();
+}
+
+/// Values whose f16 sum of squares overflows normalise without inf or NaN and agree with
+/// the f32 computation; the backward with f32 parameters stays finite too.
+#[test]
+fn half_overflow() {
+    use cuda_batchnorm::half::f16;
+    let runner = split_runner();
+    let case = common::Case {
+        dims: &[4, 8, 50, 50],
+        data: common::Data::Large,
+        affine: true,
+    };
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let p16 = Problem::<f16, f32>::new(&case, format, 2);
+        let naive: f32 = p16
+            .x
+            .iter()
+            .take(2500)
+            .map(|v| v.to_f32() * v.to_f32())
+            .sum();
+        assert!(
+            naive > 65504.0,
+            "the data would overflow an f16 sum of squares"
+        );
+        let p32 = Problem::<f32, f32> {
+            shape: p16.shape,
+            x: p16.x.iter().map(|v| v.to_f32()).collect(),
+            dy: p16.dy.iter().map(|v| v.to_f32()).collect(),
+            weight: p16.weight.clone(),
+            bias: p16.bias.clone(),
+            running_mean: p16.running_mean.clone(),
+            running_var: p16.running_var.clone(),
+            eps: p16.eps,
+            momentum: p16.momentum,
+        };
+        let o16 = runner.train_forward(&p16).unwrap();
+        let o32 = runner.train_forward(&p32).unwrap();
+        assert!(o16.y.iter().all(|v| v.is_finite()));
+        let y32: Vec<f64> = o32.y.iter().map(|&v| f64::from(v)).collect();
+        common::check_close("f16 y against f32 y", &o16.y, &y32).unwrap();
+        let g = runner
+            .backward(&p16, Some((&o16.save_mean, &o16.save_invstd)))
+            .unwrap();
+        assert!(g.dx.iter().all(|v| v.is_finite()));
+        assert!(g
+            .dweight
+            .unwrap()
+            .iter()
+            .chain(&g.dbias.unwrap())
+            .all(|v| v.is_finite()));
+    }
+}
+
+/// The Rust and C++ definitions of BnParams agree field for field.
+#[test]
+fn params_abi_matches_the_kernels() {
+    let p = BnParams {
+        x: 1,
+        y: 0, // set below
+        dy: 3,
+        dx: 4,
+        weight: 5,
+        bias: 6,
+        running_mean: 7,
+        running_var: 8,
+        save_mean: 9,
+        save_invstd: 10,
+        grad_weight: 11,
+        grad_bias: 12,
+        ws_counters: 13,
+        ws_partials: 14,
+        ws_channel: 15,
+        n: 16,
+        c: 17,
+        s: 18,
+        chunk: 19,
+        eps: 1.5,
+        momentum: 2.5,
+        bessel: 3.5,
+        flags: 23,
+        splits: 24,
+        tile_x: 25,
+        reserved: 26,
+    };
+    let mut out = vec![0u64; 26];
+    let p = BnParams {
+        y: out.as_mut_ptr() as u64,
+        ..p
+    };
+    let region = emu::Region {
+        addr: p.y,
+        bytes: 26 * 8,
+        name: "out",
+        kind: emu::RegionKind::Output,
+    };
+    let cfg = emu::Launch {
+        grid: [1, 1, 1],
+        block: [32, 1, 1],
+        dynamic_shared_bytes: 0,
+        cooperative: false,
+    };
+    // SAFETY: the one region is `out`, owned here and untouched during the launch; the
+    // other addresses in `p` are in no region and the kernel does not dereference them.
+    unsafe {
+        emu::launch(
+            "bn_selftest_params",
+            &cfg,
+            p.as_bytes(),
+            &[region],
+            &emu::Options::default(),
+        )
+    }
+    .unwrap();
+    let expect: Vec<u64> = [
+        1, p.y, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+    ]
+    .into_iter()
+    .chain([1.5f64, 2.5, 3.5].map(f64::to_bits))
+    .chain([23, 24, 25, 26])
+    .collect();
+    assert_eq!(out, expect);
+}
+
+/// Every entry point in kernels/*.cu runs in these tests: each (stage, layout, dtype
+/// pair) once here, compared with the emulator's list of compiled kernels.
+#[test]
+fn every_kernel_runs() {
+    let runner = split_runner();
+    let mut mine = BTreeSet::new();
+    for pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            with_types!(*pair, |T, P| check_problem(
+                &runner,
+                &Problem::<T, P>::new(&CASES[0], format, 1)
+            ))
+            .unwrap();
+        }
+    }
+    mine.extend(LAUNCHED.lock().unwrap().iter().cloned());
+    let compiled: BTreeSet<String> = emu::kernel_names()
+        .into_iter()
+        .filter(|n| n.starts_with("bn_") && !n.starts_with("bn_selftest"))
+        .collect();
+    assert_eq!(compiled.len(), 48, "{compiled:?}");
+    let missing: Vec<_> = compiled.difference(&mine).collect();
+    assert!(missing.is_empty(), "kernels never launched: {missing:?}");
+}

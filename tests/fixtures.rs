@@ -1,0 +1,71 @@
+//! PyTorch golden fixtures against the CPU backend (every `cargo test`). The emulated
+//! kernels replay the same fixtures in tests/emulated.rs, the GPU in tests/gpu.rs.
+
+mod common;
+
+use common::fixtures::{self, FixtureCase};
+use cuda_batchnorm::{Cpu, DType, MemoryFormat};
+
+#[test]
+fn fixtures_cover_modules_modes_dtypes_and_formats() {
+    let cases = fixtures::all();
+    assert_eq!(cases.len(), 22);
+    let has = |f: &dyn Fn(&FixtureCase) -> bool| cases.iter().any(f);
+    for m in 1..=3 {
+        assert!(has(&|c| c.module == m), "BatchNorm{m}d");
+    }
+    assert!(has(&|c| !c.affine));
+    assert!(has(&|c| !c.track));
+    assert!(has(&|c| c.momentum.is_none()));
+    assert!(has(
+        &|c| c.format == MemoryFormat::ChannelsLast && c.module == 3
+    ));
+    assert!(has(
+        &|c| c.format == MemoryFormat::ChannelsLast && c.module == 1
+    ));
+    for (t, p) in common::TYPE_PAIRS {
+        assert!(has(&|c| (c.dtype, c.param) == (*t, *p)), "{t}/{p}");
+    }
+    assert!(has(&|c| c.steps.iter().any(|s| !s.train)), "eval steps");
+    assert!(
+        has(&|c| c.steps.iter().filter(|s| s.train).count() >= 3),
+        "several training steps"
+    );
+    for c in &cases {
+        for s in &c.steps {
+            let numel: usize = c.dims.iter().product();
+            assert_eq!(s.get("x").map(<[f64]>::len), Some(numel), "{}", c.name);
+        }
+    }
+}
+
+#[test]
+fn cpu_backend_matches_pytorch() {
+    let mut failures = Vec::new();
+    for case in fixtures::all() {
+        let r = with_types!(
+            (case.dtype, case.param),
+            |T, P| fixtures::replay::<Cpu, T, P>(Cpu, &case)
+        );
+        if let Err(e) = r {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn a_wrong_answer_is_caught() {
+    // The replay must be able to fail: perturb one output of one step.
+    let mut case = fixtures::all()
+        .into_iter()
+        .find(|c| c.dtype == DType::F32)
+        .unwrap();
+    let y = case.steps[0]
+        .tensors
+        .iter_mut()
+        .find(|(n, _)| n == "y")
+        .unwrap();
+    y.1[0] += 0.01;
+    assert!(fixtures::replay::<Cpu, f32, f32>(Cpu, &case).is_err());
+}

@@ -1,0 +1,258 @@
+//! Module semantics over several steps in every mode of DESIGN.md's table, on the CPU
+//! backend (the module code is the same for every backend): which statistics normalise,
+//! which buffers move, how the counter advances, momentum None, empty batches.
+
+mod common;
+
+use common::Rng;
+use cuda_batchnorm::cpu::{reference, BatchNorm1d, BatchNorm2d};
+use cuda_batchnorm::{BatchNormOptions, Cpu, MemoryFormat, Shape, StateDict};
+
+fn batch(rng: &mut Rng, shape: &Shape, offset: f64) -> Vec<f64> {
+    (0..shape.numel())
+        .map(|_| offset + 2.0 * rng.normal())
+        .collect()
+}
+
+fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+}
+
+/// Runs `steps` forwards in the given mode and checks outputs, buffers and the counter
+/// against a hand-written model of PyTorch's rules.
+fn run_mode(training: bool, track: bool, momentum: Option<f64>) {
+    let shape = Shape::nchw(4, 3, 2, 3).unwrap();
+    let opts = BatchNormOptions {
+        momentum,
+        track_running_stats: track,
+        ..Default::default()
+    };
+    let mut m = BatchNorm2d::<f64>::new(Cpu, 3, opts).unwrap();
+    if !training {
+        m.eval();
+    }
+    let mut rng = Rng::new(7);
+    let (mut rm, mut rv) = (vec![0.0; 3], vec![1.0; 3]);
+    let mut counter = 0i64;
+    for step in 1..=4 {
+        let x = batch(&mut rng, &shape, step as f64);
+        let y = m.forward(&x, &shape).unwrap();
+        let (mean, var) = reference::batch_stats(&x, &shape);
+        let use_batch = training || !track;
+        let expect = if use_batch {
+            reference::normalize(
+                &x,
+                &shape,
+                &mean,
+                &reference::invstd(&var, 1e-5),
+                None,
+                None,
+            )
+        } else {
+            reference::normalize(&x, &shape, &rm, &reference::invstd(&rv, 1e-5), None, None)
+        };
+        assert!(
+            close(&y, &expect, 1e-12),
+            "mode ({training}, {track}) step {step}: output"
+        );
+        if training && track {
+            counter += 1;
+            let f = momentum.unwrap_or(1.0 / counter as f64);
+            let count = shape.per_channel() as f64;
+            for c in 0..3 {
+                rm[c] = f * mean[c] + (1.0 - f) * rm[c];
+                rv[c] = f * var[c] * count / (count - 1.0) + (1.0 - f) * rv[c];
+            }
+        }
+        let sd = m.state_dict().unwrap();
+        assert_eq!(
+            sd.num_batches_tracked,
+            track.then_some(counter),
+            "counter at step {step}"
+        );
+        if track {
+            assert!(
+                close(sd.running_mean.as_ref().unwrap(), &rm, 1e-12),
+                "running_mean at step {step}"
+            );
+            assert!(
+                close(sd.running_var.as_ref().unwrap(), &rv, 1e-12),
+                "running_var at step {step}"
+            );
+        } else {
+            assert!(sd.running_mean.is_none() && sd.running_var.is_none());
+        }
+    }
+}
+
+#[test]
+fn train_with_running_stats() {
+    run_mode(true, true, Some(0.1));
+}
+
+#[test]
+fn eval_with_running_stats() {
+    run_mode(false, true, Some(0.1));
+}
+
+#[test]
+fn train_without_running_stats() {
+    run_mode(true, false, Some(0.1));
+}
+
+#[test]
+fn eval_without_running_stats_uses_batch_stats() {
+    run_mode(false, false, Some(0.1));
+}
+
+#[test]
+fn momentum_none_is_the_cumulative_average() {
+    run_mode(true, true, None);
+    // after k steps from the default buffers, running_mean is exactly the mean of means
+    let shape = Shape::nc(6, 2).unwrap();
+    let opts = BatchNormOptions {
+        momentum: None,
+        ..Default::default()
+    };
+    let mut m = BatchNorm1d::<f64>::new(Cpu, 2, opts).unwrap();
+    let mut rng = Rng::new(3);
+    let mut means = [0.0; 2];
+    for k in 1..=5 {
+        let x = batch(&mut rng, &shape, k as f64 * 3.0);
+        m.forward(&x, &shape).unwrap();
+        let (mean, _) = reference::batch_stats(&x, &shape);
+        for c in 0..2 {
+            means[c] += mean[c];
+        }
+    }
+    let rm = m.state_dict().unwrap().running_mean.unwrap();
+    for c in 0..2 {
+        assert!((rm[c] - means[c] / 5.0).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn defaults_are_pytorchs() {
+    let m = BatchNorm2d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    let o = m.options();
+    assert_eq!(
+        (o.eps, o.momentum, o.affine, o.track_running_stats),
+        (1e-5, Some(0.1), true, true)
+    );
+    assert!(m.is_training());
+    let sd = m.state_dict().unwrap();
+    assert_eq!(
+        sd,
+        StateDict {
+            weight: Some(vec![1.0; 3]),
+            bias: Some(vec![0.0; 3]),
+            running_mean: Some(vec![0.0; 3]),
+            running_var: Some(vec![1.0; 3]),
+            num_batches_tracked: Some(0),
+        }
+    );
+    assert_eq!(m.name(), "BatchNorm2d");
+}
+
+#[test]
+fn empty_batches() {
+    let shape = Shape::nchw(0, 3, 4, 4).unwrap();
+    let mut m = BatchNorm2d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    let before = m.state_dict().unwrap();
+    let y = m.forward(&[], &shape).unwrap();
+    assert!(y.is_empty());
+    let after = m.state_dict().unwrap();
+    assert_eq!(
+        after.num_batches_tracked,
+        Some(1),
+        "the counter still advances in training"
+    );
+    assert_eq!(
+        (&after.running_mean, &after.running_var),
+        (&before.running_mean, &before.running_var)
+    );
+    let g = m.backward(&[], &[], &shape).unwrap();
+    assert!(g.input.is_empty());
+    assert_eq!(g.weight.unwrap(), vec![0.0; 3]);
+    assert_eq!(g.bias.unwrap(), vec![0.0; 3]);
+    m.eval();
+    assert!(m.forward(&[], &shape).unwrap().is_empty());
+    assert_eq!(m.num_batches_tracked(), 1);
+}
+
+#[test]
+fn one_sample_with_two_values_trains() {
+    let shape = Shape::new(&[1, 4, 2], MemoryFormat::Contiguous).unwrap();
+    let mut m = BatchNorm1d::<f32>::new(Cpu, 4, BatchNormOptions::default()).unwrap();
+    let y = m
+        .forward(&[1.0, 3.0, 0.0, 2.0, 5.0, 5.0, -1.0, 1.0], &shape)
+        .unwrap();
+    let expect = 1.0 / (1.0f64 + 1e-5).sqrt();
+    assert!((f64::from(y[0]) + expect).abs() < 1e-6 && (f64::from(y[1]) - expect).abs() < 1e-6);
+    assert_eq!(y[4], 0.0, "a constant channel normalises to the bias");
+}
+
+#[test]
+fn eval_after_training_uses_the_updated_statistics_and_backward_follows_the_mode() {
+    let shape = Shape::nchw(8, 2, 3, 3).unwrap();
+    let mut m = BatchNorm2d::<f64>::new(Cpu, 2, BatchNormOptions::default()).unwrap();
+    let mut rng = Rng::new(11);
+    for _ in 0..3 {
+        let x = batch(&mut rng, &shape, 4.0);
+        m.forward(&x, &shape).unwrap();
+    }
+    m.eval();
+    let x = batch(&mut rng, &shape, 4.0);
+    let dy = batch(&mut rng, &shape, 0.0);
+    let y = m.forward(&x, &shape).unwrap();
+    let sd = m.state_dict().unwrap();
+    let (rm, rv) = (sd.running_mean.unwrap(), sd.running_var.unwrap());
+    let inv = reference::invstd(&rv, 1e-5);
+    assert!(close(
+        &y,
+        &reference::normalize(&x, &shape, &rm, &inv, None, None),
+        1e-12
+    ));
+    // eval backward: dx = dy * invstd * w, grads through the running statistics
+    let g = m.backward(&dy, &x, &shape).unwrap();
+    let r = reference::backward(&dy, &x, &shape, &rm, &inv, Some(&[1.0, 1.0]), false);
+    assert!(close(&g.input, &r.input, 1e-12));
+    assert!(close(g.weight.as_ref().unwrap(), &r.weight, 1e-12));
+    // back in training, the backward differentiates through the batch statistics
+    m.train();
+    m.forward(&x, &shape).unwrap();
+    let g = m.backward(&dy, &x, &shape).unwrap();
+    let (mean, var) = reference::batch_stats(&x, &shape);
+    let r = reference::backward(
+        &dy,
+        &x,
+        &shape,
+        &mean,
+        &reference::invstd(&var, 1e-5),
+        Some(&[1.0, 1.0]),
+        true,
+    );
+    assert!(close(&g.input, &r.input, 1e-10));
+}
+
+#[test]
+fn state_dict_round_trips_and_missing_counter_keeps_the_count() {
+    let shape = Shape::nc(5, 3).unwrap();
+    let mut a = BatchNorm1d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    let x: Vec<f32> = (0..15).map(|i| i as f32 * 0.7 - 3.0).collect();
+    a.forward(&x, &shape).unwrap();
+    a.forward(&x, &shape).unwrap();
+    let sd = a.state_dict().unwrap();
+    let mut b = BatchNorm1d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    b.load_state_dict(&sd).unwrap();
+    assert_eq!(b.state_dict().unwrap(), sd);
+    let mut no_counter = sd.clone();
+    no_counter.num_batches_tracked = None;
+    let mut c = BatchNorm1d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    c.forward(&x, &shape).unwrap();
+    c.load_state_dict(&no_counter).unwrap();
+    assert_eq!(c.num_batches_tracked(), 1);
+}
