@@ -1,0 +1,256 @@
+//! Criterion benchmarks of cuda-batchnorm's GPU operations on a few representative
+//! shapes: ResNet-50's (32, 256, 56, 56) in NCHW and NHWC, f32 and f16, and a
+//! BatchNorm1d (4096, 1024) f32; training forward, eval forward and backward.
+//!
+//! Each sample runs the op `iters` times between two stream synchronisations and
+//! reports the wall time; inputs stay in L2 where they fit (use `bnbench` for the
+//! L2-flushed, event-timed numbers). Without a GPU, or in a build without PTX, it
+//! prints one line and exits successfully.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use cuda_batchnorm::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cuda_batchnorm::half::f16;
+use cuda_batchnorm::{functional, BnError, DType, Float, MemoryFormat, ParamFor, Shape, Workspace};
+
+const EPS: f64 = 1e-5;
+const MOMENTUM: f64 = 0.1;
+
+/// Every buffer of one shape.
+struct Case<T: Float, P: ParamFor<T>> {
+    shape: Shape,
+    x: CudaSlice<T>,
+    y: CudaSlice<T>,
+    dy: CudaSlice<T>,
+    dx: CudaSlice<T>,
+    w: CudaSlice<P>,
+    b: CudaSlice<P>,
+    rm: CudaSlice<P>,
+    rv: CudaSlice<P>,
+    sm: CudaSlice<T::Acc>,
+    si: CudaSlice<T::Acc>,
+    gw: CudaSlice<P>,
+    gb: CudaSlice<P>,
+    ws: Workspace,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl<T: Float, P: ParamFor<T>> Case<T, P> {
+    fn new(s: &Arc<CudaStream>, shape: Shape) -> Result<Self, String> {
+        let (n, c) = (shape.numel(), shape.c());
+        // A cheap deterministic pattern, never zero.
+        let x: Vec<T> = (0..n)
+            .map(|i| T::from_f64(((i * 7919) % 1009) as f64 / 200.0 - 2.4))
+            .collect();
+        let dy: Vec<T> = (0..n)
+            .map(|i| T::from_f64(((i * 104_729) % 997) as f64 / 400.0 - 1.1))
+            .collect();
+        let p = |v: f64| s.clone_htod(&vec![P::from_f64(v); c]).map_err(err);
+        let mut case = Case {
+            shape,
+            x: s.clone_htod(&x).map_err(err)?,
+            y: s.alloc_zeros::<T>(n).map_err(err)?,
+            dy: s.clone_htod(&dy).map_err(err)?,
+            dx: s.alloc_zeros::<T>(n).map_err(err)?,
+            w: p(1.25)?,
+            b: p(0.5)?,
+            rm: p(0.0)?,
+            rv: p(1.0)?,
+            sm: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
+            si: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
+            gw: s.alloc_zeros::<P>(c).map_err(err)?,
+            gb: s.alloc_zeros::<P>(c).map_err(err)?,
+            ws: Workspace::for_shape(s, &shape, T::DTYPE).map_err(err)?,
+        };
+        // Saved statistics for the backward.
+        case.train(s).map_err(err)?;
+        s.synchronize().map_err(err)?;
+        Ok(case)
+    }
+
+    fn train(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let Case {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            sm,
+            si,
+            ws,
+            ..
+        } = self;
+        functional::batch_norm(
+            s,
+            functional::Forward {
+                input: &*x,
+                shape: *shape,
+                running_mean: Some(rm as &mut dyn DevicePtrMut<P>),
+                running_var: Some(rv as &mut dyn DevicePtrMut<P>),
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                training: true,
+                momentum: MOMENTUM,
+                eps: EPS,
+            },
+            y,
+            Some(functional::SaveStats {
+                mean: sm,
+                invstd: si,
+            }),
+            ws,
+        )
+    }
+
+    fn eval(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let Case {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            ..
+        } = self;
+        functional::batch_norm_eval(
+            s,
+            functional::Eval {
+                input: &*x,
+                shape: *shape,
+                running_mean: &*rm,
+                running_var: &*rv,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                eps: EPS,
+            },
+            y,
+        )
+    }
+
+    fn backward(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let Case {
+            shape,
+            x,
+            dy,
+            dx,
+            w,
+            sm,
+            si,
+            gw,
+            gb,
+            ws,
+            ..
+        } = self;
+        functional::batch_norm_backward(
+            s,
+            functional::Backward {
+                grad_output: &*dy,
+                input: &*x,
+                shape: *shape,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                stats: functional::BackwardStats::Batch {
+                    save_mean: &*sm,
+                    save_invstd: &*si,
+                },
+            },
+            functional::Grads {
+                input: dx,
+                weight: Some(gw as &mut dyn DevicePtrMut<P>),
+                bias: Some(gb as &mut dyn DevicePtrMut<P>),
+            },
+            ws,
+        )
+    }
+}
+
+/// Runs `op` `iters` times between stream synchronisations.
+fn timed(s: &Arc<CudaStream>, iters: u64, mut op: impl FnMut() -> Result<(), BnError>) -> Duration {
+    s.synchronize().expect("stream synchronisation");
+    let start = Instant::now();
+    for _ in 0..iters {
+        op().expect("batch norm call");
+    }
+    s.synchronize().expect("stream synchronisation");
+    start.elapsed()
+}
+
+fn bench_case<T: Float, P: ParamFor<T>>(c: &mut Criterion, s: &Arc<CudaStream>, shape: Shape) {
+    let name = format!(
+        "{} {} {}",
+        shape
+            .dims()
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x"),
+        shape.format().name(),
+        T::DTYPE.name()
+    );
+    let mut case = match Case::<T, P>::new(s, shape) {
+        Ok(case) => case,
+        Err(e) => {
+            println!("batchnorm bench: {name} skipped: {e}");
+            return;
+        }
+    };
+    let io = (shape.numel() * T::DTYPE.size()) as u64;
+    let mut g = c.benchmark_group(name);
+    g.sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g.throughput(Throughput::Bytes(2 * io));
+    g.bench_function("train_fwd", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.train(s)))
+    });
+    g.bench_function("eval_fwd", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.eval(s)))
+    });
+    g.throughput(Throughput::Bytes(3 * io));
+    g.bench_function("backward", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.backward(s)))
+    });
+    g.finish();
+}
+
+/// The stream to benchmark on, or why there is none.
+fn gpu() -> Result<Arc<CudaStream>, String> {
+    let ptx = cuda_batchnorm::ptx_unavailable().map(|r| BnError::PtxUnavailable(r).to_string());
+    let ctx = cuda_batchnorm::open_device(0).map_err(|e| match &ptx {
+        Some(p) => format!("{e}; also, {p}"),
+        None => e.to_string(),
+    })?;
+    if let Some(p) = ptx {
+        return Err(p);
+    }
+    let s = ctx.default_stream();
+    // Loads the kernels, so that a driver refusing the PTX says so here.
+    Workspace::for_shape(&s, &Shape::nc(2, 1).map_err(err)?, DType::F32).map_err(err)?;
+    Ok(s)
+}
+
+fn main() {
+    let s = match gpu() {
+        Ok(s) => s,
+        Err(why) => {
+            println!("batchnorm bench: no GPU run: {why}");
+            return;
+        }
+    };
+    let mut c = Criterion::default().configure_from_args();
+    let resnet = [32, 256, 56, 56];
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let shape = Shape::new(&resnet, format).expect("valid shape");
+        bench_case::<f32, f32>(&mut c, &s, shape);
+        bench_case::<f16, f32>(&mut c, &s, shape);
+    }
+    bench_case::<f32, f32>(&mut c, &s, Shape::nc(4096, 1024).expect("valid shape"));
+    c.final_summary();
+}

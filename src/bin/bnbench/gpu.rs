@@ -1,0 +1,593 @@
+//! The GPU run: device setup, the copy-bandwidth reference, and per row the check and
+//! the timing of each op.
+//!
+//! Timing: every op runs on the context's default stream (one stream, so cudarc
+//! records no tracking events inside the timed region). Before each warm-up and each
+//! timed run, a memset of the flush buffer (max(2 x L2, 256 MiB)) evicts the inputs
+//! from L2 and keeps the GPU busy while the host queues the op; a CUDA event pair
+//! brackets the op only. Buffers and the workspace are allocated before timing, so no
+//! allocation is timed.
+
+use std::sync::Arc;
+
+use cuda_batchnorm::cudarc::driver::{
+    sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+};
+use cuda_batchnorm::half::{bf16, f16};
+use cuda_batchnorm::{functional, BnError, DType, Float, ParamFor, Shape, Workspace};
+
+use crate::check::{self, BackwardOut, Check, Sample, TrainOut, EPS, MOMENTUM};
+use crate::data::{self, Inputs};
+use crate::metrics;
+use crate::suite::{Op, Row};
+use crate::timing::{self, Timing};
+
+/// Bytes of the device-to-device copy that calibrates `% copy` (at least 4 x L2).
+pub const COPY_BYTES: usize = 1 << 30;
+/// Smallest L2 flush.
+pub const MIN_FLUSH_BYTES: usize = 256 << 20;
+
+/// What the device is.
+#[derive(Clone, Debug)]
+pub struct DeviceSummary {
+    /// Name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// `CUDA 13.0`.
+    pub driver: String,
+    /// Compute capability.
+    pub cc: (i32, i32),
+    /// Multiprocessors.
+    pub sms: i32,
+    /// L2 bytes.
+    pub l2_bytes: usize,
+}
+
+/// One op of one row.
+#[derive(Clone, Debug)]
+pub struct OpResult {
+    /// The op.
+    pub op: Op,
+    /// Its timing, unless it failed.
+    pub timing: Option<Timing>,
+    /// Its check, unless skipped or failed before.
+    pub check: Option<Check>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// Timing settings.
+#[derive(Clone, Copy, Debug)]
+pub struct RunConfig {
+    /// Warm-up runs.
+    pub warmup: usize,
+    /// Timed runs.
+    pub reps: usize,
+    /// Seed of the inputs.
+    pub seed: u64,
+    /// Whether to check.
+    pub check: bool,
+}
+
+/// An open device with its stream, flush buffer and timing events.
+pub struct Gpu {
+    stream: Arc<CudaStream>,
+    /// What the device is.
+    pub summary: DeviceSummary,
+    flush: CudaSlice<u8>,
+    events: Vec<(CudaEvent, CudaEvent)>,
+}
+
+fn drv(what: &'static str) -> impl Fn(cuda_batchnorm::cudarc::driver::DriverError) -> String {
+    move |e| format!("CUDA driver error {what}: {e}")
+}
+
+fn bn(e: BnError) -> String {
+    e.to_string()
+}
+
+/// Why there is no GPU run, if there is none: no driver, no device, no PTX, or PTX
+/// the driver refuses. Otherwise the open device.
+pub fn open(ordinal: usize) -> Result<Gpu, String> {
+    let ptx = cuda_batchnorm::ptx_unavailable().map(|r| BnError::PtxUnavailable(r).to_string());
+    let ctx = match cuda_batchnorm::open_device(ordinal) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            return Err(match ptx {
+                Some(p) => format!("{e}; also, {p}"),
+                None => e.to_string(),
+            })
+        }
+    };
+    if let Some(p) = ptx {
+        return Err(p);
+    }
+    let stream = ctx.default_stream();
+    // Loads the kernels: a driver that refuses the PTX says so here.
+    Workspace::for_shape(&stream, &Shape::nc(2, 1).map_err(bn)?, DType::F32).map_err(bn)?;
+    let summary = summarise(&ctx)?;
+    let flush_bytes = (2 * summary.l2_bytes).max(MIN_FLUSH_BYTES);
+    let flush = stream
+        .alloc_zeros::<u8>(flush_bytes)
+        .map_err(drv("allocating the L2 flush buffer"))?;
+    Ok(Gpu {
+        stream,
+        summary,
+        flush,
+        events: Vec::new(),
+    })
+}
+
+fn summarise(ctx: &Arc<CudaContext>) -> Result<DeviceSummary, String> {
+    let attr = |a| ctx.attribute(a).map_err(drv("reading a device attribute"));
+    Ok(DeviceSummary {
+        name: ctx.name().map_err(drv("reading the device name"))?,
+        driver: cuda_batchnorm::driver_version()
+            .map_or_else(|| "unknown".into(), |v| format!("CUDA {v}")),
+        cc: ctx
+            .compute_capability()
+            .map_err(drv("reading the compute capability"))?,
+        sms: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        l2_bytes: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?.max(0) as usize,
+    })
+}
+
+/// CUDA events on one stream, with the L2 flush buffer: the GPU side of
+/// [`timing::Clock`].
+struct Events<'a> {
+    stream: &'a Arc<CudaStream>,
+    flush: &'a mut CudaSlice<u8>,
+    events: &'a mut Vec<(CudaEvent, CudaEvent)>,
+}
+
+impl timing::Clock for Events<'_> {
+    fn flush(&mut self) -> Result<(), String> {
+        self.stream
+            .memset_zeros(self.flush)
+            .map_err(drv("flushing L2"))
+    }
+
+    fn start(&mut self, i: usize) -> Result<(), String> {
+        self.events[i]
+            .0
+            .record(self.stream)
+            .map_err(drv("recording an event"))
+    }
+
+    fn end(&mut self, i: usize) -> Result<(), String> {
+        self.events[i]
+            .1
+            .record(self.stream)
+            .map_err(drv("recording an event"))
+    }
+
+    fn finish(&mut self, reps: usize) -> Result<Vec<f64>, String> {
+        self.stream
+            .synchronize()
+            .map_err(drv("waiting for the timed runs"))?;
+        self.events[..reps]
+            .iter()
+            .map(|(start, end)| {
+                let ms = start
+                    .elapsed_ms(end)
+                    .map_err(drv("reading an event timer"))?;
+                Ok(f64::from(ms) * 1e3)
+            })
+            .collect()
+    }
+}
+
+/// Times `op` (see [`timing::run`]) with CUDA events, creating them as needed.
+fn time(
+    stream: &Arc<CudaStream>,
+    flush: &mut CudaSlice<u8>,
+    events: &mut Vec<(CudaEvent, CudaEvent)>,
+    warmup: usize,
+    reps: usize,
+    op: impl FnMut() -> Result<(), String>,
+) -> Result<Timing, String> {
+    let ctx = stream.context();
+    while events.len() < reps {
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx.new_event(flags).map_err(drv("creating an event"))?;
+        let end = ctx.new_event(flags).map_err(drv("creating an event"))?;
+        events.push((start, end));
+    }
+    let mut clock = Events {
+        stream,
+        flush,
+        events,
+    };
+    timing::run(&mut clock, warmup, reps, op)
+}
+
+impl Gpu {
+    /// Bytes of the L2 flush.
+    pub fn flush_bytes(&self) -> usize {
+        self.flush.len()
+    }
+
+    /// Times a device-to-device copy of [`COPY_BYTES`] (less where memory is short, but
+    /// at least 4 x L2); returns GB/s counting bytes read + written, and the size.
+    pub fn copy_bandwidth(&mut self, cfg: &RunConfig) -> Result<(f64, usize, Timing), String> {
+        let ctx = self.stream.context().clone();
+        let (free, _) = ctx.mem_get_info().map_err(drv("reading free memory"))?;
+        let mut bytes = COPY_BYTES;
+        if free < 3 * bytes {
+            bytes = ((free / 4) & !((1 << 20) - 1))
+                .max(4 * self.summary.l2_bytes)
+                .max(1 << 20);
+        }
+        let src = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(drv("allocating the copy source"))?;
+        let mut dst = self
+            .stream
+            .alloc_zeros::<u8>(bytes)
+            .map_err(drv("allocating the copy destination"))?;
+        let stream = self.stream.clone();
+        let t = time(
+            &self.stream,
+            &mut self.flush,
+            &mut self.events,
+            cfg.warmup,
+            cfg.reps,
+            || stream.memcpy_dtod(&src, &mut dst).map_err(drv("copying")),
+        )?;
+        Ok((metrics::gbps(2 * bytes as u64, t.median_us), bytes, t))
+    }
+
+    /// Checks and times `ops` on one row. `progress` is called before each op.
+    pub fn run_row(
+        &mut self,
+        row: &Row,
+        ops: &[Op],
+        cfg: &RunConfig,
+        progress: &mut dyn FnMut(Op),
+    ) -> Vec<OpResult> {
+        let r = match row.dtype {
+            DType::F32 => self.run_typed::<f32, f32>(row, ops, cfg, progress),
+            DType::F64 => self.run_typed::<f64, f64>(row, ops, cfg, progress),
+            DType::F16 => self.run_typed::<f16, f32>(row, ops, cfg, progress),
+            DType::BF16 => self.run_typed::<bf16, f32>(row, ops, cfg, progress),
+        };
+        r.unwrap_or_else(|e| {
+            ops.iter()
+                .map(|&op| OpResult {
+                    op,
+                    timing: None,
+                    check: None,
+                    error: Some(e.clone()),
+                })
+                .collect()
+        })
+    }
+
+    fn run_typed<T: Float, P: ParamFor<T>>(
+        &mut self,
+        row: &Row,
+        ops: &[Op],
+        cfg: &RunConfig,
+        progress: &mut dyn FnMut(Op),
+    ) -> Result<Vec<OpResult>, String> {
+        let shape = row.shape()?;
+        let s = self.stream.clone();
+        let inputs = Inputs::<T, P>::new(cfg.seed, &shape);
+        let chans = data::sample_channels(shape.c());
+        let sample = cfg.check.then(|| Sample::new(&inputs, &shape, &chans));
+        let mut bufs = Buffers::<T, P>::new(&s, &shape, &inputs, ops.contains(&Op::Backward))?;
+        let tol = check::tolerance(T::DTYPE);
+        let mut results = Vec::new();
+        for &op in ops {
+            progress(op);
+            let mut res = OpResult {
+                op,
+                timing: None,
+                check: None,
+                error: None,
+            };
+            let outcome = (|| -> Result<(), String> {
+                bufs.reset_running(&s, &inputs)?;
+                match op {
+                    Op::TrainFwd => {
+                        if let Some(sample) = &sample {
+                            bufs.train(&s).map_err(bn)?;
+                            let out = TrainOut {
+                                y: bufs.gather(&s, Which::Y, &chans)?,
+                                save_mean: pick(&s, &bufs.sm, &chans)?,
+                                save_invstd: pick(&s, &bufs.si, &chans)?,
+                                running_mean: pick(&s, &bufs.rm, &chans)?,
+                                running_var: pick(&s, &bufs.rv, &chans)?,
+                            };
+                            res.check = Some(check::check_train(sample, &out, tol));
+                        }
+                        res.timing = Some(time(
+                            &s,
+                            &mut self.flush,
+                            &mut self.events,
+                            cfg.warmup,
+                            cfg.reps,
+                            || bufs.train(&s).map_err(bn),
+                        )?);
+                    }
+                    Op::EvalFwd => {
+                        if let Some(sample) = &sample {
+                            bufs.eval(&s).map_err(bn)?;
+                            res.check = Some(check::check_eval(
+                                sample,
+                                &bufs.gather(&s, Which::Y, &chans)?,
+                                tol,
+                            ));
+                        }
+                        res.timing = Some(time(
+                            &s,
+                            &mut self.flush,
+                            &mut self.events,
+                            cfg.warmup,
+                            cfg.reps,
+                            || bufs.eval(&s).map_err(bn),
+                        )?);
+                    }
+                    Op::Backward => {
+                        // The statistics the backward differentiates through.
+                        bufs.train(&s).map_err(bn)?;
+                        if let Some(sample) = &sample {
+                            bufs.backward(&s)?;
+                            let out = BackwardOut {
+                                dx: bufs.gather(&s, Which::Dx, &chans)?,
+                                grad_weight: pick(&s, &bufs.gw, &chans)?,
+                                grad_bias: pick(&s, &bufs.gb, &chans)?,
+                            };
+                            let (sm, si) =
+                                (pick(&s, &bufs.sm, &chans)?, pick(&s, &bufs.si, &chans)?);
+                            res.check = Some(check::check_backward(sample, &sm, &si, &out, tol));
+                        }
+                        res.timing = Some(time(
+                            &s,
+                            &mut self.flush,
+                            &mut self.events,
+                            cfg.warmup,
+                            cfg.reps,
+                            || bufs.backward(&s),
+                        )?);
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = outcome {
+                res.error = Some(e);
+            }
+            results.push(res);
+        }
+        Ok(results)
+    }
+}
+
+/// A per-channel buffer's values at `chans`, widened.
+fn pick<E: Float>(
+    s: &Arc<CudaStream>,
+    b: &CudaSlice<E>,
+    chans: &[usize],
+) -> Result<Vec<f64>, String> {
+    let host = s.clone_dtoh(b).map_err(drv("copying to the host"))?;
+    Ok(data::pick(&check::wide(&host), chans))
+}
+
+/// A device buffer of `numel` elements repeating `pattern`: one upload, then doubling
+/// device-to-device copies.
+fn upload_tiled<E: Float>(
+    s: &Arc<CudaStream>,
+    pattern: &[E],
+    numel: usize,
+) -> Result<CudaSlice<E>, String> {
+    let mut buf = s
+        .alloc_zeros::<E>(numel)
+        .map_err(drv("allocating an input"))?;
+    let first = pattern.len().min(numel);
+    if first == 0 {
+        return Ok(buf);
+    }
+    s.memcpy_htod(&pattern[..first], &mut buf.slice_mut(0..first))
+        .map_err(drv("uploading an input"))?;
+    for (filled, n) in timing::doubling_copies(first, numel) {
+        let (done, mut rest) = buf.split_at_mut(filled);
+        s.memcpy_dtod(&done.slice(0..n), &mut rest.slice_mut(0..n))
+            .map_err(drv("replicating an input"))?;
+    }
+    Ok(buf)
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Y,
+    Dx,
+}
+
+/// Every buffer of one row.
+struct Buffers<T: Float, P: ParamFor<T>> {
+    shape: Shape,
+    x: CudaSlice<T>,
+    y: CudaSlice<T>,
+    dy: Option<CudaSlice<T>>,
+    dx: Option<CudaSlice<T>>,
+    w: CudaSlice<P>,
+    b: CudaSlice<P>,
+    rm: CudaSlice<P>,
+    rv: CudaSlice<P>,
+    sm: CudaSlice<T::Acc>,
+    si: CudaSlice<T::Acc>,
+    gw: CudaSlice<P>,
+    gb: CudaSlice<P>,
+    ws: Workspace,
+}
+
+impl<T: Float, P: ParamFor<T>> Buffers<T, P> {
+    fn new(
+        s: &Arc<CudaStream>,
+        shape: &Shape,
+        inputs: &Inputs<T, P>,
+        backward: bool,
+    ) -> Result<Self, String> {
+        let (numel, c) = (shape.numel(), shape.c());
+        let alloc = drv("allocating a buffer");
+        let up = |v: &[P]| s.clone_htod(v).map_err(drv("uploading parameters"));
+        Ok(Buffers {
+            shape: *shape,
+            x: upload_tiled(s, &inputs.x, numel)?,
+            y: s.alloc_zeros::<T>(numel).map_err(&alloc)?,
+            dy: if backward {
+                Some(upload_tiled(s, &inputs.dy, numel)?)
+            } else {
+                None
+            },
+            dx: if backward {
+                Some(s.alloc_zeros::<T>(numel).map_err(&alloc)?)
+            } else {
+                None
+            },
+            w: up(&inputs.weight)?,
+            b: up(&inputs.bias)?,
+            rm: up(&inputs.running_mean)?,
+            rv: up(&inputs.running_var)?,
+            sm: s.alloc_zeros::<T::Acc>(c).map_err(&alloc)?,
+            si: s.alloc_zeros::<T::Acc>(c).map_err(&alloc)?,
+            gw: s.alloc_zeros::<P>(c).map_err(&alloc)?,
+            gb: s.alloc_zeros::<P>(c).map_err(&alloc)?,
+            ws: Workspace::for_shape(s, shape, T::DTYPE).map_err(bn)?,
+        })
+    }
+
+    fn reset_running(&mut self, s: &Arc<CudaStream>, inputs: &Inputs<T, P>) -> Result<(), String> {
+        s.memcpy_htod(&inputs.running_mean, &mut self.rm)
+            .map_err(drv("uploading running statistics"))?;
+        s.memcpy_htod(&inputs.running_var, &mut self.rv)
+            .map_err(drv("uploading running statistics"))
+    }
+
+    fn train(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let Buffers {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            sm,
+            si,
+            ws,
+            ..
+        } = self;
+        functional::batch_norm(
+            s,
+            functional::Forward {
+                input: &*x,
+                shape: *shape,
+                running_mean: Some(rm as &mut dyn DevicePtrMut<P>),
+                running_var: Some(rv as &mut dyn DevicePtrMut<P>),
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                training: true,
+                momentum: MOMENTUM,
+                eps: EPS,
+            },
+            y,
+            Some(functional::SaveStats {
+                mean: sm,
+                invstd: si,
+            }),
+            ws,
+        )
+    }
+
+    fn eval(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let Buffers {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            ..
+        } = self;
+        functional::batch_norm_eval(
+            s,
+            functional::Eval {
+                input: &*x,
+                shape: *shape,
+                running_mean: &*rm,
+                running_var: &*rv,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                eps: EPS,
+            },
+            y,
+        )
+    }
+
+    fn backward(&mut self, s: &Arc<CudaStream>) -> Result<(), String> {
+        let Buffers {
+            shape,
+            x,
+            dy,
+            dx,
+            w,
+            sm,
+            si,
+            gw,
+            gb,
+            ws,
+            ..
+        } = self;
+        let (Some(dy), Some(dx)) = (dy.as_ref(), dx.as_mut()) else {
+            return Err("internal: backward buffers were not allocated".into());
+        };
+        functional::batch_norm_backward(
+            s,
+            functional::Backward {
+                grad_output: dy,
+                input: &*x,
+                shape: *shape,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                stats: functional::BackwardStats::Batch {
+                    save_mean: &*sm,
+                    save_invstd: &*si,
+                },
+            },
+            functional::Grads {
+                input: dx,
+                weight: Some(gw as &mut dyn DevicePtrMut<P>),
+                bias: Some(gb as &mut dyn DevicePtrMut<P>),
+            },
+            ws,
+        )
+        .map_err(bn)
+    }
+
+    /// The sampled channels of y or dx, widened.
+    fn gather(
+        &self,
+        s: &Arc<CudaStream>,
+        which: Which,
+        chans: &[usize],
+    ) -> Result<Vec<f64>, String> {
+        let buf = match which {
+            Which::Y => &self.y,
+            Which::Dx => self.dx.as_ref().ok_or("internal: no dx buffer")?,
+        };
+        data::gather(&self.shape, chans, |a, n| fetch(s, buf, a, n))
+    }
+}
+
+fn fetch<E: Float + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    buf: &CudaSlice<E>,
+    start: usize,
+    len: usize,
+) -> Result<Vec<f64>, String> {
+    let v = s
+        .clone_dtoh(&buf.slice(start..start + len))
+        .map_err(drv("copying to the host"))?;
+    Ok(check::wide(&v))
+}

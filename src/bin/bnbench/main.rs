@@ -1,0 +1,333 @@
+//! `bnbench`: checks and times cuda-batchnorm's operations on a standard shape suite
+//! (`bench/suite.txt`), reports time, GB/s and % of the device's copy bandwidth, and
+//! compares with PyTorch (`scripts/torch_baseline.py`). `bnbench --help` lists the
+//! flags; without a GPU it runs the CPU backend's self-check instead.
+
+mod check;
+mod cli;
+mod compare;
+mod data;
+mod gpu;
+mod json;
+mod metrics;
+mod plot;
+mod report;
+mod suite;
+mod timing;
+
+use std::io::Write as _;
+
+use check::Check;
+use cli::{Command, Options};
+use json::Value;
+use report::{Report, ResultRow, RowError, OUR_IMPL};
+use suite::Row;
+
+/// Writes to stdout; a closed stdout (`bnbench --list | head`) ends the program quietly
+/// instead of panicking.
+fn emit(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        std::process::exit(141);
+    }
+}
+
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+macro_rules! outln {
+    () => { emit("\n") };
+    ($($arg:tt)*) => { emit(&(format!($($arg)*) + "\n")) };
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = run(&args);
+    let _ = std::io::stdout().flush();
+    std::process::exit(code);
+}
+
+fn usage_error(msg: &str) -> i32 {
+    eprintln!("bnbench: {msg}");
+    eprintln!("run `bnbench --help` for the flags");
+    2
+}
+
+/// Checks before any work that an output file can be written (leaving no file behind
+/// where there was none).
+fn writable(flag: &str, path: &str) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{flag}: cannot write {path}: {e}");
+    let p = std::path::Path::new(path);
+    if p.is_dir() {
+        return Err(format!("{flag}: {path} is a directory"));
+    }
+    if p.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .map(|_| ())
+            .map_err(err)
+    } else {
+        std::fs::File::create(p).map_err(err)?;
+        std::fs::remove_file(p).map_err(err)
+    }
+}
+
+fn run(args: &[String]) -> i32 {
+    let opts = match cli::parse(args) {
+        Ok(Command::Help) => {
+            out!("{}", cli::HELP);
+            return 0;
+        }
+        Ok(Command::Run(o)) => *o,
+        Err(e) => return usage_error(&e),
+    };
+    let rows = suite::expand(&suite::builtin(), &opts.selection);
+    if opts.list {
+        for r in &rows {
+            outln!("{}", r.list_line());
+        }
+        eprintln!("{} rows", rows.len());
+        return 0;
+    }
+    let theirs = match &opts.compare {
+        Some(p) => match Report::load(p) {
+            Ok(r) => Some(r),
+            Err(e) => return usage_error(&format!("--compare: {e}")),
+        },
+        None => None,
+    };
+    for (flag, path) in [("--json", &opts.json), ("--plot", &opts.plot)] {
+        if let Some(p) = path {
+            if let Err(e) = writable(flag, p) {
+                return usage_error(&e);
+            }
+        }
+    }
+    let mut code = 0;
+    let (ours, ours_src) = match &opts.from {
+        Some(p) => match Report::load(p) {
+            Ok(r) => {
+                outln!(
+                    "results from {p}: {}, {}, {}, copy {:.1} GB/s",
+                    r.device,
+                    r.driver,
+                    r.date,
+                    r.copy_gbps
+                );
+                out!("{}", r.table());
+                (r, p.clone())
+            }
+            Err(e) => return usage_error(&format!("--from: {e}")),
+        },
+        None => {
+            if rows.is_empty() {
+                return usage_error("no rows selected");
+            }
+            match gpu::open(opts.device) {
+                Err(why) => return cpu_fallback(&why, &opts),
+                Ok(mut g) => {
+                    let (rep, ok) = run_gpu(&mut g, &rows, &opts);
+                    if !ok {
+                        code = 1;
+                    }
+                    (rep, "this run".to_string())
+                }
+            }
+        }
+    };
+    if let Some(p) = &opts.json {
+        match std::fs::write(p, ours.to_json()) {
+            Ok(()) => eprintln!("bnbench: wrote {p}"),
+            Err(e) => {
+                eprintln!("bnbench: --json: cannot write {p}: {e}");
+                code = code.max(2);
+            }
+        }
+    }
+    if let Some(t) = &theirs {
+        let c = compare::compare(&ours, t);
+        outln!();
+        out!(
+            "{}",
+            compare::render(
+                &c,
+                &ours,
+                &ours_src,
+                t,
+                opts.compare.as_deref().unwrap_or("")
+            )
+        );
+    }
+    if let Some(p) = &opts.plot {
+        match std::fs::write(p, plot::svg(&ours, theirs.as_ref())) {
+            Ok(()) => eprintln!("bnbench: wrote {p}"),
+            Err(e) => {
+                eprintln!("bnbench: --plot: cannot write {p}: {e}");
+                code = code.max(2);
+            }
+        }
+    }
+    code
+}
+
+/// No usable GPU: one line saying why, then the CPU backend's self-check.
+fn cpu_fallback(why: &str, opts: &Options) -> i32 {
+    outln!("bnbench: no GPU run: {why}");
+    if opts.json.is_some() || opts.plot.is_some() || opts.compare.is_some() {
+        eprintln!(
+            "bnbench: nothing was timed, so --json / --plot / --compare have no results to use"
+        );
+    }
+    let (table, ok) = check::cpu_selfcheck(opts.seed);
+    out!("{table}");
+    if ok && std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        // A staged GPU run (.gpu/run) must not pass without timing anything.
+        outln!("cpu self-check: ok, but CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run");
+        1
+    } else if ok {
+        outln!("cpu self-check: ok");
+        0
+    } else {
+        outln!("cpu self-check: FAILED");
+        1
+    }
+}
+
+/// The GPU run: copy bandwidth, then every row and op. Returns the report and whether
+/// every check passed and every op ran.
+fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
+    let cfg = gpu::RunConfig {
+        warmup: opts.warmup,
+        reps: opts.reps,
+        seed: opts.seed,
+        check: opts.check,
+    };
+    let d = g.summary.clone();
+    outln!(
+        "bnbench: {} (sm_{}{}, {} SMs, {} MiB L2), driver {}",
+        d.name,
+        d.cc.0,
+        d.cc.1,
+        d.sms,
+        d.l2_bytes >> 20,
+        d.driver
+    );
+    let mut ok = true;
+    let mut errors = Vec::new();
+    let copy_gbps = match g.copy_bandwidth(&cfg) {
+        Ok((gbps, bytes, t)) => {
+            outln!(
+                "copy: {gbps:.1} GB/s ({} MiB device-to-device, bytes read + written, median {:.1} µs)",
+                bytes >> 20,
+                t.median_us
+            );
+            gbps
+        }
+        Err(e) => {
+            outln!("copy: could not be measured: {e}");
+            ok = false;
+            errors.push(RowError {
+                op: "copy".into(),
+                label: "device-to-device".into(),
+                error: e,
+            });
+            0.0
+        }
+    };
+    outln!(
+        "timing: median of {} runs after {} warm-up, CUDA events, L2 flushed by a {} MiB memset before each run",
+        opts.reps,
+        opts.warmup,
+        g.flush_bytes() >> 20
+    );
+    outln!(
+        "check: {}",
+        if opts.check {
+            "up to 8 channels vs the f64 reference, norm-wise (f32 1e-5, f16 1e-3, bf16 1e-2, f64 1e-10)"
+        } else {
+            "skipped (--no-check)"
+        }
+    );
+    outln!();
+    let total = rows.len() * opts.ops.len();
+    let mut done = 0;
+    let mut out_rows = Vec::new();
+    for row in rows {
+        let mut progress = |op: suite::Op| {
+            done += 1;
+            eprintln!("[{done}/{total}] {} {}", op.name(), row.label());
+        };
+        let results = g.run_row(row, &opts.ops, &cfg, &mut progress);
+        for r in results {
+            let check = r.check.as_ref();
+            if let Some(c) = check {
+                if !c.passed() {
+                    ok = false;
+                    eprintln!(
+                        "bnbench: CHECK FAILED: {} {}: {} rel err {:.3e} > {:.0e}",
+                        r.op.name(),
+                        row.label(),
+                        c.worst,
+                        c.max_rel_err,
+                        c.tol
+                    );
+                }
+            }
+            if let Some(e) = &r.error {
+                ok = false;
+                eprintln!("bnbench: {} {}: {e}", r.op.name(), row.label());
+                errors.push(RowError {
+                    op: r.op.name().into(),
+                    label: row.label(),
+                    error: e.clone(),
+                });
+            }
+            if let Some(t) = r.timing {
+                let bytes = metrics::op_bytes(r.op, &row.dims, row.dtype);
+                let gbps = metrics::gbps(bytes, t.median_us);
+                out_rows.push(ResultRow {
+                    impl_name: OUR_IMPL.into(),
+                    op: r.op.name().into(),
+                    shape: row.dims.clone(),
+                    layout: row.layout.name().into(),
+                    dtype: row.dtype.name().into(),
+                    median_us: t.median_us,
+                    gbps,
+                    pct_copy: metrics::pct_of(gbps, copy_gbps),
+                    min_us: Some(t.min_us),
+                    bytes: Some(bytes),
+                    check: Some(check.map_or("skipped", Check::status).into()),
+                    max_rel_err: check.map(|c| c.max_rel_err).filter(|e| e.is_finite()),
+                });
+            }
+        }
+    }
+    let report = Report {
+        device: d.name.clone(),
+        driver: d.driver.clone(),
+        date: report::today(),
+        copy_gbps,
+        rows: out_rows,
+        errors,
+        extra: vec![
+            ("tool".into(), Value::from("bnbench")),
+            ("reps".into(), Value::from(opts.reps)),
+            ("warmup".into(), Value::from(opts.warmup)),
+            ("flush_bytes".into(), Value::from(g.flush_bytes())),
+            ("l2_bytes".into(), Value::from(d.l2_bytes)),
+            (
+                "compute_capability".into(),
+                Value::from(format!("{}.{}", d.cc.0, d.cc.1)),
+            ),
+            ("seed".into(), Value::Num(opts.seed as f64)),
+        ],
+    };
+    out!("{}", report.table());
+    (report, ok)
+}

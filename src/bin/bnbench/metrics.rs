@@ -1,0 +1,158 @@
+//! Bytes per operation, bandwidth and summary statistics.
+//!
+//! The byte counts are the minimum any implementation must move, each tensor once:
+//!
+//! * `train_fwd`: read x, write y; read weight and bias; read and write running_mean
+//!   and running_var; write save_mean and save_invstd.
+//! * `eval_fwd`: read x, write y; read weight, bias, running_mean, running_var.
+//! * `backward`: read x and dy, write dx; read weight, save_mean, save_invstd; write
+//!   grad_weight and grad_bias.
+//!
+//! Parameters and running statistics are f32 for f16/bf16 inputs (the suite's mixed
+//! mode) and the input's type otherwise; saved statistics are in the accumulator type
+//! (f64 for f64 inputs, f32 otherwise). `scripts/torch_baseline.py` uses the same
+//! formulas.
+
+use cuda_batchnorm::DType;
+
+use crate::suite::Op;
+
+/// Bytes per element of the parameters and running statistics for an input dtype.
+pub fn param_size(input: DType) -> usize {
+    match input {
+        DType::F16 | DType::BF16 => 4,
+        d => d.size(),
+    }
+}
+
+/// The minimal bytes `op` moves on a tensor of `dims`.
+pub fn op_bytes(op: Op, dims: &[usize], dtype: DType) -> u64 {
+    let numel: u64 = dims.iter().map(|&d| d as u64).product();
+    let c = dims.get(1).copied().unwrap_or(0) as u64;
+    let t = dtype.size() as u64;
+    let p = param_size(dtype) as u64;
+    let acc = dtype.acc().size() as u64;
+    match op {
+        Op::TrainFwd => 2 * numel * t + 2 * c * p + 4 * c * p + 2 * c * acc,
+        Op::EvalFwd => 2 * numel * t + 4 * c * p,
+        Op::Backward => 3 * numel * t + c * p + 2 * c * acc + 2 * c * p,
+    }
+}
+
+/// GB/s (10^9 bytes per second) of `bytes` moved in `us` microseconds.
+pub fn gbps(bytes: u64, us: f64) -> f64 {
+    if us > 0.0 && us.is_finite() {
+        bytes as f64 / (us * 1e-6) / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// `gbps` as a percentage of `copy_gbps`.
+pub fn pct_of(gbps: f64, copy_gbps: f64) -> f64 {
+    if copy_gbps > 0.0 {
+        100.0 * gbps / copy_gbps
+    } else {
+        0.0
+    }
+}
+
+/// The median (mean of the two middle values for an even count); `None` when empty or
+/// when a value is NaN.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() || values.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+/// The geometric mean of the positive finite values; `None` when there are none.
+pub fn geomean(values: &[f64]) -> Option<f64> {
+    let logs: Vec<f64> = values
+        .iter()
+        .filter(|v| v.is_finite() && **v > 0.0)
+        .map(|v| v.ln())
+        .collect();
+    if logs.is_empty() {
+        None
+    } else {
+        Some((logs.iter().sum::<f64>() / logs.len() as f64).exp())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_per_op() {
+        // (32, 256, 56, 56) f32: numel = 25_690_112, C = 256.
+        let dims = [32, 256, 56, 56];
+        let numel = 25_690_112u64;
+        assert_eq!(
+            op_bytes(Op::TrainFwd, &dims, DType::F32),
+            2 * numel * 4 + 8 * 256 * 4
+        );
+        assert_eq!(
+            op_bytes(Op::EvalFwd, &dims, DType::F32),
+            2 * numel * 4 + 4 * 256 * 4
+        );
+        assert_eq!(
+            op_bytes(Op::Backward, &dims, DType::F32),
+            3 * numel * 4 + 5 * 256 * 4
+        );
+        // f16 input, f32 parameters and statistics.
+        assert_eq!(
+            op_bytes(Op::TrainFwd, &dims, DType::F16),
+            2 * numel * 2 + 8 * 256 * 4
+        );
+        assert_eq!(
+            op_bytes(Op::Backward, &dims, DType::BF16),
+            3 * numel * 2 + 5 * 256 * 4
+        );
+        // f64 everything.
+        assert_eq!(
+            op_bytes(Op::EvalFwd, &[4, 3], DType::F64),
+            2 * 12 * 8 + 4 * 3 * 8
+        );
+        assert_eq!(
+            op_bytes(Op::TrainFwd, &[4, 3], DType::F64),
+            2 * 12 * 8 + 8 * 3 * 8
+        );
+    }
+
+    #[test]
+    fn bandwidth() {
+        assert!((gbps(2_000_000_000, 1_000_000.0) - 2.0).abs() < 1e-12);
+        assert!((gbps(3_000, 1.0) - 3.0).abs() < 1e-12);
+        assert_eq!(gbps(1, 0.0), 0.0);
+        assert_eq!(gbps(1, f64::NAN), 0.0);
+        assert!((pct_of(1500.0, 3000.0) - 50.0).abs() < 1e-12);
+        assert_eq!(pct_of(1.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[1.0, f64::NAN]), None);
+    }
+
+    #[test]
+    fn geomeans() {
+        assert_eq!(geomean(&[]), None);
+        assert!((geomean(&[2.0, 8.0]).unwrap() - 4.0).abs() < 1e-12);
+        assert!((geomean(&[1.0, 10.0, 100.0]).unwrap() - 10.0).abs() < 1e-9);
+        // Non-positive and non-finite values are left out.
+        assert!((geomean(&[4.0, 0.0, -1.0, f64::INFINITY, f64::NAN]).unwrap() - 4.0).abs() < 1e-12);
+        assert_eq!(geomean(&[0.0]), None);
+    }
+}
