@@ -94,8 +94,12 @@ impl Backend for Cpu {
 }
 
 /// Batch-norm mathematics in f64, the reference every kernel is checked against.
+///
+/// Tensors are in `shape`'s memory order; per-channel slices have C values. Slices
+/// shorter than that are an error, never a panic.
 pub mod reference {
     use crate::dtype::Float;
+    use crate::error::{BnError, Result};
     use crate::shape::Shape;
 
     /// Widens values to f64.
@@ -103,8 +107,21 @@ pub mod reference {
         v.iter().map(|x| x.to_f64()).collect()
     }
 
+    fn need(name: &'static str, got: usize, needed: usize, shape: &Shape) -> Result<()> {
+        if got < needed {
+            return Err(BnError::BufferTooShort {
+                name,
+                needed,
+                got,
+                size: shape.dims().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
     /// Per-channel mean and biased variance, two passes.
-    pub fn batch_stats(x: &[f64], shape: &Shape) -> (Vec<f64>, Vec<f64>) {
+    pub fn batch_stats(x: &[f64], shape: &Shape) -> Result<(Vec<f64>, Vec<f64>)> {
+        need("input", x.len(), shape.numel(), shape)?;
         let (n, c, s) = (shape.n(), shape.c(), shape.spatial());
         let m = (n * s) as f64;
         let mut mean = vec![0.0; c];
@@ -127,7 +144,7 @@ pub mod reference {
             mean[ch] = mu;
             var[ch] = sq / m;
         }
-        (mean, var)
+        Ok((mean, var))
     }
 
     /// `1 / sqrt(var + eps)` per channel.
@@ -143,10 +160,16 @@ pub mod reference {
         invstd: &[f64],
         weight: Option<&[f64]>,
         bias: Option<&[f64]>,
-    ) -> Vec<f64> {
+    ) -> Result<Vec<f64>> {
+        let c = shape.c();
+        need("input", x.len(), shape.numel(), shape)?;
+        need("mean", mean.len(), c, shape)?;
+        need("invstd", invstd.len(), c, shape)?;
+        need("weight", weight.map_or(c, <[f64]>::len), c, shape)?;
+        need("bias", bias.map_or(c, <[f64]>::len), c, shape)?;
         let mut y = vec![0.0; shape.numel()];
         for b in 0..shape.n() {
-            for ch in 0..shape.c() {
+            for ch in 0..c {
                 let w = weight.map_or(1.0, |w| w[ch]);
                 let bb = bias.map_or(0.0, |bb| bb[ch]);
                 for i in 0..shape.spatial() {
@@ -155,7 +178,7 @@ pub mod reference {
                 }
             }
         }
-        y
+        Ok(y)
     }
 
     /// Gradients in f64.
@@ -180,8 +203,13 @@ pub mod reference {
         invstd: &[f64],
         weight: Option<&[f64]>,
         batch_stats: bool,
-    ) -> Grads {
+    ) -> Result<Grads> {
         let (n, c, s) = (shape.n(), shape.c(), shape.spatial());
+        need("grad_output", dy.len(), shape.numel(), shape)?;
+        need("input", x.len(), shape.numel(), shape)?;
+        need("mean", mean.len(), c, shape)?;
+        need("invstd", invstd.len(), c, shape)?;
+        need("weight", weight.map_or(c, <[f64]>::len), c, shape)?;
         let m = (n * s) as f64;
         let mut g = Grads {
             input: vec![0.0; shape.numel()],
@@ -212,7 +240,7 @@ pub mod reference {
                 }
             }
         }
-        g
+        Ok(g)
     }
 }
 
@@ -249,7 +277,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
     let numel = shape.numel();
     let x = reference::to_f64(&input[..numel]);
     let (mean, var) = if batch_stats {
-        reference::batch_stats(&x, &shape)
+        reference::batch_stats(&x, &shape)?
     } else {
         let rm = running_mean
             .as_deref()
@@ -264,7 +292,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
     let invstd = reference::invstd(&var, eps);
     let w = weight.map(reference::to_f64);
     let b = bias.map(reference::to_f64);
-    let y = reference::normalize(&x, &shape, &mean, &invstd, w.as_deref(), b.as_deref());
+    let y = reference::normalize(&x, &shape, &mean, &invstd, w.as_deref(), b.as_deref())?;
     round_into(&mut output[..numel], &y);
     if batch_stats {
         if let Some(s) = save {
@@ -330,7 +358,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         &invstd,
         w.as_deref(),
         batch_stats,
-    );
+    )?;
     round_into(&mut grad_input[..numel], &g.input);
     if let Some(gw) = grad_weight {
         round_into(gw, &g.weight);
@@ -350,9 +378,9 @@ mod tests {
     fn closed_form_two_values() {
         // channel values {1, 3}: mean 2, biased var 1
         let shape = Shape::nc(2, 1).unwrap();
-        let (m, v) = batch_stats(&[1.0, 3.0], &shape);
+        let (m, v) = batch_stats(&[1.0, 3.0], &shape).unwrap();
         assert_eq!((m[0], v[0]), (2.0, 1.0));
-        let y = normalize(&[1.0, 3.0], &shape, &m, &invstd(&v, 0.0), None, None);
+        let y = normalize(&[1.0, 3.0], &shape, &m, &invstd(&v, 0.0), None, None).unwrap();
         assert_eq!(y, vec![-1.0, 1.0]);
     }
 
@@ -367,12 +395,12 @@ mod tests {
         let b = [0.1, 0.2];
         let eps = 1e-3;
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
-            let (m, v) = batch_stats(x, &shape);
-            let y = normalize(x, &shape, &m, &invstd(&v, eps), Some(w), Some(b));
+            let (m, v) = batch_stats(x, &shape).unwrap();
+            let y = normalize(x, &shape, &m, &invstd(&v, eps), Some(w), Some(b)).unwrap();
             y.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>()
         };
-        let (m, v) = batch_stats(&x, &shape);
-        let g = backward(&dy, &x, &shape, &m, &invstd(&v, eps), Some(&w), true);
+        let (m, v) = batch_stats(&x, &shape).unwrap();
+        let g = backward(&dy, &x, &shape, &m, &invstd(&v, eps), Some(&w), true).unwrap();
         let h = 1e-6;
         for i in 0..x.len() {
             let (mut xp, mut xm) = (x.clone(), x.clone());
@@ -410,7 +438,8 @@ mod tests {
             &[0.5, 2.0],
             Some(&[2.0, 3.0]),
             false,
-        );
+        )
+        .unwrap();
         assert_eq!(g.input, vec![1.0, 12.0, 3.0, 24.0]);
     }
 }

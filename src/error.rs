@@ -83,6 +83,23 @@ pub enum BnError {
         size: Vec<usize>,
     },
 
+    /// More dimensions than a [`crate::Shape`] holds.
+    #[error("inputs of at most {max} dimensions are supported, got size {size:?}")]
+    InputTooManyDims {
+        /// The most.
+        max: usize,
+        /// The size given.
+        size: Vec<usize>,
+    },
+
+    /// Planning or launching kernels for an input with no elements (the public entry
+    /// points return before that; only the planner and raw layer can see it).
+    #[error("nothing to launch for the empty input size {size:?}")]
+    EmptyInput {
+        /// The size given.
+        size: Vec<usize>,
+    },
+
     /// A size whose element count does not fit in memory addressing.
     #[error("input size {size:?} has more elements than can be addressed")]
     InputTooLarge {

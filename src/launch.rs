@@ -366,7 +366,11 @@ pub fn plan_stage(
 ) -> Result<StagePlan> {
     let c = shape.c();
     let per_channel = shape.per_channel();
-    debug_assert!(c > 0 && per_channel > 0, "empty shapes are not launched");
+    if c == 0 || per_channel == 0 {
+        return Err(BnError::EmptyInput {
+            size: shape.dims().to_vec(),
+        });
+    }
     let vec_width = 16 / input.size();
     let target_blocks = (dev.sm_count.max(1) as usize) * (tuning.blocks_per_sm.max(1) as usize);
     let too_large = || BnError::InputTooLarge {
@@ -668,6 +672,22 @@ mod tests {
             p.vec,
             "nchw handles a common misalignment with a scalar head"
         );
+    }
+
+    #[test]
+    fn empty_shapes_are_an_error_not_a_panic() {
+        for dims in [&[0usize, 3, 4][..], &[2, 0], &[2, 3, 0, 5]] {
+            let shape = Shape::new(dims, MemoryFormat::Contiguous).unwrap();
+            let r = plan_stage(
+                Stage::FwdStats,
+                &shape,
+                DType::F32,
+                Alignment::ALIGNED,
+                &DeviceInfo::H100,
+                &Tuning::default(),
+            );
+            assert!(matches!(r, Err(BnError::EmptyInput { .. })), "{dims:?}");
+        }
     }
 
     #[test]

@@ -155,12 +155,22 @@ impl Shape {
         self.format == MemoryFormat::ChannelsLast || self.spatial() == 1
     }
 
-    /// Memory offset of the element at batch `n`, channel `c`, flattened spatial `s`.
+    /// Memory offset of the element at batch `n`, channel `c`, flattened spatial `s`
+    /// (meaningful for `n < N`, `c < C`, `s < S`, where it is below `numel()`; other
+    /// arguments give an unspecified value, never a panic).
     pub fn offset(&self, n: usize, c: usize, s: usize) -> usize {
         let (cc, ss) = (self.c(), self.spatial());
         match self.format {
-            MemoryFormat::Contiguous => (n * cc + c) * ss + s,
-            MemoryFormat::ChannelsLast => (n * ss + s) * cc + c,
+            MemoryFormat::Contiguous => n
+                .wrapping_mul(cc)
+                .wrapping_add(c)
+                .wrapping_mul(ss)
+                .wrapping_add(s),
+            MemoryFormat::ChannelsLast => n
+                .wrapping_mul(ss)
+                .wrapping_add(s)
+                .wrapping_mul(cc)
+                .wrapping_add(c),
         }
     }
 }
