@@ -491,20 +491,17 @@ fn needs_index64(shape: &Shape, plan: &StagePlan) -> bool {
     numel + headroom > limit || ws > limit
 }
 
-/// The workspace layout serving every stage of an op on this shape.
-pub fn workspace_layout(plans: &[StagePlan], c: usize, acc: DType) -> WorkspaceLayout {
-    let counters = plans
-        .iter()
-        .filter(|p| p.splits > 1)
-        .map(StagePlan::counters)
-        .max()
-        .unwrap_or(0);
-    let partial_count = plans
-        .iter()
-        .filter(|p| p.splits > 1)
-        .map(|p| 2 * p.splits as usize * c)
-        .max()
-        .unwrap_or(0);
+/// The workspace layout serving every given stage plan of an op on this shape.
+pub fn workspace_layout<'a>(
+    plans: impl IntoIterator<Item = &'a StagePlan>,
+    c: usize,
+    acc: DType,
+) -> WorkspaceLayout {
+    let (mut counters, mut partial_count) = (0, 0);
+    for p in plans.into_iter().filter(|p| p.splits > 1) {
+        counters = counters.max(p.counters());
+        partial_count = partial_count.max(2 * p.splits as usize * c);
+    }
     let channel_count = 3 * c;
     let partials = 0;
     let channel = align_up(partials + acc.size() * partial_count, WS_ALIGN);

@@ -188,11 +188,11 @@ pub fn workspace_size(
             all_aligned: false,
         },
     ] {
-        let plans: Vec<StagePlan> = Stage::ALL
-            .iter()
-            .map(|&s| launch::plan_stage(s, shape, input, align, dev, tuning))
-            .collect::<Result<_>>()?;
-        let l = workspace_layout(&plans, shape.c(), input.acc());
+        let mut plans = [None; 4];
+        for (slot, &stage) in plans.iter_mut().zip(&Stage::ALL) {
+            *slot = Some(launch::plan_stage(stage, shape, input, align, dev, tuning)?);
+        }
+        let l = workspace_layout(plans.iter().flatten(), shape.c(), input.acc());
         size = size.max(WorkspaceSize {
             counters: l.counters,
             scratch_bytes: l.scratch_bytes,
@@ -215,9 +215,8 @@ impl Workspace {
         counters: u64,
         scratch: u64,
     ) -> Workspace {
-        let plans: Vec<StagePlan> = plans.iter().flatten().copied().collect();
         Workspace {
-            layout: workspace_layout(&plans, c, acc),
+            layout: workspace_layout(plans.iter().flatten(), c, acc),
             counters,
             scratch,
         }
