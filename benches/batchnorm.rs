@@ -11,164 +11,52 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use cuda_batchnorm::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cuda_batchnorm::cudarc::driver::CudaStream;
 use cuda_batchnorm::half::f16;
-use cuda_batchnorm::{functional, BnError, DType, Float, MemoryFormat, ParamFor, Shape, Workspace};
+use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Shape, Workspace};
 
-const EPS: f64 = 1e-5;
-const MOMENTUM: f64 = 0.1;
+#[path = "../src/bin/bnbench/ops.rs"]
+mod ops;
 
-/// Every buffer of one shape.
-struct Case<T: Float, P: ParamFor<T>> {
-    shape: Shape,
-    x: CudaSlice<T>,
-    y: CudaSlice<T>,
-    dy: CudaSlice<T>,
-    dx: CudaSlice<T>,
-    w: CudaSlice<P>,
-    b: CudaSlice<P>,
-    rm: CudaSlice<P>,
-    rv: CudaSlice<P>,
-    sm: CudaSlice<T::Acc>,
-    si: CudaSlice<T::Acc>,
-    gw: CudaSlice<P>,
-    gb: CudaSlice<P>,
-    ws: Workspace,
-}
+use ops::OpBuffers;
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-impl<T: Float, P: ParamFor<T>> Case<T, P> {
-    fn new(s: &Arc<CudaStream>, shape: Shape) -> Result<Self, String> {
-        let (n, c) = (shape.numel(), shape.c());
-        // A cheap deterministic pattern, never zero.
-        let x: Vec<T> = (0..n)
-            .map(|i| T::from_f64(((i * 7919) % 1009) as f64 / 200.0 - 2.4))
-            .collect();
-        let dy: Vec<T> = (0..n)
-            .map(|i| T::from_f64(((i * 104_729) % 997) as f64 / 400.0 - 1.1))
-            .collect();
-        let p = |v: f64| s.clone_htod(&vec![P::from_f64(v); c]).map_err(err);
-        let mut case = Case {
-            shape,
-            x: s.clone_htod(&x).map_err(err)?,
-            y: s.alloc_zeros::<T>(n).map_err(err)?,
-            dy: s.clone_htod(&dy).map_err(err)?,
-            dx: s.alloc_zeros::<T>(n).map_err(err)?,
-            w: p(1.25)?,
-            b: p(0.5)?,
-            rm: p(0.0)?,
-            rv: p(1.0)?,
-            sm: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
-            si: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
-            gw: s.alloc_zeros::<P>(c).map_err(err)?,
-            gb: s.alloc_zeros::<P>(c).map_err(err)?,
-            ws: Workspace::for_shape(s, &shape, T::DTYPE).map_err(err)?,
-        };
-        // Saved statistics for the backward.
-        case.train(s).map_err(err)?;
-        s.synchronize().map_err(err)?;
-        Ok(case)
-    }
-
-    fn train(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
-        let Case {
-            shape,
-            x,
-            y,
-            w,
-            b,
-            rm,
-            rv,
-            sm,
-            si,
-            ws,
-            ..
-        } = self;
-        functional::batch_norm(
-            s,
-            functional::Forward {
-                input: &*x,
-                shape: *shape,
-                running_mean: Some(rm as &mut dyn DevicePtrMut<P>),
-                running_var: Some(rv as &mut dyn DevicePtrMut<P>),
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                bias: Some(&*b as &dyn DevicePtr<P>),
-                training: true,
-                momentum: MOMENTUM,
-                eps: EPS,
-            },
-            y,
-            Some(functional::SaveStats {
-                mean: sm,
-                invstd: si,
-            }),
-            ws,
-        )
-    }
-
-    fn eval(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
-        let Case {
-            shape,
-            x,
-            y,
-            w,
-            b,
-            rm,
-            rv,
-            ..
-        } = self;
-        functional::batch_norm_eval(
-            s,
-            functional::Eval {
-                input: &*x,
-                shape: *shape,
-                running_mean: &*rm,
-                running_var: &*rv,
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                bias: Some(&*b as &dyn DevicePtr<P>),
-                eps: EPS,
-            },
-            y,
-        )
-    }
-
-    fn backward(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
-        let Case {
-            shape,
-            x,
-            dy,
-            dx,
-            w,
-            sm,
-            si,
-            gw,
-            gb,
-            ws,
-            ..
-        } = self;
-        functional::batch_norm_backward(
-            s,
-            functional::Backward {
-                grad_output: &*dy,
-                input: &*x,
-                shape: *shape,
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                stats: functional::BackwardStats::Batch {
-                    save_mean: &*sm,
-                    save_invstd: &*si,
-                },
-            },
-            functional::Grads {
-                input: dx,
-                weight: Some(gw as &mut dyn DevicePtrMut<P>),
-                bias: Some(gb as &mut dyn DevicePtrMut<P>),
-            },
-            ws,
-        )
-    }
+/// The buffers of one shape, filled with a cheap deterministic pattern (never zero),
+/// with saved statistics from one training forward for the backward.
+fn case<T: Float, P: ParamFor<T>>(
+    s: &Arc<CudaStream>,
+    shape: Shape,
+) -> Result<OpBuffers<T, P>, String> {
+    let (n, c) = (shape.numel(), shape.c());
+    let x: Vec<T> = (0..n)
+        .map(|i| T::from_f64(((i * 7919) % 1009) as f64 / 200.0 - 2.4))
+        .collect();
+    let dy: Vec<T> = (0..n)
+        .map(|i| T::from_f64(((i * 104_729) % 997) as f64 / 400.0 - 1.1))
+        .collect();
+    let p = |v: f64| s.clone_htod(&vec![P::from_f64(v); c]).map_err(err);
+    let mut case = OpBuffers {
+        shape,
+        x: s.clone_htod(&x).map_err(err)?,
+        y: s.alloc_zeros::<T>(n).map_err(err)?,
+        dy: Some(s.clone_htod(&dy).map_err(err)?),
+        dx: Some(s.alloc_zeros::<T>(n).map_err(err)?),
+        w: p(1.25)?,
+        b: p(0.5)?,
+        rm: p(0.0)?,
+        rv: p(1.0)?,
+        sm: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
+        si: s.alloc_zeros::<T::Acc>(c).map_err(err)?,
+        gw: s.alloc_zeros::<P>(c).map_err(err)?,
+        gb: s.alloc_zeros::<P>(c).map_err(err)?,
+        ws: Workspace::for_shape(s, &shape, T::DTYPE).map_err(err)?,
+    };
+    case.train(s).map_err(err)?;
+    s.synchronize().map_err(err)?;
+    Ok(case)
 }
 
 /// Runs `op` `iters` times between stream synchronisations.
@@ -194,7 +82,7 @@ fn bench_case<T: Float, P: ParamFor<T>>(c: &mut Criterion, s: &Arc<CudaStream>, 
         shape.format().name(),
         T::DTYPE.name()
     );
-    let mut case = match Case::<T, P>::new(s, shape) {
+    let mut case = match case::<T, P>(s, shape) {
         Ok(case) => case,
         Err(e) => {
             println!("batchnorm bench: {name} skipped: {e}");

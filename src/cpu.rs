@@ -99,29 +99,18 @@ impl Backend for Cpu {
 /// shorter than that are an error, never a panic.
 pub mod reference {
     use crate::dtype::Float;
-    use crate::error::{BnError, Result};
+    use crate::error::Result;
     use crate::shape::Shape;
+    use crate::validate::buffer;
 
     /// Widens values to f64.
     pub fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
         v.iter().map(|x| x.to_f64()).collect()
     }
 
-    fn need(name: &'static str, got: usize, needed: usize, shape: &Shape) -> Result<()> {
-        if got < needed {
-            return Err(BnError::BufferTooShort {
-                name,
-                needed,
-                got,
-                size: shape.dims().to_vec(),
-            });
-        }
-        Ok(())
-    }
-
     /// Per-channel mean and biased variance, two passes.
     pub fn batch_stats(x: &[f64], shape: &Shape) -> Result<(Vec<f64>, Vec<f64>)> {
-        need("input", x.len(), shape.numel(), shape)?;
+        buffer("input", shape.numel(), x.len(), shape)?;
         let (n, c, s) = (shape.n(), shape.c(), shape.spatial());
         let m = (n * s) as f64;
         let mut mean = vec![0.0; c];
@@ -162,11 +151,11 @@ pub mod reference {
         bias: Option<&[f64]>,
     ) -> Result<Vec<f64>> {
         let c = shape.c();
-        need("input", x.len(), shape.numel(), shape)?;
-        need("mean", mean.len(), c, shape)?;
-        need("invstd", invstd.len(), c, shape)?;
-        need("weight", weight.map_or(c, <[f64]>::len), c, shape)?;
-        need("bias", bias.map_or(c, <[f64]>::len), c, shape)?;
+        buffer("input", shape.numel(), x.len(), shape)?;
+        buffer("mean", c, mean.len(), shape)?;
+        buffer("invstd", c, invstd.len(), shape)?;
+        buffer("weight", c, weight.map_or(c, <[f64]>::len), shape)?;
+        buffer("bias", c, bias.map_or(c, <[f64]>::len), shape)?;
         let mut y = vec![0.0; shape.numel()];
         for b in 0..shape.n() {
             for ch in 0..c {
@@ -205,11 +194,11 @@ pub mod reference {
         batch_stats: bool,
     ) -> Result<Grads> {
         let (n, c, s) = (shape.n(), shape.c(), shape.spatial());
-        need("grad_output", dy.len(), shape.numel(), shape)?;
-        need("input", x.len(), shape.numel(), shape)?;
-        need("mean", mean.len(), c, shape)?;
-        need("invstd", invstd.len(), c, shape)?;
-        need("weight", weight.map_or(c, <[f64]>::len), c, shape)?;
+        buffer("grad_output", shape.numel(), dy.len(), shape)?;
+        buffer("input", shape.numel(), x.len(), shape)?;
+        buffer("mean", c, mean.len(), shape)?;
+        buffer("invstd", c, invstd.len(), shape)?;
+        buffer("weight", c, weight.map_or(c, <[f64]>::len), shape)?;
         let m = (n * s) as f64;
         let mut g = Grads {
             input: vec![0.0; shape.numel()],

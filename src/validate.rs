@@ -71,7 +71,8 @@ fn feature(name: &'static str, c: usize, len: Option<usize>) -> Result<()> {
     }
 }
 
-fn buffer(name: &'static str, needed: usize, got: usize, shape: &Shape) -> Result<()> {
+/// A buffer of `got` elements where `shape` needs `needed`.
+pub(crate) fn buffer(name: &'static str, needed: usize, got: usize, shape: &Shape) -> Result<()> {
     if got < needed {
         return Err(BnError::BufferTooShort {
             name,

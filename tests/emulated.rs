@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 
 use common::{
-    check_problem, fixtures, GradOut, Padded, Problem, Runner, TrainOut, CASES, TYPE_PAIRS,
+    check_cases, check_problem, fixtures, Case, Data, GradOut, Padded, Problem, Runner, TrainOut,
+    CASES, TYPE_PAIRS,
 };
 use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
 use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning};
@@ -413,26 +414,8 @@ impl Runner for EmuRunner {
     }
 }
 
-/// Checks every case of the table, both formats, one type pair.
 fn check_pair(pair: (DType, DType), runner: &EmuRunner) {
-    let mut failures = Vec::new();
-    for (i, case) in CASES.iter().enumerate() {
-        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-            let r = with_types!(pair, |T, P| check_problem(
-                runner,
-                &Problem::<T, P>::new(case, format, i as u64)
-            ));
-            if let Err(e) = r {
-                failures.push(format!(
-                    "{:?} {} {:?}: {e}",
-                    case.dims,
-                    format.name(),
-                    case.data
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{pair:?}:\n{}", failures.join("\n"));
+    check_cases("the case table", runner, CASES, &[pair], 0);
 }
 
 fn split_runner() -> EmuRunner {
@@ -473,32 +456,30 @@ fn kernels_bf16_with_f32_parameters() {
 #[test]
 fn gpu_launch_plans() {
     let runner = EmuRunner::new(Emu::new(DeviceInfo::H100, Tuning::default()));
-    for dims in [
-        &[2usize, 64, 28, 28][..],
-        &[16, 2, 24, 24, 8],
-        &[3000, 24],
-        &[20, 6, 4096],
-    ] {
-        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-            for pair in [(DType::F32, DType::F32), (DType::F16, DType::F32)] {
-                let case = common::Case {
-                    dims,
-                    data: common::Data::Normal,
-                    affine: true,
-                };
-                let r = with_types!(pair, |T, P| check_problem(
-                    &runner,
-                    &Problem::<T, P>::new(&case, format, 5)
-                ));
-                r.unwrap_or_else(|e| panic!("{dims:?} {} {pair:?}: {e}", format.name()));
-            }
-        }
-    }
+    let normal = |dims| Case {
+        dims,
+        data: Data::Normal,
+        affine: true,
+    };
+    let cases = [
+        normal(&[2, 64, 28, 28][..]),
+        normal(&[16, 2, 24, 24, 8]),
+        normal(&[3000, 24]),
+        normal(&[20, 6, 4096]),
+    ];
+    check_cases(
+        "H100 plans",
+        &runner,
+        &cases,
+        &[TYPE_PAIRS[0], TYPE_PAIRS[4]],
+        5,
+    );
 }
 
 /// 64-bit index arithmetic and the scalar path, on every layout and a few dtypes.
 #[test]
 fn index64_and_scalar_variants() {
+    let cases = [CASES[0], CASES[3], CASES[6], CASES[9]];
     for tuning in [
         Tuning {
             force_index64: true,
@@ -510,19 +491,7 @@ fn index64_and_scalar_variants() {
         },
     ] {
         let runner = EmuRunner::new(Emu::new(SMALL, tuning));
-        for case in [&CASES[0], &CASES[3], &CASES[6], &CASES[9]] {
-            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-                for pair in [TYPE_PAIRS[0], TYPE_PAIRS[1], TYPE_PAIRS[2]] {
-                    let r = with_types!(pair, |T, P| check_problem(
-                        &runner,
-                        &Problem::<T, P>::new(case, format, 9)
-                    ));
-                    r.unwrap_or_else(|e| {
-                        panic!("{tuning:?} {:?} {}: {e}", case.dims, format.name())
-                    });
-                }
-            }
-        }
+        check_cases(&format!("{tuning:?}"), &runner, &cases, &TYPE_PAIRS[..3], 9);
     }
 }
 
@@ -530,29 +499,20 @@ fn index64_and_scalar_variants() {
 /// vectors after a scalar head) and shifted differently (scalar path).
 #[test]
 fn misaligned_views() {
+    let cases = [CASES[0], CASES[9], CASES[10], CASES[6]];
     for (pad, skew) in [(9, 0), (8, 1), (9, 2)] {
         let runner = EmuRunner {
             emu: Emu::new(SMALL, SPLIT),
             pad,
             skew,
         };
-        for case in [&CASES[0], &CASES[9], &CASES[10], &CASES[6]] {
-            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-                for pair in [TYPE_PAIRS[0], TYPE_PAIRS[2], TYPE_PAIRS[1]] {
-                    let r = with_types!(pair, |T, P| check_problem(
-                        &runner,
-                        &Problem::<T, P>::new(case, format, 3)
-                    ));
-                    r.unwrap_or_else(|e| {
-                        panic!(
-                            "pad {pad} skew {skew} {:?} {}: {e}",
-                            case.dims,
-                            format.name()
-                        )
-                    });
-                }
-            }
-        }
+        check_cases(
+            &format!("pad {pad} skew {skew}"),
+            &runner,
+            &cases,
+            &TYPE_PAIRS[..3],
+            3,
+        );
     }
 }
 
@@ -661,85 +621,24 @@ fn fixtures_on_emulated_kernels() {
 /// PyTorch checks that eval on an NCHW input and on its NHWC copy agree bit for bit.
 #[test]
 fn eval_is_bitwise_equal_across_formats() {
-    fn run<T: Float, P: ParamFor<T>>() {
-        let runner = split_runner();
-        let a = Problem::<T, P>::new(&CASES[10], MemoryFormat::Contiguous, 4);
-        let mut b = a.clone();
-        b.shape = a.shape.with_format(MemoryFormat::ChannelsLast);
-        for n in 0..a.shape.n() {
-            for c in 0..a.shape.c() {
-                for s in 0..a.shape.spatial() {
-                    b.x[b.shape.offset(n, c, s)] = a.x[a.shape.offset(n, c, s)];
-                }
-            }
-        }
-        let (ya, yb) = (
-            runner.eval_forward(&a).unwrap(),
-            runner.eval_forward(&b).unwrap(),
-        );
-        for n in 0..a.shape.n() {
-            for c in 0..a.shape.c() {
-                for s in 0..a.shape.spatial() {
-                    let (u, v) = (ya[a.shape.offset(n, c, s)], yb[b.shape.offset(n, c, s)]);
-                    assert!(u == v, "({n}, {c}, {s}): {u:?} != {v:?}");
-                }
-            }
-        }
-    }
-    run::<f32, f32>();
-    run::<cuda_batchnorm::half::f16, cuda_batchnorm::half::f16>();
-    run::<cuda_batchnorm::half::f16, f32>();
+    use cuda_batchnorm::half::f16;
+    let runner = split_runner();
+    common::check_eval_bitwise_across_formats::<_, f32, f32>(&runner, &CASES[10]).unwrap();
+    common::check_eval_bitwise_across_formats::<_, f16, f16>(&runner, &CASES[10]).unwrap();
+    common::check_eval_bitwise_across_formats::<_, f16, f32>(&runner, &CASES[10]).unwrap();
 }
 
 /// Values whose f16 sum of squares overflows normalise without inf or NaN and agree with
 /// the f32 computation; the backward with f32 parameters stays finite too.
 #[test]
 fn half_overflow() {
-    use cuda_batchnorm::half::f16;
-    let runner = split_runner();
     let case = common::Case {
         dims: &[4, 8, 50, 50],
         data: common::Data::Large,
         affine: true,
     };
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-        let p16 = Problem::<f16, f32>::new(&case, format, 2);
-        let naive: f32 = p16
-            .x
-            .iter()
-            .take(2500)
-            .map(|v| v.to_f32() * v.to_f32())
-            .sum();
-        assert!(
-            naive > 65504.0,
-            "the data would overflow an f16 sum of squares"
-        );
-        let p32 = Problem::<f32, f32> {
-            shape: p16.shape,
-            x: p16.x.iter().map(|v| v.to_f32()).collect(),
-            dy: p16.dy.iter().map(|v| v.to_f32()).collect(),
-            weight: p16.weight.clone(),
-            bias: p16.bias.clone(),
-            running_mean: p16.running_mean.clone(),
-            running_var: p16.running_var.clone(),
-            eps: p16.eps,
-            momentum: p16.momentum,
-        };
-        let o16 = runner.train_forward(&p16).unwrap();
-        let o32 = runner.train_forward(&p32).unwrap();
-        assert!(o16.y.iter().all(|v| v.is_finite()));
-        let y32: Vec<f64> = o32.y.iter().map(|&v| f64::from(v)).collect();
-        common::check_close("f16 y against f32 y", &o16.y, &y32).unwrap();
-        let g = runner
-            .backward(&p16, Some((&o16.save_mean, &o16.save_invstd)))
-            .unwrap();
-        assert!(g.dx.iter().all(|v| v.is_finite()));
-        assert!(g
-            .dweight
-            .unwrap()
-            .iter()
-            .chain(&g.dbias.unwrap())
-            .all(|v| v.is_finite()));
+        common::check_half_overflow(&split_runner(), &case, format).unwrap();
     }
 }
 

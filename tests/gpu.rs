@@ -11,8 +11,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use common::{
-    check_guards, check_problem, fixtures, GradOut, Padded, Problem, Runner, TrainOut, CASES,
-    TYPE_PAIRS,
+    check_guards, fixtures, GradOut, Padded, Problem, Runner, TrainOut, CASES, TYPE_PAIRS,
 };
 use cuda_batchnorm::cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use cuda_batchnorm::functional::{
@@ -231,32 +230,13 @@ fn kernels_match_the_reference() {
     let Some(stream) = gpu("kernels_match_the_reference") else {
         return;
     };
-    let mut failures = Vec::new();
     for pad in [16, 17] {
         let runner = GpuRunner {
             stream: stream.clone(),
             pad,
         };
-        for pair in TYPE_PAIRS {
-            for (i, case) in CASES.iter().enumerate() {
-                for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-                    let r = with_types!(*pair, |T, P| check_problem(
-                        &runner,
-                        &Problem::<T, P>::new(case, format, i as u64)
-                    ));
-                    if let Err(e) = r {
-                        failures.push(format!(
-                            "pad {pad} {pair:?} {:?} {} {:?}: {e}",
-                            case.dims,
-                            format.name(),
-                            case.data
-                        ));
-                    }
-                }
-            }
-        }
+        common::check_cases(&format!("pad {pad}"), &runner, CASES, TYPE_PAIRS, 0);
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -285,40 +265,15 @@ fn eval_is_bitwise_equal_across_formats() {
     let Some(stream) = gpu("eval_is_bitwise_equal_across_formats") else {
         return;
     };
-    fn run<T: Float, P: ParamFor<T>>(runner: &GpuRunner) {
-        let case = common::Case {
-            dims: &[8, 24, 13, 13],
-            data: common::Data::Normal,
-            affine: true,
-        };
-        let a = Problem::<T, P>::new(&case, MemoryFormat::Contiguous, 4);
-        let mut b = a.clone();
-        b.shape = a.shape.with_format(MemoryFormat::ChannelsLast);
-        for n in 0..a.shape.n() {
-            for c in 0..a.shape.c() {
-                for s in 0..a.shape.spatial() {
-                    b.x[b.shape.offset(n, c, s)] = a.x[a.shape.offset(n, c, s)];
-                }
-            }
-        }
-        let (ya, yb) = (
-            runner.eval_forward(&a).unwrap(),
-            runner.eval_forward(&b).unwrap(),
-        );
-        for n in 0..a.shape.n() {
-            for c in 0..a.shape.c() {
-                for s in 0..a.shape.spatial() {
-                    assert!(
-                        ya[a.shape.offset(n, c, s)] == yb[b.shape.offset(n, c, s)],
-                        "({n}, {c}, {s})"
-                    );
-                }
-            }
-        }
-    }
+    use cuda_batchnorm::half::f16;
     let runner = GpuRunner { stream, pad: 16 };
-    run::<f32, f32>(&runner);
-    run::<cuda_batchnorm::half::f16, cuda_batchnorm::half::f16>(&runner);
+    let case = common::Case {
+        dims: &[8, 24, 13, 13],
+        data: common::Data::Normal,
+        affine: true,
+    };
+    common::check_eval_bitwise_across_formats::<_, f32, f32>(&runner, &case).unwrap();
+    common::check_eval_bitwise_across_formats::<_, f16, f16>(&runner, &case).unwrap();
 }
 
 /// PyTorch's half-overflow test shape: (4, 80, 500, 500) f16 whose naive f16 sum of
@@ -329,41 +284,17 @@ fn huge_half_overflow() {
     let Some(stream) = gpu("huge_half_overflow") else {
         return;
     };
-    use cuda_batchnorm::half::f16;
-    let runner = GpuRunner { stream, pad: 16 };
     let case = common::Case {
         dims: &[4, 80, 500, 500],
         data: common::Data::Large,
         affine: true,
     };
-    let p16 = Problem::<f16, f32>::new(&case, MemoryFormat::Contiguous, 1);
-    let p32 = Problem::<f32, f32> {
-        shape: p16.shape,
-        x: p16.x.iter().map(|v| v.to_f32()).collect(),
-        dy: p16.dy.iter().map(|v| v.to_f32()).collect(),
-        weight: p16.weight.clone(),
-        bias: p16.bias.clone(),
-        running_mean: p16.running_mean.clone(),
-        running_var: p16.running_var.clone(),
-        eps: p16.eps,
-        momentum: p16.momentum,
-    };
-    let o16 = runner.train_forward(&p16).unwrap();
-    let o32 = runner.train_forward(&p32).unwrap();
-    assert!(o16.y.iter().all(|v| v.is_finite()));
-    assert!(o16.running_var.iter().all(|v| v.is_finite()));
-    let y32: Vec<f64> = o32.y.iter().map(|&v| f64::from(v)).collect();
-    common::check_close("f16 against f32", &o16.y, &y32).unwrap();
-    let g = runner
-        .backward(&p16, Some((&o16.save_mean, &o16.save_invstd)))
-        .unwrap();
-    assert!(g.dx.iter().all(|v| v.is_finite()));
-    assert!(g
-        .dweight
-        .unwrap()
-        .iter()
-        .chain(&g.dbias.unwrap())
-        .all(|v| v.is_finite()));
+    common::check_half_overflow(
+        &GpuRunner { stream, pad: 16 },
+        &case,
+        MemoryFormat::Contiguous,
+    )
+    .unwrap();
 }
 
 /// A tensor of more than 2^31 elements (f16, 4.3 GB): the kernels switch to 64-bit

@@ -378,6 +378,115 @@ pub fn check_problem<R: Runner, T: Float, P: ParamFor<T>>(
     check_grads("eval", &g, &gref, p.weight.is_some())
 }
 
+/// Checks each case in both formats for each type pair (case i with seed `seed + i`)
+/// and panics listing every failure under `label`.
+pub fn check_cases<R: Runner>(
+    label: &str,
+    runner: &R,
+    cases: &[Case],
+    pairs: &[(DType, DType)],
+    seed: u64,
+) {
+    let mut failures = Vec::new();
+    for &pair in pairs {
+        for (i, case) in cases.iter().enumerate() {
+            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                let problem_seed = seed + i as u64;
+                let r = with_types!(pair, |T, P| check_problem(
+                    runner,
+                    &Problem::<T, P>::new(case, format, problem_seed)
+                ));
+                if let Err(e) = r {
+                    failures.push(format!(
+                        "{pair:?} {:?} {} {:?}: {e}",
+                        case.dims,
+                        format.name(),
+                        case.data
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{label}:\n{}", failures.join("\n"));
+}
+
+/// Eval on an NCHW input and on its NHWC copy give bit-identical outputs (PyTorch tests
+/// exactly this).
+pub fn check_eval_bitwise_across_formats<R: Runner, T: Float, P: ParamFor<T>>(
+    r: &R,
+    case: &Case,
+) -> Result<(), String> {
+    let a = Problem::<T, P>::new(case, MemoryFormat::Contiguous, 4);
+    let mut b = a.clone();
+    b.shape = a.shape.with_format(MemoryFormat::ChannelsLast);
+    let each = |f: &mut dyn FnMut(usize, usize, usize)| {
+        for n in 0..a.shape.n() {
+            for c in 0..a.shape.c() {
+                for s in 0..a.shape.spatial() {
+                    f(n, c, s);
+                }
+            }
+        }
+    };
+    each(&mut |n, c, s| b.x[b.shape.offset(n, c, s)] = a.x[a.shape.offset(n, c, s)]);
+    let (ya, yb) = (r.eval_forward(&a)?, r.eval_forward(&b)?);
+    let mut first = None;
+    each(&mut |n, c, s| {
+        let (u, v) = (ya[a.shape.offset(n, c, s)], yb[b.shape.offset(n, c, s)]);
+        if u != v && first.is_none() {
+            first = Some(format!("({n}, {c}, {s}): {u:?} != {v:?}"));
+        }
+    });
+    first.map_or(Ok(()), Err)
+}
+
+/// f16 values whose naive f16 sum of squares overflows normalise without inf or NaN and
+/// agree with the same values in f32; the backward with f32 parameters stays finite.
+pub fn check_half_overflow<R: Runner>(
+    r: &R,
+    case: &Case,
+    format: MemoryFormat,
+) -> Result<(), String> {
+    use cuda_batchnorm::half::f16;
+    let p16 = Problem::<f16, f32>::new(case, format, 2);
+    let per_channel = p16.shape.per_channel();
+    let naive: f32 = p16
+        .x
+        .iter()
+        .take(per_channel)
+        .map(|v| v.to_f32() * v.to_f32())
+        .sum();
+    if naive <= 65504.0 {
+        return Err(format!(
+            "the data ({naive:e}) would not overflow an f16 sum of squares"
+        ));
+    }
+    let p32 = Problem::<f32, f32> {
+        shape: p16.shape,
+        x: p16.x.iter().map(|v| v.to_f32()).collect(),
+        dy: p16.dy.iter().map(|v| v.to_f32()).collect(),
+        weight: p16.weight.clone(),
+        bias: p16.bias.clone(),
+        running_mean: p16.running_mean.clone(),
+        running_var: p16.running_var.clone(),
+        eps: p16.eps,
+        momentum: p16.momentum,
+    };
+    let o16 = r.train_forward(&p16)?;
+    let o32 = r.train_forward(&p32)?;
+    if !o16.y.iter().all(|v| v.is_finite()) || !o16.running_var.iter().all(|v| v.is_finite()) {
+        return Err("f16 forward produced inf or NaN".into());
+    }
+    let y32: Vec<f64> = o32.y.iter().map(|&v| f64::from(v)).collect();
+    check_close("f16 y against f32 y", &o16.y, &y32)?;
+    let g = r.backward(&p16, Some((&o16.save_mean, &o16.save_invstd)))?;
+    let params = g.dweight.iter().chain(&g.dbias).flatten();
+    if !g.dx.iter().all(|v| v.is_finite()) || !params.copied().all(f32::is_finite) {
+        return Err("f16 backward produced inf or NaN".into());
+    }
+    Ok(())
+}
+
 fn check_grads<T: Float, P: Float>(
     mode: &str,
     g: &GradOut<T, P>,

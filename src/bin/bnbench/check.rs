@@ -5,17 +5,13 @@
 //! The same checks serve the GPU rows and, without a GPU, the CPU backend
 //! ([`cpu_selfcheck`]), which also runs a finite-difference check of the backward.
 
+pub use crate::ops::{EPS, MOMENTUM};
 use cuda_batchnorm::cpu::{self, reference};
 use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
 use half::{bf16, f16};
 
 use crate::data::{self, Inputs};
 use crate::suite::{dims_label, Op};
-
-/// `eps` of every run.
-pub const EPS: f64 = 1e-5;
-/// `momentum` of every training run.
-pub const MOMENTUM: f64 = 0.1;
 
 /// Norm-wise tolerance for an input dtype.
 pub fn tolerance(d: DType) -> f64 {

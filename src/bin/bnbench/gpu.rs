@@ -11,14 +11,15 @@
 use std::sync::Arc;
 
 use cuda_batchnorm::cudarc::driver::{
-    sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr,
 };
 use cuda_batchnorm::half::{bf16, f16};
-use cuda_batchnorm::{functional, BnError, DType, Float, ParamFor, Shape, Workspace};
+use cuda_batchnorm::{BnError, DType, Float, ParamFor, Shape, Workspace};
 
-use crate::check::{self, BackwardOut, Check, Sample, TrainOut, EPS, MOMENTUM};
+use crate::check::{self, BackwardOut, Check, Sample, TrainOut};
 use crate::data::{self, Inputs};
 use crate::metrics;
+use crate::ops::OpBuffers;
 use crate::suite::{Op, Row};
 use crate::timing::{self, Timing};
 
@@ -332,7 +333,7 @@ impl Gpu {
                         // The statistics the backward differentiates through.
                         bufs.train(&s).map_err(bn)?;
                         if let Some(sample) = &sample {
-                            bufs.backward(&s)?;
+                            bufs.backward(&s).map_err(bn)?;
                             let out = BackwardOut {
                                 dx: bufs.gather(&s, Which::Dx, &chans)?,
                                 grad_weight: pick(&s, &bufs.gw, &chans)?,
@@ -348,7 +349,7 @@ impl Gpu {
                             &mut self.events,
                             cfg.warmup,
                             cfg.reps,
-                            || bufs.backward(&s),
+                            || bufs.backward(&s).map_err(bn),
                         )?);
                     }
                 }
@@ -404,24 +405,9 @@ enum Which {
 }
 
 /// Every buffer of one row.
-struct Buffers<T: Float, P: ParamFor<T>> {
-    shape: Shape,
-    x: CudaSlice<T>,
-    y: CudaSlice<T>,
-    dy: Option<CudaSlice<T>>,
-    dx: Option<CudaSlice<T>>,
-    w: CudaSlice<P>,
-    b: CudaSlice<P>,
-    rm: CudaSlice<P>,
-    rv: CudaSlice<P>,
-    sm: CudaSlice<T::Acc>,
-    si: CudaSlice<T::Acc>,
-    gw: CudaSlice<P>,
-    gb: CudaSlice<P>,
-    ws: Workspace,
-}
+type Buffers<T, P> = OpBuffers<T, P>;
 
-impl<T: Float, P: ParamFor<T>> Buffers<T, P> {
+impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
     fn new(
         s: &Arc<CudaStream>,
         shape: &Shape,
@@ -431,7 +417,7 @@ impl<T: Float, P: ParamFor<T>> Buffers<T, P> {
         let (numel, c) = (shape.numel(), shape.c());
         let alloc = drv("allocating a buffer");
         let up = |v: &[P]| s.clone_htod(v).map_err(drv("uploading parameters"));
-        Ok(Buffers {
+        Ok(OpBuffers {
             shape: *shape,
             x: upload_tiled(s, &inputs.x, numel)?,
             y: s.alloc_zeros::<T>(numel).map_err(&alloc)?,
@@ -462,107 +448,6 @@ impl<T: Float, P: ParamFor<T>> Buffers<T, P> {
             .map_err(drv("uploading running statistics"))?;
         s.memcpy_htod(&inputs.running_var, &mut self.rv)
             .map_err(drv("uploading running statistics"))
-    }
-
-    fn train(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
-        let Buffers {
-            shape,
-            x,
-            y,
-            w,
-            b,
-            rm,
-            rv,
-            sm,
-            si,
-            ws,
-            ..
-        } = self;
-        functional::batch_norm(
-            s,
-            functional::Forward {
-                input: &*x,
-                shape: *shape,
-                running_mean: Some(rm as &mut dyn DevicePtrMut<P>),
-                running_var: Some(rv as &mut dyn DevicePtrMut<P>),
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                bias: Some(&*b as &dyn DevicePtr<P>),
-                training: true,
-                momentum: MOMENTUM,
-                eps: EPS,
-            },
-            y,
-            Some(functional::SaveStats {
-                mean: sm,
-                invstd: si,
-            }),
-            ws,
-        )
-    }
-
-    fn eval(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
-        let Buffers {
-            shape,
-            x,
-            y,
-            w,
-            b,
-            rm,
-            rv,
-            ..
-        } = self;
-        functional::batch_norm_eval(
-            s,
-            functional::Eval {
-                input: &*x,
-                shape: *shape,
-                running_mean: &*rm,
-                running_var: &*rv,
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                bias: Some(&*b as &dyn DevicePtr<P>),
-                eps: EPS,
-            },
-            y,
-        )
-    }
-
-    fn backward(&mut self, s: &Arc<CudaStream>) -> Result<(), String> {
-        let Buffers {
-            shape,
-            x,
-            dy,
-            dx,
-            w,
-            sm,
-            si,
-            gw,
-            gb,
-            ws,
-            ..
-        } = self;
-        let (Some(dy), Some(dx)) = (dy.as_ref(), dx.as_mut()) else {
-            return Err("internal: backward buffers were not allocated".into());
-        };
-        functional::batch_norm_backward(
-            s,
-            functional::Backward {
-                grad_output: dy,
-                input: &*x,
-                shape: *shape,
-                weight: Some(&*w as &dyn DevicePtr<P>),
-                stats: functional::BackwardStats::Batch {
-                    save_mean: &*sm,
-                    save_invstd: &*si,
-                },
-            },
-            functional::Grads {
-                input: dx,
-                weight: Some(gw as &mut dyn DevicePtrMut<P>),
-                bias: Some(gb as &mut dyn DevicePtrMut<P>),
-            },
-            ws,
-        )
-        .map_err(bn)
     }
 
     /// The sampled channels of y or dx, widened.

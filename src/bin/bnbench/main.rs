@@ -10,6 +10,7 @@ mod data;
 mod gpu;
 mod json;
 mod metrics;
+mod ops;
 mod plot;
 mod report;
 mod suite;
