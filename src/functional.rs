@@ -282,6 +282,23 @@ fn write<'a, 'b: 'a, T>(
     }
 }
 
+/// The kernels of the stream's context and the tuning to plan with, after growing the
+/// workspace for `shape` if it is too small.
+fn prepare(
+    stream: &Arc<CudaStream>,
+    workspace: &mut Workspace,
+    shape: &Shape,
+    input: DType,
+) -> Result<(Arc<Kernels>, Tuning)> {
+    let kernels = Kernels::for_context(stream.context())?;
+    let tuning = Tuning::default();
+    workspace.reserve(
+        stream,
+        raw::workspace_size(shape, input, kernels.device(), &tuning)?,
+    )?;
+    Ok((kernels, tuning))
+}
+
 /// The forward of `torch.nn.functional.batch_norm`: batch statistics when `training`
 /// (updating the running statistics if given, and writing `save` if given), running
 /// statistics otherwise.
@@ -329,12 +346,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         same_context(stream, "save_mean", &*s.mean)?;
         same_context(stream, "save_invstd", &*s.invstd)?;
     }
-    let kernels = Kernels::for_context(stream.context())?;
-    let tuning = Tuning::default();
-    workspace.reserve(
-        stream,
-        raw::workspace_size(&shape, T::DTYPE, kernels.device(), &tuning)?,
-    )?;
+    let (kernels, tuning) = prepare(stream, workspace, &shape, T::DTYPE)?;
 
     let (x, _gx) = input.device_ptr(stream);
     let (y, _gy) = output.device_ptr_mut(stream);
@@ -500,12 +512,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         }
         return Ok(());
     }
-    let kernels = Kernels::for_context(stream.context())?;
-    let tuning = Tuning::default();
-    workspace.reserve(
-        stream,
-        raw::workspace_size(&shape, T::DTYPE, kernels.device(), &tuning)?,
-    )?;
+    let (kernels, tuning) = prepare(stream, workspace, &shape, T::DTYPE)?;
     let (dy, _gdy) = grad_output.device_ptr(stream);
     let (x, _gx) = input.device_ptr(stream);
     let (dx, _gdx) = grad_input.device_ptr_mut(stream);
