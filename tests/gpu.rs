@@ -230,12 +230,20 @@ fn kernels_match_the_reference() {
     let Some(stream) = gpu("kernels_match_the_reference") else {
         return;
     };
-    for pad in [16, 17] {
+    // Under compute-sanitizer (.gpu/run sets CUDA_BATCHNORM_GPU_TEST_SUBSET=1) every
+    // launch is many times slower: one alignment and the first cases only.
+    let subset = std::env::var("CUDA_BATCHNORM_GPU_TEST_SUBSET").is_ok_and(|v| v == "1");
+    let (pads, cases): (&[usize], _) = if subset {
+        (&[17], &CASES[..6])
+    } else {
+        (&[16, 17], CASES)
+    };
+    for &pad in pads {
         let runner = GpuRunner {
             stream: stream.clone(),
             pad,
         };
-        common::check_cases(&format!("pad {pad}"), &runner, CASES, TYPE_PAIRS, 0);
+        common::check_cases(&format!("pad {pad}"), &runner, cases, TYPE_PAIRS, 0);
     }
 }
 
