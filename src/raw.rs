@@ -226,12 +226,21 @@ impl Workspace {
         self.counters
     }
 
+    /// An address inside the scratch buffer; 0 (absent) when there is none (eval).
+    fn in_scratch(&self, offset: usize) -> u64 {
+        if self.scratch == 0 {
+            0
+        } else {
+            self.scratch + offset as u64
+        }
+    }
+
     fn partials(&self) -> u64 {
-        self.scratch + self.layout.partials as u64
+        self.in_scratch(self.layout.partials)
     }
 
     fn channel(&self) -> u64 {
-        self.scratch + self.layout.channel as u64
+        self.in_scratch(self.layout.channel)
     }
 
     /// The counter and partial regions a reducing stage uses.
