@@ -176,7 +176,7 @@ struct Gmem {
     template <class I>
     __device__ __forceinline__ T ld(I i) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), false);
+        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), bn_emu::kAccessRead);
 #endif
         return base[i];
     }
@@ -185,7 +185,7 @@ struct Gmem {
     template <class I>
     __device__ __forceinline__ T ld_cg(I i) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), false);
+        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), bn_emu::kAccessRead);
         return base[i];
 #else
         return __ldcg(base + i);
@@ -195,7 +195,7 @@ struct Gmem {
     template <class I>
     __device__ __forceinline__ void st(I i, T v) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), true);
+        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), bn_emu::kAccessWrite);
 #endif
         base[i] = v;
     }
@@ -204,7 +204,7 @@ struct Gmem {
     template <int N, class I>
     __device__ __forceinline__ Pack<Elem, N> ld_vec(I i) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(Pack<Elem, N>), alignof(Pack<Elem, N>), false);
+        bn_emu::check_global(bounds, base + i, sizeof(Pack<Elem, N>), alignof(Pack<Elem, N>), bn_emu::kAccessRead);
 #endif
         return *reinterpret_cast<const Pack<Elem, N>*>(base + i);
     }
@@ -212,7 +212,7 @@ struct Gmem {
     template <int N, class I>
     __device__ __forceinline__ void st_vec(I i, const Pack<Elem, N>& v) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(Pack<Elem, N>), alignof(Pack<Elem, N>), true);
+        bn_emu::check_global(bounds, base + i, sizeof(Pack<Elem, N>), alignof(Pack<Elem, N>), bn_emu::kAccessWrite);
 #endif
         *reinterpret_cast<Pack<Elem, N>*>(base + i) = v;
     }
@@ -221,7 +221,7 @@ struct Gmem {
     template <class I>
     __device__ __forceinline__ T* at(I i) const {
 #if defined(BN_EMULATION)
-        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), true);
+        bn_emu::check_global(bounds, base + i, sizeof(T), alignof(T), bn_emu::kAccessAtomic);
 #endif
         return base + i;
     }

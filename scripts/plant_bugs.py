@@ -70,8 +70,15 @@ BUGS = {
         "kernels/batchnorm.cu",
         "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
         "    BN_SHARED(int, s_last, 1);\n",
-        False,
+        True,
         "removed __threadfence() before counting the block in (a memory-ordering bug)",
+    ),
+    "blockfence": (
+        "kernels/batchnorm.cu",
+        "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
+        "    BN_SHARED(int, s_last, 1);\n    __threadfence_block();\n",
+        True,
+        "a block-scope fence where a device-scope __threadfence() is needed before the count",
     ),
 }
 

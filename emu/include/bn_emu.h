@@ -116,13 +116,32 @@ Bounds bounds_of(const void* base);
 // Reports a failed access (never returns: the launch is abandoned).
 [[noreturn]] void global_access_failed(const Bounds& b, const void* p, size_t bytes, size_t align, bool write);
 
+// How a kernel touches global memory (check_global's `access`).
+enum Access : int {
+    kAccessRead = 0,
+    kAccessWrite = 1,
+    kAccessAtomic = 2,  // Gmem::at: the address is handed to an atomic
+};
+
+// Scratch regions carry partial results between the blocks of one launch, so they get
+// a (one-sided) model of visibility: a plain store there is seen by other blocks only
+// after a __threadfence() (or __threadfence_system(), or grid_sync()) executed by a thread
+// of the storing block; until then another block's read of those bytes fails the launch.
+// Defined in runtime.cpp; called by check_global for Scratch regions only.
+void scratch_access(const Bounds& b, const void* p, size_t bytes, int access);
+
+// Publishes the calling block's scratch stores to every block (__threadfence).
+void publish_block_stores();
+
 // Checks one access of `bytes` bytes at p, aligned to `align`, through a view with
 // bounds b. Inline fast path; the failure path reports and abandons the launch.
-inline void check_global(const Bounds& b, const void* p, size_t bytes, size_t align, bool write) {
+inline void check_global(const Bounds& b, const void* p, size_t bytes, size_t align, int access) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const bool write = access != kAccessRead;
     const bool ok = a >= b.begin && a <= b.end && b.end - a >= bytes && (a & (align - 1)) == 0 &&
                     !(write && b.kind == kRegionInput) && b.end != 0;
     if (__builtin_expect(!ok, 0)) global_access_failed(b, p, bytes, align, write);
+    if (b.kind == kRegionScratch) scratch_access(b, p, bytes, access);
 }
 
 // Registers a kernel entry point at static-initialisation time (see BN_KERNEL).
@@ -414,8 +433,11 @@ inline unsigned int atomicInc(unsigned int* a, unsigned int v) {
 // ---------------------------------------------------------------------------------------
 // 5. Fences and sleep (scheduling points).
 
+// __threadfence_block orders memory for the block only, so it publishes nothing to other
+// blocks (see scratch_access).
 inline void __threadfence() {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    ::bn_emu::publish_block_stores();
     ::bn_emu::yield_point();
 }
 inline void __threadfence_block() {
@@ -424,6 +446,7 @@ inline void __threadfence_block() {
 }
 inline void __threadfence_system() {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    ::bn_emu::publish_block_stores();
     ::bn_emu::yield_point();
 }
 inline void __nanosleep(unsigned int) { ::bn_emu::yield_point(); }

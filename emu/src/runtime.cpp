@@ -188,6 +188,17 @@ struct Launch {
     const char* grid_file = nullptr;
     int grid_line = 0;
 
+    // Scratch visibility (scratch_access). owner[region][byte]: 0 when every block may
+    // see the byte's last store, else 1 + the linear index of the block whose store is
+    // not yet published. unpublished: the stores not yet published, oldest first.
+    struct Store {
+        uint64_t block;
+        size_t region;
+        size_t offset;
+        size_t bytes;
+    };
+    std::vector<std::vector<uint64_t>> owner;
+    std::vector<Store> unpublished;
 };
 
 __thread Launch* t_launch = nullptr;
@@ -715,6 +726,61 @@ void global_access_failed(const Bounds& b, const void* p, size_t bytes, size_t a
                bytes, off, ri.name.c_str(), size);
 }
 
+void scratch_access(const Bounds& b, const void* p, size_t bytes, int access) {
+    Launch* L = launch_or_die("a scratch memory access");
+    Fiber* f = L->cur;
+    const size_t region = static_cast<size_t>(b.region);
+    const size_t off = reinterpret_cast<uintptr_t>(p) - b.begin;
+    if (L->owner.size() <= region) L->owner.resize(region + 1);
+    std::vector<uint64_t>& own = L->owner[region];
+    if (own.empty()) own.assign(b.end - b.begin, 0);
+    const uint64_t me = f->block->linear + 1;
+    switch (access) {
+        case kAccessRead:
+            for (size_t i = 0; i < bytes; ++i) {
+                const uint64_t w = own[off + i];
+                if (w != 0 && w != me) {
+                    const uint64_t wl = w - 1;
+                    const uint64_t gx = L->grid.x, gy = L->grid.y;
+                    fail_fiber(L, f,
+                               "read of %zu bytes at byte offset %zu of scratch region '%s' that block (%llu,%llu,%llu) "
+                               "stored without a __threadfence() after the store: another block need not see that "
+                               "store yet (publish with __threadfence() before signalling, e.g. before the atomic "
+                               "that counts the block in)",
+                               bytes, off, L->regions[region].name.c_str(), static_cast<unsigned long long>(wl % gx),
+                               static_cast<unsigned long long>((wl / gx) % gy),
+                               static_cast<unsigned long long>(wl / (gx * gy)));
+                }
+            }
+            return;
+        case kAccessWrite:
+            for (size_t i = 0; i < bytes; ++i) own[off + i] = me;
+            L->unpublished.push_back(Launch::Store{me, region, off, bytes});
+            return;
+        default:  // atomics act on device-visible memory
+            for (size_t i = 0; i < bytes; ++i) own[off + i] = 0;
+            return;
+    }
+}
+
+void publish_block_stores() {
+    Launch* L = t_launch;
+    if (L == nullptr || L->cur == nullptr || L->unpublished.empty()) return;
+    const uint64_t me = L->cur->block->linear + 1;
+    size_t kept = 0;
+    for (const Launch::Store& st : L->unpublished) {
+        if (st.block != me) {
+            L->unpublished[kept++] = st;
+            continue;
+        }
+        std::vector<uint64_t>& own = L->owner[st.region];
+        for (size_t i = 0; i < st.bytes; ++i) {
+            if (own[st.offset + i] == me) own[st.offset + i] = 0;
+        }
+    }
+    L->unpublished.resize(kept);
+}
+
 void fail(const char* message) {
     Launch* L = launch_or_die("bn_emu::fail");
     fail_fiber(L, L->cur, "%s", message);
@@ -939,6 +1005,8 @@ void grid_sync(const char* file, int line) {
     }
     if (++L->grid_count == L->grid_threads) {
         L->grid_count = 0;
+        for (auto& own : L->owner) std::fill(own.begin(), own.end(), 0);
+        L->unpublished.clear();
         for (auto& bp : L->resident) {
             for (uint32_t t = 0; t < bp->nthreads; ++t) {
                 Fiber* g = &bp->fibers[t];

@@ -9,6 +9,8 @@ use cuda_batchnorm_emu::RegionKind::{Counters, InOut, Input, Output, Scratch};
 const SKIP_BARRIER: u32 = 1;
 const WRONG_OFFSET: u32 = 2;
 const FIRST_FINALISES: u32 = 4;
+const SKIP_FENCE: u32 = 8;
+const BLOCK_FENCE: u32 = 16;
 
 fn data(n: usize, seed: u64) -> Vec<i64> {
     let mut r = Rng(seed);
@@ -151,6 +153,25 @@ fn first_block_finalises_bug_is_exposed() {
         exposed > 0,
         "'first block finalises' gave the right total for every seed"
     );
+}
+
+#[test]
+fn missing_or_block_scope_fence_before_the_count_is_exposed() {
+    let x = data(20_000, 6);
+    let want: i64 = x.iter().sum();
+    for flags in [SKIP_FENCE, BLOCK_FENCE] {
+        for seed in 0..4 {
+            let err =
+                last_block(&x, 5, flags, &opts(seed)).expect_err("a fence bug went unnoticed");
+            assert!(
+                err.contains("scratch region 'ws_partials'")
+                    && err.contains("without a __threadfence()"),
+                "flags {flags}, seed {seed}: {err}"
+            );
+        }
+        // One block reads only its own partial: no other block needs to see it.
+        assert_eq!(last_block(&x, 1, flags, &opts(0)), Ok(want));
+    }
 }
 
 /// emu_test_float_atomic: the f32 sum in the order the atomics happened.

@@ -7,6 +7,8 @@ namespace {
 constexpr uint32_t kSkipBarrier = 1u << 0;     // remove the barrier before reading warp sums
 constexpr uint32_t kWrongOffset = 1u << 1;     // start the shuffle tree at offset 8
 constexpr uint32_t kFirstFinalises = 1u << 2;  // first block to arrive finalises
+constexpr uint32_t kSkipFence = 1u << 3;       // no fence between the partial and the atomic
+constexpr uint32_t kBlockFence = 1u << 4;      // a block-scope fence there instead
 
 // Each block sums x[blockIdx.x * chunk ..< min(n, (blockIdx.x + 1) * chunk)].
 // x: i64[n] (Input), y: i64[gridDim.x] (Output), chunk, flags.
@@ -30,7 +32,7 @@ __device__ void block_reduce_body(const BnParams& p) {
 
 // Multi-block sum, finalised by the last block to arrive.
 // x: i64[n], ws_partials: i64[gridDim.x] (Scratch), ws_counters: u32[1] (Counters),
-// y: i64[1] (Output), chunk, flags (kFirstFinalises: the bug).
+// y: i64[1] (Output), chunk, flags (kFirstFinalises, kSkipFence, kBlockFence: the bugs).
 __device__ void last_block_body(const BnParams& p) {
     const bn::Gmem<long long> x(p.x);
     const bn::Gmem<long long> y(p.y);
@@ -41,7 +43,11 @@ __device__ void last_block_body(const BnParams& p) {
     const long long acc = selftest::block_sum(chunk_sum(p, x), red, false, 16);
     if (threadIdx.x == 0) {
         partials.st(blockIdx.x, acc);
-        __threadfence();
+        if (p.flags & kBlockFence) {
+            __threadfence_block();
+        } else if (!(p.flags & kSkipFence)) {
+            __threadfence();
+        }
         const unsigned int prev = atomicAdd(counters.at(0), 1u);
         const bool last = prev == gridDim.x - 1;
         role[0] = (p.flags & kFirstFinalises) ? prev == 0 : last;  // finalise
