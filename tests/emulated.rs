@@ -19,6 +19,7 @@ use common::{
     CASES, TYPE_PAIRS,
 };
 use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
+use cuda_batchnorm::half::f16;
 use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning};
 use cuda_batchnorm::raw::{self, Launcher, Region, RegionKind};
 use cuda_batchnorm::validate::ForwardKind;
@@ -111,7 +112,8 @@ impl Emu {
         Emu {
             device,
             tuning,
-            seed: 1,
+            // BN_EMU_SEED when set, so that a whole run can be repeated under other seeds
+            seed: emu::Options::default().seed,
             resident: 4,
         }
     }
@@ -564,8 +566,8 @@ fn workspace_is_reusable() {
             args,
             &mut y,
             Some(SaveStats {
-                mean: &mut sm,
-                invstd: &mut si,
+                mean: &mut sm[..],
+                invstd: &mut si[..],
             }),
             &mut ws,
         )
@@ -584,7 +586,7 @@ fn workspace_is_reusable() {
         emu.batch_norm_backward(
             args,
             Grads {
-                input: &mut dx,
+                input: &mut dx[..],
                 weight: None,
                 bias: None,
             },
@@ -621,7 +623,6 @@ fn fixtures_on_emulated_kernels() {
 /// PyTorch checks that eval on an NCHW input and on its NHWC copy agree bit for bit.
 #[test]
 fn eval_is_bitwise_equal_across_formats() {
-    use cuda_batchnorm::half::f16;
     let runner = split_runner();
     common::check_eval_bitwise_across_formats::<_, f32, f32>(&runner, &CASES[10]).unwrap();
     common::check_eval_bitwise_across_formats::<_, f16, f16>(&runner, &CASES[10]).unwrap();
@@ -639,6 +640,144 @@ fn half_overflow() {
     };
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         common::check_half_overflow(&split_runner(), &case, format).unwrap();
+    }
+}
+
+/// The same check at full size: (4, 80, 500, 500) f16 with the H100 plan, as PyTorch's
+/// test. Minutes on the emulator: `cargo test --release --test emulated -- --ignored`.
+#[test]
+#[ignore = "minutes on the emulator; run with --ignored"]
+fn huge_half_overflow() {
+    let case = common::Case {
+        dims: &[4, 80, 500, 500],
+        data: common::Data::Large,
+        affine: true,
+    };
+    let runner = EmuRunner::new(Emu::new(DeviceInfo::H100, Tuning::default()));
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        common::check_half_overflow(&runner, &case, format).unwrap();
+    }
+}
+
+/// The emulated kernels as a [`common::huge::Device`]: host slices are the buffers, so
+/// nothing is copied.
+impl common::huge::Device for Emu {
+    fn forward(
+        &self,
+        shape: &Shape,
+        x: &[f16],
+        weight: &[f32],
+        bias: &[f32],
+        samples: &[usize],
+    ) -> Result<common::huge::Forwarded, String> {
+        let c = shape.c();
+        let mut y = vec![f16::ZERO; shape.numel()];
+        let (mut rm, mut rv) = (vec![0.0f32; c], vec![1.0f32; c]);
+        let (mut sm, mut si) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let args = Forward::<Emu, f16, f32> {
+            input: x,
+            shape: *shape,
+            running_mean: Some(&mut rm),
+            running_var: Some(&mut rv),
+            weight: Some(weight),
+            bias: Some(bias),
+            training: true,
+            momentum: common::huge::MOMENTUM,
+            eps: common::huge::EPS,
+        };
+        let save = SaveStats {
+            mean: &mut sm[..],
+            invstd: &mut si[..],
+        };
+        self.batch_norm(args, &mut y, Some(save), &mut EmuWorkspace::default())
+            .map_err(|e| e.to_string())?;
+        Ok(common::huge::Forwarded {
+            save_mean: sm,
+            save_invstd: si,
+            running_mean: rm,
+            running_var: rv,
+            y: samples.iter().map(|&i| y[i]).collect(),
+        })
+    }
+
+    fn backward(
+        &self,
+        shape: &Shape,
+        x: &[f16],
+        dy: &[f16],
+        weight: &[f32],
+        save_mean: &[f32],
+        save_invstd: &[f32],
+        samples: &[usize],
+    ) -> Result<common::huge::Backwarded, String> {
+        let c = shape.c();
+        let mut dx = vec![f16::ZERO; shape.numel()];
+        let (mut gw, mut gb) = (vec![0.0f32; c], vec![0.0f32; c]);
+        let args = backend::Backward::<Emu, f16, f32> {
+            grad_output: dy,
+            input: x,
+            shape: *shape,
+            weight: Some(weight),
+            stats: backend::BackwardStats::Batch {
+                save_mean,
+                save_invstd,
+            },
+        };
+        let grads = Grads {
+            input: &mut dx[..],
+            weight: Some(&mut gw[..]),
+            bias: Some(&mut gb[..]),
+        };
+        self.batch_norm_backward(args, grads, &mut EmuWorkspace::default())
+            .map_err(|e| e.to_string())?;
+        Ok(common::huge::Backwarded {
+            grad_weight: gw,
+            grad_bias: gb,
+            dx: samples.iter().map(|&i| dx[i]).collect(),
+        })
+    }
+}
+
+/// The checks of the 2^31-element test on a small tensor, with 64-bit indexing forced:
+/// keeps the shared check itself exercised in every `cargo test`.
+#[test]
+fn more_than_2_pow_31_check_on_a_small_tensor() {
+    let emu = Emu::new(
+        SMALL,
+        Tuning {
+            force_index64: true,
+            ..SPLIT
+        },
+    );
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        common::huge::check(&emu, format, 16 * 4099).unwrap();
+    }
+}
+
+/// A tensor of 2^31 + 2^20 f16 elements, both layouts, with the H100 plan: the kernels
+/// pick 64-bit index arithmetic by themselves. Needs about 13 GB of memory and minutes:
+/// `cargo test --release --test emulated -- --ignored`.
+#[test]
+#[ignore = "13 GB and minutes on the emulator; run with --ignored"]
+fn huge_more_than_2_pow_31_elements() {
+    let emu = Emu::new(DeviceInfo::H100, Tuning::default());
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let plan = cuda_batchnorm::launch::plan_stage(
+            cuda_batchnorm::launch::Stage::FwdStats,
+            &common::huge::shape(format, common::huge::FULL),
+            DType::F16,
+            cuda_batchnorm::launch::Alignment::ALIGNED,
+            &DeviceInfo::H100,
+            &Tuning::default(),
+        )
+        .unwrap();
+        assert!(plan.index64, "{format:?}: the plan keeps 32-bit indices");
+        let t = std::time::Instant::now();
+        common::huge::check(&emu, format, common::huge::FULL).unwrap();
+        eprintln!(
+            "{format:?}: forward and backward checked in {:.0?}",
+            t.elapsed()
+        );
     }
 }
 

@@ -18,6 +18,7 @@ use cuda_batchnorm::functional::{
     self, batch_norm, batch_norm_backward, batch_norm_eval, BackwardStats, Eval, Forward, Grads,
     SaveStats,
 };
+use cuda_batchnorm::half::f16;
 use cuda_batchnorm::nn::BatchNorm2d;
 use cuda_batchnorm::{
     open_device, ptx_unavailable, BatchNormOptions, Cuda, DType, Float, MemoryFormat, ParamFor,
@@ -305,75 +306,117 @@ fn huge_half_overflow() {
     .unwrap();
 }
 
-/// A tensor of more than 2^31 elements (f16, 4.3 GB): the kernels switch to 64-bit
-/// index arithmetic. Statistics are checked per channel and outputs at indices beyond
-/// 2^31 against the reference.
+/// The GPU as a [`common::huge::Device`].
+struct HugeGpu(Arc<CudaStream>);
+
+fn gpu_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl common::huge::Device for HugeGpu {
+    fn forward(
+        &self,
+        shape: &Shape,
+        x: &[f16],
+        weight: &[f32],
+        bias: &[f32],
+        samples: &[usize],
+    ) -> Result<common::huge::Forwarded, String> {
+        let (s, c) = (&self.0, shape.c());
+        let x = s.clone_htod(x).map_err(gpu_err)?;
+        let mut y = s.alloc_zeros::<f16>(shape.numel()).map_err(gpu_err)?;
+        let (w, b) = (
+            s.clone_htod(weight).map_err(gpu_err)?,
+            s.clone_htod(bias).map_err(gpu_err)?,
+        );
+        let mut rm = s.clone_htod(&vec![0.0f32; c]).map_err(gpu_err)?;
+        let mut rv = s.clone_htod(&vec![1.0f32; c]).map_err(gpu_err)?;
+        let mut sm = s.alloc_zeros::<f32>(c).map_err(gpu_err)?;
+        let mut si = s.alloc_zeros::<f32>(c).map_err(gpu_err)?;
+        let args = Forward::<f16, f32> {
+            input: &x,
+            shape: *shape,
+            running_mean: Some(&mut rm),
+            running_var: Some(&mut rv),
+            weight: Some(&w),
+            bias: Some(&b),
+            training: true,
+            momentum: common::huge::MOMENTUM,
+            eps: common::huge::EPS,
+        };
+        let save = SaveStats {
+            mean: &mut sm,
+            invstd: &mut si,
+        };
+        batch_norm(s, args, &mut y, Some(save), &mut Workspace::new()).map_err(gpu_err)?;
+        let y = s.clone_dtoh(&y).map_err(gpu_err)?;
+        Ok(common::huge::Forwarded {
+            save_mean: s.clone_dtoh(&sm).map_err(gpu_err)?,
+            save_invstd: s.clone_dtoh(&si).map_err(gpu_err)?,
+            running_mean: s.clone_dtoh(&rm).map_err(gpu_err)?,
+            running_var: s.clone_dtoh(&rv).map_err(gpu_err)?,
+            y: samples.iter().map(|&i| y[i]).collect(),
+        })
+    }
+
+    fn backward(
+        &self,
+        shape: &Shape,
+        x: &[f16],
+        dy: &[f16],
+        weight: &[f32],
+        save_mean: &[f32],
+        save_invstd: &[f32],
+        samples: &[usize],
+    ) -> Result<common::huge::Backwarded, String> {
+        let (s, c) = (&self.0, shape.c());
+        let x = s.clone_htod(x).map_err(gpu_err)?;
+        let dy = s.clone_htod(dy).map_err(gpu_err)?;
+        let w = s.clone_htod(weight).map_err(gpu_err)?;
+        let (sm, si) = (
+            s.clone_htod(save_mean).map_err(gpu_err)?,
+            s.clone_htod(save_invstd).map_err(gpu_err)?,
+        );
+        let mut dx = s.alloc_zeros::<f16>(shape.numel()).map_err(gpu_err)?;
+        let mut gw = s.alloc_zeros::<f32>(c).map_err(gpu_err)?;
+        let mut gb = s.alloc_zeros::<f32>(c).map_err(gpu_err)?;
+        let args = functional::Backward::<f16, f32> {
+            grad_output: &dy,
+            input: &x,
+            shape: *shape,
+            weight: Some(&w),
+            stats: BackwardStats::Batch {
+                save_mean: &sm,
+                save_invstd: &si,
+            },
+        };
+        let grads = Grads {
+            input: &mut dx,
+            weight: Some(&mut gw),
+            bias: Some(&mut gb),
+        };
+        batch_norm_backward(s, args, grads, &mut Workspace::new()).map_err(gpu_err)?;
+        let dx = s.clone_dtoh(&dx).map_err(gpu_err)?;
+        Ok(common::huge::Backwarded {
+            grad_weight: s.clone_dtoh(&gw).map_err(gpu_err)?,
+            grad_bias: s.clone_dtoh(&gb).map_err(gpu_err)?,
+            dx: samples.iter().map(|&i| dx[i]).collect(),
+        })
+    }
+}
+
+/// A tensor of more than 2^31 elements (f16, 4.3 GB), both layouts: the kernels switch
+/// to 64-bit index arithmetic. Statistics and gradients of weight and bias are checked
+/// per channel, y and dx at indices beyond 2^31 (tests/common/huge.rs). The emulated
+/// kernels run the same check (tests/emulated.rs, `--ignored`).
 #[test]
 fn huge_more_than_2_pow_31_elements() {
-    use cuda_batchnorm::cpu::reference;
-    use cuda_batchnorm::half::f16;
     let Some(stream) = gpu("huge_more_than_2_pow_31_elements") else {
         return;
     };
-    let shape = Shape::new(&[2, 4, (1 << 28) + (1 << 17)], MemoryFormat::Contiguous).unwrap();
-    assert!(shape.numel() > 1 << 31);
-    let n = shape.numel();
-    let host: Vec<f16> = (0..n)
-        .map(|i| f16::from_f32(((i * 2_654_435_761) % 1000) as f32 * 0.004 - 2.0))
-        .collect();
-    let x = stream.clone_htod(&host).unwrap();
-    let mut y = stream.alloc_zeros::<f16>(n).unwrap();
-    let (mut rm, mut rv) = (
-        stream.clone_htod(&[0.0f32; 4]).unwrap(),
-        stream.clone_htod(&[1.0f32; 4]).unwrap(),
-    );
-    let (mut sm, mut si) = (
-        stream.alloc_zeros::<f32>(4).unwrap(),
-        stream.alloc_zeros::<f32>(4).unwrap(),
-    );
-    let args = Forward::<f16, f32> {
-        input: &x,
-        shape,
-        running_mean: Some(&mut rm),
-        running_var: Some(&mut rv),
-        weight: None,
-        bias: None,
-        training: true,
-        momentum: 0.1,
-        eps: 1e-5,
-    };
-    batch_norm(
-        &stream,
-        args,
-        &mut y,
-        Some(SaveStats {
-            mean: &mut sm,
-            invstd: &mut si,
-        }),
-        &mut Workspace::new(),
-    )
-    .unwrap();
-    let (mean, invstd) = (
-        stream.clone_dtoh(&sm).unwrap(),
-        stream.clone_dtoh(&si).unwrap(),
-    );
-    let x64: Vec<f64> = host.iter().map(|v| f64::from(v.to_f32())).collect();
-    let (rmean, rvar) = reference::batch_stats(&x64, &shape).unwrap();
-    let rinv = reference::invstd(&rvar, 1e-5);
-    common::check_close("save_mean", &mean, &rmean).unwrap();
-    common::check_close("save_invstd", &invstd, &rinv).unwrap();
-    let yh = stream.clone_dtoh(&y).unwrap();
-    let idx: Vec<usize> = (0..4096)
-        .map(|k| n - 1 - k * 97)
-        .chain((0..64).map(|k| (1usize << 31) + k))
-        .collect();
-    let per = shape.spatial();
-    let got: Vec<f16> = idx.iter().map(|&i| yh[i]).collect();
-    let want: Vec<f64> = idx
-        .iter()
-        .map(|&i| (x64[i] - rmean[(i / per) % 4]) * rinv[(i / per) % 4])
-        .collect();
-    common::check_close("y beyond 2^31", &got, &want).unwrap();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        common::huge::check(&HugeGpu(stream.clone()), format, common::huge::FULL).unwrap();
+    }
 }
 
 /// `infer` shares one module across threads and streams.

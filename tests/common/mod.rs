@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod huge;
 
 use cuda_batchnorm::cpu::reference;
 use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
