@@ -493,7 +493,7 @@ fn index64_and_scalar_variants() {
         },
     ] {
         let runner = EmuRunner::new(Emu::new(SMALL, tuning));
-        check_cases(&format!("{tuning:?}"), &runner, &cases, &TYPE_PAIRS[..3], 9);
+        check_cases(&format!("{tuning:?}"), &runner, &cases, TYPE_PAIRS, 9);
     }
 }
 
@@ -512,7 +512,7 @@ fn misaligned_views() {
             &format!("pad {pad} skew {skew}"),
             &runner,
             &cases,
-            &TYPE_PAIRS[..3],
+            TYPE_PAIRS,
             3,
         );
     }
