@@ -1,6 +1,6 @@
 //! The CPU backend: batch norm on host slices, accumulating in f64.
 //!
-//! It is the oracle of every test (through [`reference`], which returns f64 results
+//! It is the oracle of every test (through [`reference`](mod@reference), which returns f64 results
 //! before any rounding) and the fallback where there is no GPU: [`Cpu`] is a
 //! [`Backend`], so `cpu::BatchNorm2d` has the same API as `nn::BatchNorm2d`, and
 //! [`batch_norm`] / [`batch_norm_backward`] take the same arguments as their CUDA

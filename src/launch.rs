@@ -48,29 +48,29 @@ pub mod flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct BnParams {
-    /// Input T[N*C*S].
+    /// Input `T[N*C*S]`.
     pub x: u64,
-    /// Forward output T[N*C*S].
+    /// Forward output `T[N*C*S]`.
     pub y: u64,
-    /// Gradient of the output T[N*C*S].
+    /// Gradient of the output `T[N*C*S]`.
     pub dy: u64,
-    /// Gradient of the input T[N*C*S].
+    /// Gradient of the input `T[N*C*S]`.
     pub dx: u64,
-    /// P[C] (0: weight 1).
+    /// `P[C]` (0: weight 1).
     pub weight: u64,
-    /// P[C] (0: bias 0).
+    /// `P[C]` (0: bias 0).
     pub bias: u64,
-    /// P[C].
+    /// `P[C]`.
     pub running_mean: u64,
-    /// P[C].
+    /// `P[C]`.
     pub running_var: u64,
-    /// Acc[C] batch mean.
+    /// `Acc[C]` batch mean.
     pub save_mean: u64,
-    /// Acc[C] batch invstd.
+    /// `Acc[C]` batch invstd.
     pub save_invstd: u64,
-    /// P[C].
+    /// `P[C]`.
     pub grad_weight: u64,
-    /// P[C].
+    /// `P[C]`.
     pub grad_bias: u64,
     /// u32 counters, zero between launches.
     pub ws_counters: u64,

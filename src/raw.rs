@@ -65,17 +65,17 @@ pub struct ForwardArgs {
     pub x: u64,
     /// Output, same size.
     pub y: u64,
-    /// P[C] or 0 (weight 1).
+    /// `P[C]` or 0 (weight 1).
     pub weight: u64,
-    /// P[C] or 0 (bias 0).
+    /// `P[C]` or 0 (bias 0).
     pub bias: u64,
-    /// P[C]: read in eval, updated in training when `update_running`.
+    /// `P[C]`: read in eval, updated in training when `update_running`.
     pub running_mean: u64,
-    /// P[C], likewise.
+    /// `P[C]`, likewise.
     pub running_var: u64,
-    /// Acc[C] or 0: the batch mean (training only).
+    /// `Acc[C]` or 0: the batch mean (training only).
     pub save_mean: u64,
-    /// Acc[C] or 0: the batch invstd (training only).
+    /// `Acc[C]` or 0: the batch invstd (training only).
     pub save_invstd: u64,
     /// Counter buffer of at least [`WorkspaceSize::counters`] u32, zero on entry.
     pub counters: u64,
@@ -94,14 +94,14 @@ pub struct ForwardArgs {
 /// Statistics the backward differentiates through.
 #[derive(Clone, Copy, Debug)]
 pub enum BackwardStats {
-    /// Training: the saved batch statistics (Acc[C] each).
+    /// Training: the saved batch statistics (`Acc[C]` each).
     Batch {
         /// save_mean.
         save_mean: u64,
         /// save_invstd.
         save_invstd: u64,
     },
-    /// Eval: the running statistics (P[C] each) and eps.
+    /// Eval: the running statistics (`P[C]` each) and eps.
     Running {
         /// running_mean.
         mean: u64,
@@ -121,13 +121,13 @@ pub struct BackwardArgs {
     pub x: u64,
     /// Gradient of the input (written).
     pub dx: u64,
-    /// P[C] or 0.
+    /// `P[C]` or 0.
     pub weight: u64,
     /// Which statistics.
     pub stats: BackwardStats,
-    /// P[C] or 0: written with dotp * invstd.
+    /// `P[C]` or 0: written with dotp * invstd.
     pub grad_weight: u64,
-    /// P[C] or 0: written with sum_dy.
+    /// `P[C]` or 0: written with sum_dy.
     pub grad_bias: u64,
     /// Counter buffer of at least [`WorkspaceSize::counters`] u32, zero on entry.
     pub counters: u64,
