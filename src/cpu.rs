@@ -9,7 +9,7 @@
 
 use crate::backend::{self, Backend};
 use crate::dtype::{Float, ParamFor};
-use crate::error::Result;
+use crate::error::{BnError, Result};
 use crate::validate::ForwardKind;
 
 /// The CPU backend.
@@ -41,7 +41,7 @@ impl Backend for Cpu {
     type Workspace = ();
 
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<Vec<E>> {
-        Ok(vec![fill; len])
+        host_vec(len, fill)
     }
 
     fn buffer_len<E: Float>(b: &Vec<E>) -> usize {
@@ -231,6 +231,17 @@ pub mod reference {
         }
         Ok(g)
     }
+}
+
+/// `len` copies of `fill`, or an error where `vec!` would abort or panic.
+pub(crate) fn host_vec<E: Float>(len: usize, fill: E) -> Result<Vec<E>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| BnError::HostAlloc {
+        len,
+        elem_bytes: std::mem::size_of::<E>(),
+    })?;
+    v.resize(len, fill);
+    Ok(v)
 }
 
 fn round_into<E: Float>(dst: &mut [E], src: &[f64]) {

@@ -120,6 +120,15 @@ pub enum BnError {
         size: Vec<usize>,
     },
 
+    /// Host memory for a new buffer could not be had (the CPU backend's allocations).
+    #[error("could not allocate host memory for {len} elements of {elem_bytes} bytes")]
+    HostAlloc {
+        /// Elements asked for.
+        len: usize,
+        /// Bytes per element.
+        elem_bytes: usize,
+    },
+
     /// A backward call that lacks the statistics its mode needs.
     #[error("{0}")]
     Backward(&'static str),

@@ -181,9 +181,14 @@ impl Backend for Cuda {
     type Workspace = Workspace;
 
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<CudaSlice<E>> {
-        self.stream
-            .clone_htod(&vec![fill; len])
-            .map_err(BnError::driver("allocating a buffer"))
+        // Zeros (every output a module allocates) are a device memset, not a host
+        // vector copied over the bus on each call.
+        let r = if fill.to_f64().to_bits() == 0 {
+            self.stream.alloc_zeros(len)
+        } else {
+            self.stream.clone_htod(&crate::cpu::host_vec(len, fill)?)
+        };
+        r.map_err(BnError::driver("allocating a buffer"))
     }
 
     fn buffer_len<E: Float>(b: &CudaSlice<E>) -> usize {

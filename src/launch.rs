@@ -379,7 +379,7 @@ pub fn plan_stage(
     let min_split = if stage.reduces() {
         tuning.min_values_per_block.max(1)
     } else {
-        tuning.min_values_per_block.max(1) / 2
+        (tuning.min_values_per_block / 2).max(1)
     };
 
     let layout = Layout::of(shape);

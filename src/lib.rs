@@ -28,7 +28,9 @@
 //!   forward succeeds.
 //! * A NaN or infinite `eps` (any mode) or `momentum` (when it is used) is an error.
 //! * A buffer shorter than its shape needs, a buffer of another CUDA context, a missing
-//!   driver or device, and missing or refused PTX are typed errors; nothing panics.
+//!   driver or device, missing or refused PTX, sizes whose product (zeros left out)
+//!   exceeds `isize::MAX`, and host memory that cannot be had are typed errors; nothing
+//!   panics. Modules validate a call before allocating its outputs.
 //! * Backward computes what autograd would for the last forward but writes gradients
 //!   rather than accumulating them.
 //!

@@ -11,11 +11,11 @@
 //! advances in training). One deviation: a call that returns `Err` changes nothing, the
 //! counter included (PyTorch increments it before validating the input).
 
-use crate::backend::{Backend, BackwardStats, Forward, Grads, SaveStats};
+use crate::backend::{Backend, BackwardStats, Forward, Grads, Len, SaveStats};
 use crate::dtype::{Float, ParamFor};
 use crate::error::{BnError, Result};
 use crate::shape::Shape;
-use crate::validate;
+use crate::validate::{self, ForwardSpec};
 
 /// A module's options, PyTorch's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -280,8 +280,32 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         Ok(())
     }
 
+    /// Every check of a forward on this input, made before anything is allocated for
+    /// it, so that a bad size cannot ask for a huge output first.
+    fn check_forward(&self, input: usize, shape: &Shape) -> Result<()> {
+        validate::module_rank(D, shape)?;
+        let batch_stats = self.uses_batch_stats();
+        validate::forward(&ForwardSpec {
+            shape: *shape,
+            training: batch_stats,
+            eps: self.options.eps,
+            momentum: self.factor(),
+            input,
+            output: shape.numel(),
+            weight: self.weight.as_ref().map(B::buffer_len),
+            bias: self.bias.as_ref().map(B::buffer_len),
+            running_mean: self.running_mean.as_ref().map(B::buffer_len),
+            running_var: self.running_var.as_ref().map(B::buffer_len),
+            // forward_into gives a module without per-channel state C of each
+            save_mean: batch_stats.then_some(shape.c()),
+            save_invstd: batch_stats.then_some(shape.c()),
+        })
+        .map(|_| ())
+    }
+
     /// The forward into a new buffer.
     pub fn forward(&mut self, input: &B::Tensor<'_, T>, shape: &Shape) -> Result<B::Buffer<T>> {
+        self.check_forward(input.len(), shape)?;
         let mut out = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
         self.forward_into(input, shape, B::tensor_mut(&mut out))?;
         Ok(out)
@@ -299,15 +323,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         grad_weight: Option<&mut B::TensorMut<'_, P>>,
         grad_bias: Option<&mut B::TensorMut<'_, P>>,
     ) -> Result<()> {
-        let last = self.last.ok_or(BnError::Backward(
-            "backward needs a forward on this module first",
-        ))?;
-        if last.shape != *shape {
-            return Err(BnError::BackwardShape {
-                expected: last.shape.dims().to_vec(),
-                got: shape.dims().to_vec(),
-            });
-        }
+        let last = self.last_forward(shape)?;
         let stats = if last.batch_stats {
             BackwardStats::Batch {
                 save_mean: B::tensor(&self.save_mean),
@@ -343,6 +359,20 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             .batch_norm_backward(args, grads, &mut self.workspace)
     }
 
+    /// The last forward, which a backward on `shape` differentiates.
+    fn last_forward(&self, shape: &Shape) -> Result<LastForward> {
+        let last = self.last.ok_or(BnError::Backward(
+            "backward needs a forward on this module first",
+        ))?;
+        if last.shape != *shape {
+            return Err(BnError::BackwardShape {
+                expected: last.shape.dims().to_vec(),
+                got: shape.dims().to_vec(),
+            });
+        }
+        Ok(last)
+    }
+
     /// The backward into new buffers; parameter gradients for affine modules.
     pub fn backward(
         &mut self,
@@ -350,6 +380,8 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         input: &B::Tensor<'_, T>,
         shape: &Shape,
     ) -> Result<Gradients<B, T, P>> {
+        // Its shape is one a forward accepted, so the buffers below are sized sanely.
+        self.last_forward(shape)?;
         let zero = P::from_f64(0.0);
         let mut g_in = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
         let mut g_w = if self.options.affine {

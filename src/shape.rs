@@ -60,7 +60,8 @@ impl std::fmt::Debug for Shape {
 
 impl Shape {
     /// A shape from PyTorch-order sizes `(N, C, ...)`. Fails for fewer than 2 or more
-    /// than [`MAX_DIMS`] dimensions, or an element count that overflows `usize`.
+    /// than [`MAX_DIMS`] dimensions, or sizes whose product, zeros left out, exceeds
+    /// `isize::MAX` (so an empty shape cannot hide sizes nothing could address).
     pub fn new(dims: &[usize], format: MemoryFormat) -> Result<Shape> {
         if dims.len() < 2 {
             return Err(BnError::InputTooFewDims {
@@ -68,17 +69,24 @@ impl Shape {
             });
         }
         if dims.len() > MAX_DIMS {
-            return Err(BnError::InputTooLarge {
+            return Err(BnError::InputTooManyDims {
+                max: MAX_DIMS,
                 size: dims.to_vec(),
             });
         }
-        let numel = dims
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= isize::MAX as usize)
-            .ok_or_else(|| BnError::InputTooLarge {
+        // The product of the non-zero sizes bounds every partial product (spatial,
+        // per_channel), so none of them can overflow, not even for empty shapes.
+        let fits = |skip_zeros: bool| {
+            dims.iter()
+                .map(|&d| if skip_zeros { d.max(1) } else { d })
+                .try_fold(1usize, |acc, d| acc.checked_mul(d))
+                .filter(|&n| n <= isize::MAX as usize)
+        };
+        let (Some(numel), Some(_)) = (fits(false), fits(true)) else {
+            return Err(BnError::InputTooLarge {
                 size: dims.to_vec(),
-            })?;
+            });
+        };
         let mut a = [0usize; MAX_DIMS];
         a[..dims.len()].copy_from_slice(dims);
         Ok(Shape {
@@ -199,7 +207,7 @@ mod tests {
         ));
         assert!(matches!(
             Shape::new(&[1; 9], MemoryFormat::Contiguous),
-            Err(BnError::InputTooLarge { .. })
+            Err(BnError::InputTooManyDims { max: 8, .. })
         ));
         assert!(matches!(
             Shape::new(&[usize::MAX, 2], MemoryFormat::Contiguous),
@@ -207,5 +215,15 @@ mod tests {
         ));
         let empty = Shape::new(&[0, 3, 2], MemoryFormat::Contiguous).unwrap();
         assert_eq!(empty.numel(), 0);
+        // Empty, but spatial() would overflow: refused rather than unaddressable.
+        assert!(matches!(
+            Shape::new(&[0, 3, 1 << 40, 1 << 40], MemoryFormat::Contiguous),
+            Err(BnError::InputTooLarge { .. })
+        ));
+        let wide = Shape::new(&[0, 3, 1 << 20, 1 << 20], MemoryFormat::Contiguous).unwrap();
+        assert_eq!(
+            (wide.numel(), wide.spatial(), wide.per_channel()),
+            (0, 1 << 40, 0)
+        );
     }
 }
