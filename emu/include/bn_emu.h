@@ -124,14 +124,21 @@ enum Access : int {
 };
 
 // Scratch regions carry partial results between the blocks of one launch, so they get
-// a (one-sided) model of visibility: a plain store there is seen by other blocks only
-// after a __threadfence() (or __threadfence_system(), or grid_sync()) executed by a thread
-// of the storing block; until then another block's read of those bytes fails the launch.
-// Defined in runtime.cpp; called by check_global for Scratch regions only.
+// a model of the memory model's release/acquire patterns: a plain store there is seen by
+// other blocks only after a __threadfence() (or __threadfence_system(), or grid_sync())
+// executed by a thread of the storing block, and another block may read it only after a
+// fence of its own that follows both that publication and its own latest global atomic
+// (the one that observed the signal); otherwise the read fails the launch. Defined in
+// runtime.cpp; called by check_global for Scratch regions only.
 void scratch_access(const Bounds& b, const void* p, size_t bytes, int access);
 
-// Publishes the calling block's scratch stores to every block (__threadfence).
+// Publishes the calling block's scratch stores to every block and records the fence
+// (__threadfence, __threadfence_system).
 void publish_block_stores();
+
+// Records a global atomic by the calling block (Gmem::at): a read of another block's
+// published scratch must come after a fence that follows the block's last atomic.
+void note_atomic();
 
 // Checks one access of `bytes` bytes at p, aligned to `align`, through a view with
 // bounds b. Inline fast path; the failure path reports and abandons the launch.
@@ -141,6 +148,7 @@ inline void check_global(const Bounds& b, const void* p, size_t bytes, size_t al
     const bool ok = a >= b.begin && a <= b.end && b.end - a >= bytes && (a & (align - 1)) == 0 &&
                     !(write && b.kind == kRegionInput) && b.end != 0;
     if (__builtin_expect(!ok, 0)) global_access_failed(b, p, bytes, align, write);
+    if (access == kAccessAtomic) note_atomic();
     if (b.kind == kRegionScratch) scratch_access(b, p, bytes, access);
 }
 

@@ -128,6 +128,10 @@ struct Block {
     size_t smem_used = 0;
     std::vector<SharedAlloc> allocs;
     bool finished = false;
+    // Memory-model clock readings (Launch::clock) of the block's latest device-scope
+    // fence and latest global atomic (scratch_access).
+    uint64_t last_fence = 0;
+    uint64_t last_atomic = 0;
 };
 
 struct RegionInfo {
@@ -188,9 +192,11 @@ struct Launch {
     const char* grid_file = nullptr;
     int grid_line = 0;
 
-    // Scratch visibility (scratch_access). owner[region][byte]: 0 when every block may
-    // see the byte's last store, else 1 + the linear index of the block whose store is
-    // not yet published. unpublished: the stores not yet published, oldest first.
+    // Scratch visibility (scratch_access). owner[region][byte]: 1 + the linear index of
+    // the block whose plain store wrote the byte last, 0 for none (or an atomic).
+    // published[region][byte]: the clock reading at which that store was published, 0
+    // while it is not. unpublished: the stores not yet published. clock counts fences
+    // and atomics, so that "after" can be asked of them.
     struct Store {
         uint64_t block;
         size_t region;
@@ -198,7 +204,9 @@ struct Launch {
         size_t bytes;
     };
     std::vector<std::vector<uint64_t>> owner;
+    std::vector<std::vector<uint64_t>> published;
     std::vector<Store> unpublished;
+    uint64_t clock = 0;
 };
 
 __thread Launch* t_launch = nullptr;
@@ -514,6 +522,8 @@ bool admit_block(Launch& L, std::vector<uint32_t>& order) {
     b->bar_first = nullptr;
     b->allocs.clear();
     b->finished = false;
+    b->last_fence = 0;
+    b->last_atomic = 0;
     b->smem_used = (static_cast<size_t>(L.dyn_smem) + 15) & ~static_cast<size_t>(15);
     memset(b->smem.get(), 0xFF, L.dyn_smem);
     for (size_t wi = 0; wi < b->warps.size(); ++wi) {
@@ -729,32 +739,54 @@ void global_access_failed(const Bounds& b, const void* p, size_t bytes, size_t a
 void scratch_access(const Bounds& b, const void* p, size_t bytes, int access) {
     Launch* L = launch_or_die("a scratch memory access");
     Fiber* f = L->cur;
+    Block* blk = f->block;
     const size_t region = static_cast<size_t>(b.region);
     const size_t off = reinterpret_cast<uintptr_t>(p) - b.begin;
-    if (L->owner.size() <= region) L->owner.resize(region + 1);
+    if (L->owner.size() <= region) {
+        L->owner.resize(region + 1);
+        L->published.resize(region + 1);
+    }
     std::vector<uint64_t>& own = L->owner[region];
-    if (own.empty()) own.assign(b.end - b.begin, 0);
-    const uint64_t me = f->block->linear + 1;
+    std::vector<uint64_t>& pub = L->published[region];
+    if (own.empty()) {
+        own.assign(b.end - b.begin, 0);
+        pub.assign(b.end - b.begin, 0);
+    }
+    const uint64_t me = blk->linear + 1;
+    const auto block_of = [L](uint64_t w) {
+        const uint64_t wl = w - 1, gx = L->grid.x, gy = L->grid.y;
+        return uint3{static_cast<unsigned>(wl % gx), static_cast<unsigned>((wl / gx) % gy),
+                     static_cast<unsigned>(wl / (gx * gy))};
+    };
     switch (access) {
         case kAccessRead:
             for (size_t i = 0; i < bytes; ++i) {
                 const uint64_t w = own[off + i];
-                if (w != 0 && w != me) {
-                    const uint64_t wl = w - 1;
-                    const uint64_t gx = L->grid.x, gy = L->grid.y;
+                if (w == 0 || w == me) continue;
+                const uint3 wb = block_of(w);
+                if (pub[off + i] == 0) {
                     fail_fiber(L, f,
-                               "read of %zu bytes at byte offset %zu of scratch region '%s' that block (%llu,%llu,%llu) "
-                               "stored without a __threadfence() after the store: another block need not see that "
-                               "store yet (publish with __threadfence() before signalling, e.g. before the atomic "
-                               "that counts the block in)",
-                               bytes, off, L->regions[region].name.c_str(), static_cast<unsigned long long>(wl % gx),
-                               static_cast<unsigned long long>((wl / gx) % gy),
-                               static_cast<unsigned long long>(wl / (gx * gy)));
+                               "read of %zu bytes at byte offset %zu of scratch region '%s' that block (%u,%u,%u) "
+                               "stored without a __threadfence() after the store: another block need not see "
+                               "that store yet (publish with __threadfence() before signalling, e.g. before the "
+                               "atomic that counts the block in)",
+                               bytes, off, L->regions[region].name.c_str(), wb.x, wb.y, wb.z);
+                }
+                if (blk->last_fence <= pub[off + i] || blk->last_fence <= blk->last_atomic) {
+                    fail_fiber(L, f,
+                               "read of %zu bytes at byte offset %zu of scratch region '%s' that block (%u,%u,%u) "
+                               "published, with no __threadfence() by this block between its last atomic (the one "
+                               "that observed the other block's signal) and this read: the read may be ordered "
+                               "before that atomic (acquire with __threadfence() after observing the signal)",
+                               bytes, off, L->regions[region].name.c_str(), wb.x, wb.y, wb.z);
                 }
             }
             return;
         case kAccessWrite:
-            for (size_t i = 0; i < bytes; ++i) own[off + i] = me;
+            for (size_t i = 0; i < bytes; ++i) {
+                own[off + i] = me;
+                pub[off + i] = 0;
+            }
             L->unpublished.push_back(Launch::Store{me, region, off, bytes});
             return;
         default:  // atomics act on device-visible memory
@@ -763,19 +795,29 @@ void scratch_access(const Bounds& b, const void* p, size_t bytes, int access) {
     }
 }
 
+void note_atomic() {
+    Launch* L = launch_or_die("an atomic");
+    L->cur->block->last_atomic = ++L->clock;
+}
+
 void publish_block_stores() {
     Launch* L = t_launch;
-    if (L == nullptr || L->cur == nullptr || L->unpublished.empty()) return;
-    const uint64_t me = L->cur->block->linear + 1;
+    if (L == nullptr || L->cur == nullptr) return;
+    Block* blk = L->cur->block;
+    const uint64_t now = ++L->clock;
+    blk->last_fence = now;
+    if (L->unpublished.empty()) return;
+    const uint64_t me = blk->linear + 1;
     size_t kept = 0;
     for (const Launch::Store& st : L->unpublished) {
         if (st.block != me) {
             L->unpublished[kept++] = st;
             continue;
         }
-        std::vector<uint64_t>& own = L->owner[st.region];
+        const std::vector<uint64_t>& own = L->owner[st.region];
+        std::vector<uint64_t>& pub = L->published[st.region];
         for (size_t i = 0; i < st.bytes; ++i) {
-            if (own[st.offset + i] == me) own[st.offset + i] = 0;
+            if (own[st.offset + i] == me && pub[st.offset + i] == 0) pub[st.offset + i] = now;
         }
     }
     L->unpublished.resize(kept);
@@ -1005,8 +1047,18 @@ void grid_sync(const char* file, int line) {
     }
     if (++L->grid_count == L->grid_threads) {
         L->grid_count = 0;
-        for (auto& own : L->owner) std::fill(own.begin(), own.end(), 0);
+        // A grid barrier publishes every block's stores and orders every later read
+        // after them: as if every block fenced, then fenced again after the barrier.
+        const uint64_t now = ++L->clock;
+        for (const Launch::Store& st : L->unpublished) {
+            std::vector<uint64_t>& pub = L->published[st.region];
+            for (size_t i = 0; i < st.bytes; ++i) {
+                if (pub[st.offset + i] == 0) pub[st.offset + i] = now;
+            }
+        }
         L->unpublished.clear();
+        const uint64_t after = ++L->clock;
+        for (auto& bp : L->resident) bp->last_fence = after;
         for (auto& bp : L->resident) {
             for (uint32_t t = 0; t < bp->nthreads; ++t) {
                 Fiber* g = &bp->fibers[t];

@@ -11,6 +11,7 @@ const WRONG_OFFSET: u32 = 2;
 const FIRST_FINALISES: u32 = 4;
 const SKIP_FENCE: u32 = 8;
 const BLOCK_FENCE: u32 = 16;
+const SKIP_READ_FENCE: u32 = 32;
 
 fn data(n: usize, seed: u64) -> Vec<i64> {
     let mut r = Rng(seed);
@@ -172,6 +173,21 @@ fn missing_or_block_scope_fence_before_the_count_is_exposed() {
         // One block reads only its own partial: no other block needs to see it.
         assert_eq!(last_block(&x, 1, flags, &opts(0)), Ok(want));
     }
+}
+
+#[test]
+fn missing_fence_before_reading_the_partials_is_exposed() {
+    let x = data(20_000, 7);
+    let want: i64 = x.iter().sum();
+    for seed in 0..4 {
+        let err = last_block(&x, 5, SKIP_READ_FENCE, &opts(seed))
+            .expect_err("a missing acquire fence went unnoticed");
+        assert!(
+            err.contains("scratch region 'ws_partials'") && err.contains("acquire"),
+            "seed {seed}: {err}"
+        );
+    }
+    assert_eq!(last_block(&x, 1, SKIP_READ_FENCE, &opts(0)), Ok(want));
 }
 
 /// emu_test_float_atomic: the f32 sum in the order the atomics happened.

@@ -9,6 +9,7 @@ constexpr uint32_t kWrongOffset = 1u << 1;     // start the shuffle tree at offs
 constexpr uint32_t kFirstFinalises = 1u << 2;  // first block to arrive finalises
 constexpr uint32_t kSkipFence = 1u << 3;       // no fence between the partial and the atomic
 constexpr uint32_t kBlockFence = 1u << 4;      // a block-scope fence there instead
+constexpr uint32_t kSkipReadFence = 1u << 5;   // the last block reads without a fence
 
 // Each block sums x[blockIdx.x * chunk ..< min(n, (blockIdx.x + 1) * chunk)].
 // x: i64[n] (Input), y: i64[gridDim.x] (Output), chunk, flags.
@@ -32,7 +33,8 @@ __device__ void block_reduce_body(const BnParams& p) {
 
 // Multi-block sum, finalised by the last block to arrive.
 // x: i64[n], ws_partials: i64[gridDim.x] (Scratch), ws_counters: u32[1] (Counters),
-// y: i64[1] (Output), chunk, flags (kFirstFinalises, kSkipFence, kBlockFence: the bugs).
+// y: i64[1] (Output), chunk, flags (kFirstFinalises, kSkipFence, kBlockFence,
+// kSkipReadFence: the bugs).
 __device__ void last_block_body(const BnParams& p) {
     const bn::Gmem<long long> x(p.x);
     const bn::Gmem<long long> y(p.y);
@@ -55,6 +57,7 @@ __device__ void last_block_body(const BnParams& p) {
     }
     __syncthreads();
     if (role[0]) {
+        if (!(p.flags & kSkipReadFence)) __threadfence();
         long long sum = 0;
         for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) sum += partials.ld_cg(i);
         sum = selftest::block_sum(sum, red, false, 16);
