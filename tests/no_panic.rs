@@ -248,8 +248,10 @@ fn cpu_functional_calls_never_panic() {
     );
 }
 
+type Module<const D: usize> = cuda_batchnorm::module::BatchNorm<D, Cpu, f32>;
+
 /// What a failed call must not change.
-fn snapshot<const D: usize>(m: &cuda_batchnorm::module::BatchNorm<D, Cpu, f32>) -> String {
+fn snapshot<const D: usize>(m: &Module<D>) -> String {
     format!(
         "{:?} {} {}",
         m.state_dict().ok(),
@@ -268,7 +270,7 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
         track_running_stats: r.next_u64() % 2 == 0,
     };
     let Ok(mut m) = no_panic("BatchNorm::new", case, || {
-        cuda_batchnorm::module::BatchNorm::<D, Cpu, f32>::new(Cpu, features, options)
+        Module::<D>::new(Cpu, features, options)
     }) else {
         return;
     };
@@ -288,27 +290,7 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
             continue;
         }
         let x = data(r, shape.numel());
-        let before = snapshot(&m);
-        let out = no_panic("BatchNorm::forward", case, || m.forward(&x, &shape));
-        ok[0] += usize::from(out.is_ok());
-        if out.is_err() {
-            assert_eq!(
-                snapshot(&m),
-                before,
-                "case {case} step {step}: failed forward changed the module"
-            );
-        }
         let dy = data(r, shape.numel());
-        let before = snapshot(&m);
-        let g = no_panic("BatchNorm::backward", case, || m.backward(&dy, &x, &shape));
-        ok[1] += usize::from(g.is_ok());
-        if g.is_err() {
-            assert_eq!(
-                snapshot(&m),
-                before,
-                "case {case} step {step}: failed backward changed the module"
-            );
-        }
         let sd = StateDict {
             weight: maybe(r, features),
             bias: maybe(r, features),
@@ -316,18 +298,29 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
             running_var: maybe(r, features),
             num_batches_tracked: (r.next_u64() % 2 == 0).then_some(r.next_u64() as i64),
         };
-        let before = snapshot(&m);
-        let loaded = no_panic("BatchNorm::load_state_dict", case, || {
-            m.load_state_dict(&sd)
+        // Runs one module call, counts its success, and checks that a failure left the
+        // module as it was.
+        let mut call = |k: usize, what: &str, f: &mut dyn FnMut(&mut Module<D>) -> bool| {
+            let before = snapshot(&m);
+            let done = no_panic(what, case, || f(&mut m));
+            ok[k] += usize::from(done);
+            if !done {
+                let after = snapshot(&m);
+                assert_eq!(
+                    after, before,
+                    "case {case} step {step}: failed {what} changed the module"
+                );
+            }
+        };
+        call(0, "BatchNorm::forward", &mut |m| {
+            m.forward(&x, &shape).is_ok()
         });
-        ok[2] += usize::from(loaded.is_ok());
-        if loaded.is_err() {
-            assert_eq!(
-                snapshot(&m),
-                before,
-                "case {case} step {step}: failed load changed the module"
-            );
-        }
+        call(1, "BatchNorm::backward", &mut |m| {
+            m.backward(&dy, &x, &shape).is_ok()
+        });
+        call(2, "BatchNorm::load_state_dict", &mut |m| {
+            m.load_state_dict(&sd).is_ok()
+        });
     }
 }
 
