@@ -6,7 +6,7 @@ mod common;
 use std::time::Instant;
 
 use common::*;
-use cuda_batchnorm_emu::RegionKind::{Counters, InOut, Input, Output, Scratch};
+use cuda_batchnorm_emu::RegionKind::{InOut, Input, Output, Scratch};
 use cuda_batchnorm_emu::{kernel_names, Launch, Options};
 
 #[test]
@@ -332,34 +332,6 @@ fn every_kernel_is_registered() {
     assert!(names.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
 }
 
-fn last_block_total(x: &[i64], grid: u32, seed: u64) -> i64 {
-    let chunk = x.len().div_ceil(grid as usize) as i64;
-    let mut y = [0i64; 1];
-    let mut partials = vec![0i64; grid as usize];
-    let mut counters = [0u32; 1];
-    let p = BnParams {
-        x: addr(x),
-        y: addr_mut(&mut y),
-        ws_partials: addr_mut(&mut partials),
-        ws_counters: addr_mut(&mut counters),
-        n: x.len() as i64,
-        chunk,
-        ..Default::default()
-    };
-    let regions = [
-        region("x", x, Input),
-        region("y", &y, Output),
-        region("ws_partials", &partials, Scratch),
-        region("ws_counters", &counters, Counters),
-    ];
-    let o = Options {
-        seed,
-        max_resident_blocks: 3,
-    };
-    run("emu_test_last_block", &cfg(grid, 256), &p, &regions, &o).unwrap();
-    y[0]
-}
-
 #[test]
 fn concurrent_launches_from_four_threads() {
     let handles: Vec<_> = (0..4u64)
@@ -374,8 +346,16 @@ fn concurrent_launches_from_four_threads() {
                     let grid = 1 + r.below(12) as u32;
                     let want: i64 = x.iter().sum();
                     assert_eq!(
-                        last_block_total(&x, grid, iter * 31 + k),
-                        want,
+                        last_block(
+                            &x,
+                            grid,
+                            0,
+                            &Options {
+                                seed: iter * 31 + k,
+                                max_resident_blocks: 3,
+                            }
+                        ),
+                        Ok(want),
                         "thread {k}, iteration {iter}"
                     );
                     // Interleave failing launches: they must not disturb anything.

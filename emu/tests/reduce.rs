@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use cuda_batchnorm_emu::Options;
-use cuda_batchnorm_emu::RegionKind::{Counters, InOut, Input, Output, Scratch};
+use cuda_batchnorm_emu::RegionKind::{InOut, Input, Output};
 
 const SKIP_BARRIER: u32 = 1;
 const WRONG_OFFSET: u32 = 2;
@@ -89,33 +89,6 @@ fn wrong_shuffle_offset_is_exposed() {
     assert_ne!(block_sums(&x, 4, 1024, WRONG_OFFSET, 0), want);
 }
 
-/// emu_test_last_block: returns the total or the launch error.
-fn last_block(x: &[i64], grid: u32, flags: u32, o: &Options) -> Result<i64, String> {
-    let chunk = x.len().div_ceil(grid as usize) as i64;
-    let mut y = [0i64; 1];
-    let mut partials = vec![0i64; grid as usize];
-    let mut counters = [0u32; 1];
-    let p = BnParams {
-        x: addr(x),
-        y: addr_mut(&mut y),
-        ws_partials: addr_mut(&mut partials),
-        ws_counters: addr_mut(&mut counters),
-        n: x.len() as i64,
-        chunk,
-        flags,
-        ..Default::default()
-    };
-    let regions = [
-        region("x", x, Input),
-        region("y", &y, Output),
-        region("ws_partials", &partials, Scratch),
-        region("ws_counters", &counters, Counters),
-    ];
-    run("emu_test_last_block", &cfg(grid, 256), &p, &regions, o).map_err(|e| e.to_string())?;
-    assert_eq!(counters[0], 0);
-    Ok(y[0])
-}
-
 #[test]
 fn last_block_finalises_across_seeds_and_residency() {
     let x = data(20_000, 4);
@@ -156,38 +129,27 @@ fn first_block_finalises_bug_is_exposed() {
     );
 }
 
+/// Each fence of the last-block protocol, removed (or block-scoped), fails every seed;
+/// one block alone needs no fence.
 #[test]
-fn missing_or_block_scope_fence_before_the_count_is_exposed() {
+fn fence_bugs_in_the_last_block_protocol_are_exposed() {
     let x = data(20_000, 6);
     let want: i64 = x.iter().sum();
-    for flags in [SKIP_FENCE, BLOCK_FENCE] {
+    for (flags, needle) in [
+        (SKIP_FENCE, "without a __threadfence()"),
+        (BLOCK_FENCE, "without a __threadfence()"),
+        (SKIP_READ_FENCE, "acquire"),
+    ] {
         for seed in 0..4 {
             let err =
                 last_block(&x, 5, flags, &opts(seed)).expect_err("a fence bug went unnoticed");
             assert!(
-                err.contains("scratch region 'ws_partials'")
-                    && err.contains("without a __threadfence()"),
+                err.contains("scratch region 'ws_partials'") && err.contains(needle),
                 "flags {flags}, seed {seed}: {err}"
             );
         }
-        // One block reads only its own partial: no other block needs to see it.
         assert_eq!(last_block(&x, 1, flags, &opts(0)), Ok(want));
     }
-}
-
-#[test]
-fn missing_fence_before_reading_the_partials_is_exposed() {
-    let x = data(20_000, 7);
-    let want: i64 = x.iter().sum();
-    for seed in 0..4 {
-        let err = last_block(&x, 5, SKIP_READ_FENCE, &opts(seed))
-            .expect_err("a missing acquire fence went unnoticed");
-        assert!(
-            err.contains("scratch region 'ws_partials'") && err.contains("acquire"),
-            "seed {seed}: {err}"
-        );
-    }
-    assert_eq!(last_block(&x, 1, SKIP_READ_FENCE, &opts(0)), Ok(want));
 }
 
 /// emu_test_float_atomic: the f32 sum in the order the atomics happened.

@@ -140,3 +140,30 @@ pub fn expect_err(r: Result<(), EmuError>, needles: &[&str]) -> EmuError {
     }
     e
 }
+
+/// emu_test_last_block: returns the total or the launch error.
+pub fn last_block(x: &[i64], grid: u32, flags: u32, o: &Options) -> Result<i64, String> {
+    let chunk = x.len().div_ceil(grid as usize) as i64;
+    let mut y = [0i64; 1];
+    let mut partials = vec![0i64; grid as usize];
+    let mut counters = [0u32; 1];
+    let p = BnParams {
+        x: addr(x),
+        y: addr_mut(&mut y),
+        ws_partials: addr_mut(&mut partials),
+        ws_counters: addr_mut(&mut counters),
+        n: x.len() as i64,
+        chunk,
+        flags,
+        ..Default::default()
+    };
+    let regions = [
+        region("x", x, RegionKind::Input),
+        region("y", &y, RegionKind::Output),
+        region("ws_partials", &partials, RegionKind::Scratch),
+        region("ws_counters", &counters, RegionKind::Counters),
+    ];
+    run("emu_test_last_block", &cfg(grid, 256), &p, &regions, o).map_err(|e| e.to_string())?;
+    assert_eq!(counters[0], 0);
+    Ok(y[0])
+}
