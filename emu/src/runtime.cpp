@@ -192,19 +192,22 @@ struct Launch {
     const char* grid_file = nullptr;
     int grid_line = 0;
 
-    // Scratch visibility (scratch_access). owner[region][byte]: 1 + the linear index of
-    // the block whose plain store wrote the byte last, 0 for none (or an atomic).
-    // published[region][byte]: the clock reading at which that store was published, 0
-    // while it is not. unpublished: the stores not yet published. clock counts fences
-    // and atomics, so that "after" can be asked of them.
+    // Scratch visibility (scratch_access). scratch[region].owner[byte]: 1 + the linear
+    // index of the block whose plain store wrote the byte last, 0 for none (or an
+    // atomic). scratch[region].published[byte]: the clock reading at which that store
+    // was published, 0 while it is not. unpublished: the stores not yet published.
+    // clock counts fences and atomics, so that "after" can be asked of them.
     struct Store {
         uint64_t block;
         size_t region;
         size_t offset;
         size_t bytes;
     };
-    std::vector<std::vector<uint64_t>> owner;
-    std::vector<std::vector<uint64_t>> published;
+    struct ScratchBytes {
+        std::vector<uint64_t> owner;
+        std::vector<uint64_t> published;
+    };
+    std::vector<ScratchBytes> scratch;  // by region index, sized on first access
     std::vector<Store> unpublished;
     uint64_t clock = 0;
 };
@@ -500,6 +503,12 @@ uint64_t block_at(const Launch& L, uint64_t k) {
     }
 }
 
+// blockIdx of the block with linear index lin.
+uint3 block_index(const Launch& L, uint64_t lin) {
+    return uint3{static_cast<unsigned>(lin % L.grid.x), static_cast<unsigned>((lin / L.grid.x) % L.grid.y),
+                 static_cast<unsigned>(lin / (static_cast<uint64_t>(L.grid.x) * L.grid.y))};
+}
+
 bool admit_block(Launch& L, std::vector<uint32_t>& order) {
     const uint64_t lin = block_at(L, L.admitted++);
     std::unique_ptr<Block> bp;
@@ -514,8 +523,7 @@ bool admit_block(Launch& L, std::vector<uint32_t>& order) {
     }
     Block* b = bp.get();
     b->linear = lin;
-    b->idx = uint3{static_cast<unsigned>(lin % L.grid.x), static_cast<unsigned>((lin / L.grid.x) % L.grid.y),
-                   static_cast<unsigned>(lin / (static_cast<uint64_t>(L.grid.x) * L.grid.y))};
+    b->idx = block_index(L, lin);
     b->nthreads = L.nthreads;
     b->done = 0;
     b->bar_count = 0;
@@ -742,28 +750,21 @@ void scratch_access(const Bounds& b, const void* p, size_t bytes, int access) {
     Block* blk = f->block;
     const size_t region = static_cast<size_t>(b.region);
     const size_t off = reinterpret_cast<uintptr_t>(p) - b.begin;
-    if (L->owner.size() <= region) {
-        L->owner.resize(region + 1);
-        L->published.resize(region + 1);
+    if (L->scratch.size() <= region) L->scratch.resize(region + 1);
+    Launch::ScratchBytes& sb = L->scratch[region];
+    if (sb.owner.empty()) {
+        sb.owner.assign(b.end - b.begin, 0);
+        sb.published.assign(b.end - b.begin, 0);
     }
-    std::vector<uint64_t>& own = L->owner[region];
-    std::vector<uint64_t>& pub = L->published[region];
-    if (own.empty()) {
-        own.assign(b.end - b.begin, 0);
-        pub.assign(b.end - b.begin, 0);
-    }
+    std::vector<uint64_t>& own = sb.owner;
+    std::vector<uint64_t>& pub = sb.published;
     const uint64_t me = blk->linear + 1;
-    const auto block_of = [L](uint64_t w) {
-        const uint64_t wl = w - 1, gx = L->grid.x, gy = L->grid.y;
-        return uint3{static_cast<unsigned>(wl % gx), static_cast<unsigned>((wl / gx) % gy),
-                     static_cast<unsigned>(wl / (gx * gy))};
-    };
     switch (access) {
         case kAccessRead:
             for (size_t i = 0; i < bytes; ++i) {
                 const uint64_t w = own[off + i];
                 if (w == 0 || w == me) continue;
-                const uint3 wb = block_of(w);
+                const uint3 wb = block_index(*L, w - 1);
                 if (pub[off + i] == 0) {
                     fail_fiber(L, f,
                                "read of %zu bytes at byte offset %zu of scratch region '%s' that block (%u,%u,%u) "
@@ -814,8 +815,8 @@ void publish_block_stores() {
             L->unpublished[kept++] = st;
             continue;
         }
-        const std::vector<uint64_t>& own = L->owner[st.region];
-        std::vector<uint64_t>& pub = L->published[st.region];
+        const std::vector<uint64_t>& own = L->scratch[st.region].owner;
+        std::vector<uint64_t>& pub = L->scratch[st.region].published;
         for (size_t i = 0; i < st.bytes; ++i) {
             if (own[st.offset + i] == me && pub[st.offset + i] == 0) pub[st.offset + i] = now;
         }
@@ -1051,7 +1052,7 @@ void grid_sync(const char* file, int line) {
         // after them: as if every block fenced, then fenced again after the barrier.
         const uint64_t now = ++L->clock;
         for (const Launch::Store& st : L->unpublished) {
-            std::vector<uint64_t>& pub = L->published[st.region];
+            std::vector<uint64_t>& pub = L->scratch[st.region].published;
             for (size_t i = 0; i < st.bytes; ++i) {
                 if (pub[st.offset + i] == 0) pub[st.offset + i] = now;
             }
