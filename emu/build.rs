@@ -118,9 +118,8 @@ fn main() {
     let anchors_path = out.join("bn_emu_anchors.cpp");
     fs::write(&anchors_path, anchors).expect("write anchors");
 
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
+    let mut base = cc::Build::new();
+    base.cpp(true)
         .std("c++17")
         .opt_level(2)
         .define("BN_EMULATION", None)
@@ -130,7 +129,10 @@ fn main() {
         .warnings(false)
         .flag("-Wall")
         .flag("-Wextra")
-        .flag_if_supported("-ffp-contract=off");
+        .flag_if_supported("-ffp-contract=off")
+        // Position-independent objects, so that the emulated driver reuses them.
+        .pic(true);
+    let mut build = base.clone();
     for f in sorted_files(&runtime, "cpp") {
         build.file(f);
     }
@@ -138,5 +140,51 @@ fn main() {
         build.file(w);
     }
     build.file(&anchors_path);
-    build.compile("bn_emu");
+    let objects = build.compile_intermediates();
+    build
+        .try_create_archive("bn_emu", &objects)
+        .expect("archive libbn_emu.a");
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=bn_emu");
+    println!("cargo:rustc-link-lib=stdc++");
+
+    emulated_driver(&base, &manifest, &out, &objects);
+}
+
+/// Links `OUT_DIR/driver/libcuda.so`: the emulated CUDA driver (driver/libcuda.cpp) over
+/// the same runtime and kernel objects, and tells the crate where it is
+/// (`BN_EMU_DRIVER_LIBRARY`, empty where none is built).
+fn emulated_driver(base: &cc::Build, manifest: &Path, out: &Path, objects: &[PathBuf]) {
+    let source = manifest.join("driver").join("libcuda.cpp");
+    println!("cargo:rerun-if-changed={}", source.display());
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        println!("cargo:rustc-env=BN_EMU_DRIVER_LIBRARY=");
+        return;
+    }
+    let dir = out.join("driver");
+    fs::create_dir_all(&dir).expect("create OUT_DIR/driver");
+    let mut driver = base.clone();
+    driver.out_dir(&dir);
+    let mut all = objects.to_vec();
+    all.extend(driver.file(&source).compile_intermediates());
+    let library = dir.join("libcuda.so");
+    let compiler = base.get_compiler();
+    // -Bsymbolic: the library's calls into the runtime stay inside it even when a
+    // process also links the emulator statically (the test binaries do).
+    let status = compiler
+        .to_command()
+        .arg("-shared")
+        .arg("-o")
+        .arg(&library)
+        .arg("-Wl,-soname,libcuda.so")
+        .arg("-Wl,-Bsymbolic")
+        .args(&all)
+        .arg("-lpthread")
+        .status()
+        .expect("run the C++ compiler to link the emulated driver");
+    assert!(status.success(), "linking {} failed", library.display());
+    println!(
+        "cargo:rustc-env=BN_EMU_DRIVER_LIBRARY={}",
+        library.display()
+    );
 }

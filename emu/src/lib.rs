@@ -270,6 +270,80 @@ pub fn kernel_names() -> Vec<String> {
     names
 }
 
+/// The emulated CUDA driver (`emu/driver/libcuda.cpp`): a `libcuda.so` built with this
+/// crate that exports the driver API calls cudarc makes and runs every kernel launch on
+/// the emulator. Device memory is host memory, every call completes before it returns.
+pub mod driver {
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::sync::OnceLock;
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+        fn dlerror() -> *const c_char;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_GLOBAL: c_int = 0x100;
+
+    /// Path of the library, or None where it is not built (only Linux builds it).
+    pub fn library() -> Option<&'static str> {
+        Some(env!("BN_EMU_DRIVER_LIBRARY")).filter(|p| !p.is_empty())
+    }
+
+    struct Handle(*mut c_void);
+    // SAFETY: a dlopen handle may be used from any thread; it is never closed.
+    unsafe impl Send for Handle {}
+    // SAFETY: as above; the handle is only read.
+    unsafe impl Sync for Handle {}
+
+    static LOADED: OnceLock<Result<Handle, String>> = OnceLock::new();
+
+    /// Loads the library into this process, once. Its SONAME is `libcuda.so`, the first
+    /// name cudarc asks the dynamic loader for, and the loader answers a request for an
+    /// already loaded SONAME with that library: so cudarc's driver calls made after this
+    /// reach the emulator. Call it before anything in the process uses cudarc.
+    pub fn preload() -> Result<(), String> {
+        let loaded = LOADED.get_or_init(|| {
+            let path = library().ok_or("the emulated driver is built on Linux only")?;
+            let c = CString::new(path).map_err(|_| format!("{path}: path has a NUL byte"))?;
+            // SAFETY: `c` is a NUL-terminated path; loading the library runs no code of
+            // ours but the C++ static initialisers of the emulator, which only fill
+            // its kernel registry.
+            let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+            if h.is_null() {
+                // SAFETY: dlerror returns NULL or a NUL-terminated message.
+                let why = unsafe { dlerror() };
+                let why = if why.is_null() {
+                    String::from("unknown error")
+                } else {
+                    // SAFETY: non-NULL, NUL-terminated, valid until the next dl call.
+                    unsafe { CStr::from_ptr(why) }
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                return Err(format!("cannot load {path}: {why}"));
+            }
+            Ok(Handle(h))
+        });
+        loaded.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// Device bytes the emulated driver holds now (None before [`preload`]).
+    pub fn allocated_bytes() -> Option<u64> {
+        let Some(Ok(h)) = LOADED.get() else {
+            return None;
+        };
+        // SAFETY: the handle is a loaded library; the name is NUL-terminated.
+        let f = unsafe { dlsym(h.0, c"bn_emu_driver_allocated_bytes".as_ptr()) };
+        if f.is_null() {
+            return None;
+        }
+        // SAFETY: the library defines this symbol as `uint64_t (void)` with C linkage.
+        let f: extern "C" fn() -> u64 = unsafe { std::mem::transmute(f) };
+        Some(f())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,702 @@
+// libcuda.cpp: an emulated CUDA driver. Built by build.rs into a shared library named
+// libcuda.so (SONAME libcuda.so) that exports the driver API entry points cudarc and
+// cuda-batchnorm call, with every kernel launch run by the emulator (runtime.cpp) from
+// the same kernel sources nvcc compiles.
+//
+// What it is for: executing the host side of the GPU path (cudarc's buffers, streams
+// and events, the crate's module loading, function lookup, launch arguments, workspace
+// handling, bnbench's timing code) on a machine without a GPU. A process uses it either
+// by loading it before cudarc looks for libcuda (tests: bn_emu_preload_driver, which
+// matches cudarc's first candidate name by SONAME) or through LD_LIBRARY_PATH.
+//
+// Model, and its assumptions:
+//   * one device, ordinal 0, compute capability 9.0; its other attributes are small
+//     and fixed (see attribute()), chosen so that launch plans stay quick to emulate;
+//   * device memory is host memory: a device pointer is the host address of a block
+//     allocated here, so every copy and memset is checked against the live
+//     allocations and a range outside them fails with CUDA_ERROR_INVALID_VALUE;
+//   * everything is synchronous: an async call has finished when it returns, streams
+//     and events only keep order trivially, an event's time is the host clock's;
+//   * cuModuleLoadData takes PTX text; cuModuleGetFunction succeeds only for a name
+//     that the PTX declares as an .entry and that the emulator has registered;
+//   * every kernel takes one BnParams (kernels/params.h). A launch hands the emulator
+//     the allocations that BnParams' addresses point into as its regions: those of x,
+//     dy, weight and bias read-only, the counters' as Counters (zero before and after),
+//     the rest read-write. A violation inside the kernel fails the launch with
+//     CUDA_ERROR_ILLEGAL_ADDRESS and prints the emulator's message on stderr;
+//   * one lock serialises every call, so launches from several threads take turns.
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "ffi.h"
+#include "params.h"
+
+namespace {
+
+// CUresult values used here (cuda.h).
+enum : int {
+    kSuccess = 0,
+    kInvalidValue = 1,
+    kOutOfMemory = 2,
+    kNotInitialized = 3,
+    kInvalidDevice = 101,
+    kInvalidImage = 200,
+    kInvalidContext = 201,
+    kInvalidPtx = 218,
+    kInvalidHandle = 400,
+    kNotFound = 500,
+    kIllegalAddress = 700,
+    kLaunchFailed = 719,
+    kNotSupported = 801,
+};
+
+constexpr int kDriverVersion = 13000;  // CUDA 13.0
+constexpr int kSmCount = 8;
+
+struct Module {
+    std::string ptx;
+};
+
+struct Function {
+    std::string name;
+};
+
+struct Event {
+    std::chrono::steady_clock::time_point at;
+    bool recorded = false;
+};
+
+struct State {
+    std::mutex lock;
+    bool initialised = false;
+    int primary_refs = 0;
+    std::map<uint64_t, uint64_t> allocations;  // base -> bytes
+    uint64_t allocated = 0;
+    std::set<void*> streams;
+    std::set<Module*> modules;
+    std::set<Function*> functions;
+    std::set<Event*> events;
+};
+
+State& state() {
+    static State* s = new State();  // never destroyed: drops may run during exit
+    return *s;
+}
+
+// The one context: an address that identifies it.
+char g_context_tag;
+void* const kContext = &g_context_tag;
+thread_local void* t_current = nullptr;
+
+constexpr uint64_t kTotalMemory = 8ull << 30;
+
+// Whether [addr, addr + bytes) lies inside one live allocation. Caller holds the lock.
+bool inside(const State& s, uint64_t addr, uint64_t bytes) {
+    auto it = s.allocations.upper_bound(addr);
+    if (it == s.allocations.begin()) return false;
+    --it;
+    return addr >= it->first && addr - it->first <= it->second && bytes <= it->second - (addr - it->first);
+}
+
+// The allocation containing addr, as (base, bytes), or (0, 0).
+std::pair<uint64_t, uint64_t> allocation_of(const State& s, uint64_t addr) {
+    auto it = s.allocations.upper_bound(addr);
+    if (it == s.allocations.begin()) return {0, 0};
+    --it;
+    if (addr - it->first < it->second) return {it->first, it->second};
+    return {0, 0};
+}
+
+bool stream_ok(const State& s, void* stream) { return stream == nullptr || s.streams.count(stream) != 0; }
+
+int attribute(int attr, int* out) {
+    switch (attr) {
+        case 1: *out = 1024; return kSuccess;        // max threads per block
+        case 2: *out = 1024; return kSuccess;        // max block x
+        case 3: *out = 1024; return kSuccess;        // max block y
+        case 4: *out = 64; return kSuccess;          // max block z
+        case 5: *out = 2147483647; return kSuccess;  // max grid x
+        case 6: *out = 65535; return kSuccess;       // max grid y
+        case 7: *out = 65535; return kSuccess;       // max grid z
+        case 8: *out = 48 * 1024; return kSuccess;   // shared memory per block
+        case 10: *out = 32; return kSuccess;         // warp size
+        case 13: *out = 1000000; return kSuccess;    // clock rate, kHz
+        case 16: *out = kSmCount; return kSuccess;   // multiprocessors
+        case 36: *out = 1000000; return kSuccess;    // memory clock rate, kHz
+        case 37: *out = 64; return kSuccess;         // memory bus width, bits
+        case 38: *out = 4 << 20; return kSuccess;    // L2 bytes
+        case 39: *out = 2048; return kSuccess;       // threads per multiprocessor
+        case 41: *out = 1; return kSuccess;          // unified addressing
+        case 75: *out = 9; return kSuccess;          // compute capability major
+        case 76: *out = 0; return kSuccess;          // compute capability minor
+        case 115: *out = 1; return kSuccess;         // memory pools supported
+        default: *out = 0; return kSuccess;
+    }
+}
+
+int check_ready(const State& s) {
+    if (!s.initialised) return kNotInitialized;
+    if (t_current != kContext) return kInvalidContext;
+    return kSuccess;
+}
+
+int do_alloc(State& s, uint64_t* dptr, size_t bytes) {
+    if (dptr == nullptr || bytes == 0) return kInvalidValue;
+    if (bytes > kTotalMemory - s.allocated) return kOutOfMemory;
+    // 256-byte aligned, as cuMemAlloc's pointers are.
+    void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+    if (p == nullptr) return kOutOfMemory;
+    *dptr = reinterpret_cast<uint64_t>(p);
+    s.allocations[*dptr] = bytes;
+    s.allocated += bytes;
+    return kSuccess;
+}
+
+int do_free(State& s, uint64_t dptr) {
+    auto it = s.allocations.find(dptr);
+    if (it == s.allocations.end()) return kInvalidValue;
+    s.allocated -= it->second;
+    std::free(reinterpret_cast<void*>(it->first));
+    s.allocations.erase(it);
+    return kSuccess;
+}
+
+void complain(const char* what, uint64_t addr, uint64_t bytes) {
+    std::fprintf(stderr, "emulated CUDA driver: %s: [0x%llx, +%llu) is not inside one live allocation\n", what,
+                 static_cast<unsigned long long>(addr), static_cast<unsigned long long>(bytes));
+}
+
+int do_copy(State& s, const char* what, uint64_t dst, bool dst_device, uint64_t src, bool src_device, size_t bytes,
+            void* stream) {
+    int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (bytes == 0) return kSuccess;
+    if (dst_device && !inside(s, dst, bytes)) {
+        complain(what, dst, bytes);
+        return kInvalidValue;
+    }
+    if (src_device && !inside(s, src, bytes)) {
+        complain(what, src, bytes);
+        return kInvalidValue;
+    }
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+    return kSuccess;
+}
+
+int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream) {
+    int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (bytes == 0) return kSuccess;
+    if (!inside(s, dst, bytes)) {
+        complain("cuMemsetD8", dst, bytes);
+        return kInvalidValue;
+    }
+    std::memset(reinterpret_cast<void*>(dst), value, bytes);
+    return kSuccess;
+}
+
+uint64_t seed_from_env() {
+    const char* v = std::getenv("BN_EMU_SEED");
+    if (v == nullptr || *v == '\0') return 0x00c0ffee5eed2024ull;
+    char* end = nullptr;
+    const unsigned long long parsed = std::strtoull(v, &end, 0);
+    return (end != nullptr && *end == '\0') ? parsed : 0x00c0ffee5eed2024ull;
+}
+
+int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared, void* stream,
+              void** params, void** extra) {
+    int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (s.functions.count(f) == 0) return kInvalidHandle;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (extra != nullptr || params == nullptr || params[0] == nullptr) return kInvalidValue;
+    BnParams p;
+    std::memcpy(&p, params[0], sizeof p);
+
+    struct Field {
+        uint64_t addr;
+        const char* name;
+        bool read_only;
+    };
+    const Field fields[] = {
+        {p.x, "x", true},
+        {p.y, "y", false},
+        {p.dy, "dy", true},
+        {p.dx, "dx", false},
+        {p.weight, "weight", true},
+        {p.bias, "bias", true},
+        {p.running_mean, "running_mean", false},
+        {p.running_var, "running_var", false},
+        {p.save_mean, "save_mean", false},
+        {p.save_invstd, "save_invstd", false},
+        {p.grad_weight, "grad_weight", false},
+        {p.grad_bias, "grad_bias", false},
+        {p.ws_counters, "ws_counters", false},
+        {p.ws_partials, "ws_partials", false},
+        {p.ws_channel, "ws_channel", false},
+    };
+    // One region per allocation that some address points into, named after the first
+    // field that does.
+    struct Alloc {
+        uint64_t base, bytes;
+        std::string name;
+        bool read_only, counters;
+    };
+    std::vector<Alloc> allocs;
+    for (const Field& fd : fields) {
+        if (fd.addr == 0) continue;
+        const auto [base, bytes] = allocation_of(s, fd.addr);
+        if (bytes == 0) continue;  // not device memory: any access fails the launch
+        const bool counters = fd.addr == p.ws_counters;
+        bool found = false;
+        for (Alloc& a : allocs) {
+            if (a.base == base) {
+                a.read_only = a.read_only && fd.read_only;
+                a.counters = a.counters && counters;
+                a.name += std::string("/") + fd.name;
+                found = true;
+            }
+        }
+        if (!found) allocs.push_back(Alloc{base, bytes, fd.name, fd.read_only, counters});
+    }
+    std::vector<bn_emu_region> regions;
+    for (const Alloc& a : allocs) {
+        const uint32_t kind = a.counters ? 4u : (a.read_only ? 0u : 2u);
+        regions.push_back(bn_emu_region{a.base, a.bytes, a.name.data(), a.name.size(), kind, 0});
+    }
+    bn_emu_launch_desc d{};
+    d.kernel = f->name.data();
+    d.kernel_len = f->name.size();
+    for (int i = 0; i < 3; ++i) {
+        d.grid[i] = grid[i];
+        d.block[i] = block[i];
+    }
+    d.dynamic_shared_bytes = shared;
+    d.cooperative = 0;
+    d.seed = seed_from_env();
+    d.max_resident_blocks = 4;
+    d.params = &p;
+    d.params_len = sizeof p;
+    d.regions = regions.data();
+    d.nregions = regions.size();
+    const char* msg = nullptr;
+    size_t msg_len = 0;
+    if (bn_emu_launch(&d, &msg, &msg_len) != 0) {
+        std::fprintf(stderr, "emulated CUDA driver: launch of %s failed: %.*s\n", f->name.c_str(),
+                     static_cast<int>(msg_len), msg != nullptr ? msg : "");
+        return kIllegalAddress;
+    }
+    return kSuccess;
+}
+
+bool registered(const std::string& name) {
+    const size_t n = bn_emu_kernel_count();
+    for (size_t i = 0; i < n; ++i) {
+        size_t len = 0;
+        const char* k = bn_emu_kernel_name(i, &len);
+        if (name.size() == len && std::memcmp(name.data(), k, len) == 0) return true;
+    }
+    return false;
+}
+
+const char* error_name(int e) {
+    switch (e) {
+        case kSuccess: return "CUDA_SUCCESS";
+        case kInvalidValue: return "CUDA_ERROR_INVALID_VALUE";
+        case kOutOfMemory: return "CUDA_ERROR_OUT_OF_MEMORY";
+        case kNotInitialized: return "CUDA_ERROR_NOT_INITIALIZED";
+        case kInvalidDevice: return "CUDA_ERROR_INVALID_DEVICE";
+        case kInvalidImage: return "CUDA_ERROR_INVALID_IMAGE";
+        case kInvalidContext: return "CUDA_ERROR_INVALID_CONTEXT";
+        case kInvalidPtx: return "CUDA_ERROR_INVALID_PTX";
+        case kInvalidHandle: return "CUDA_ERROR_INVALID_HANDLE";
+        case kNotFound: return "CUDA_ERROR_NOT_FOUND";
+        case kIllegalAddress: return "CUDA_ERROR_ILLEGAL_ADDRESS";
+        case kLaunchFailed: return "CUDA_ERROR_LAUNCH_FAILED";
+        case kNotSupported: return "CUDA_ERROR_NOT_SUPPORTED";
+        default: return nullptr;
+    }
+}
+
+const char* error_string(int e) {
+    switch (e) {
+        case kSuccess: return "no error";
+        case kInvalidValue: return "invalid argument";
+        case kOutOfMemory: return "out of memory";
+        case kNotInitialized: return "initialization error";
+        case kInvalidDevice: return "invalid device ordinal";
+        case kInvalidImage: return "device kernel image is invalid";
+        case kInvalidContext: return "invalid device context";
+        case kInvalidPtx: return "a PTX JIT compilation failed";
+        case kInvalidHandle: return "invalid resource handle";
+        case kNotFound: return "named symbol not found";
+        case kIllegalAddress: return "an illegal memory access was encountered (emulated)";
+        case kLaunchFailed: return "unspecified launch failure";
+        case kNotSupported: return "operation not supported";
+        default: return nullptr;
+    }
+}
+
+}  // namespace
+
+#define BN_API extern "C" __attribute__((visibility("default")))
+#define LOCKED State& s = state(); std::lock_guard<std::mutex> guard(s.lock)
+
+// ---- initialisation, device, context ---------------------------------------------------
+
+BN_API int cuInit(unsigned flags) {
+    LOCKED;
+    if (flags != 0) return kInvalidValue;
+    s.initialised = true;
+    return kSuccess;
+}
+
+BN_API int cuDriverGetVersion(int* v) {
+    if (v == nullptr) return kInvalidValue;
+    *v = kDriverVersion;
+    return kSuccess;
+}
+
+BN_API int cuDeviceGetCount(int* count) {
+    LOCKED;
+    if (!s.initialised) return kNotInitialized;
+    if (count == nullptr) return kInvalidValue;
+    *count = 1;
+    return kSuccess;
+}
+
+BN_API int cuDeviceGet(int* dev, int ordinal) {
+    LOCKED;
+    if (!s.initialised) return kNotInitialized;
+    if (dev == nullptr) return kInvalidValue;
+    if (ordinal != 0) return kInvalidDevice;
+    *dev = 0;
+    return kSuccess;
+}
+
+BN_API int cuDeviceGetAttribute(int* out, int attr, int dev) {
+    LOCKED;
+    if (!s.initialised) return kNotInitialized;
+    if (out == nullptr) return kInvalidValue;
+    if (dev != 0) return kInvalidDevice;
+    return attribute(attr, out);
+}
+
+BN_API int cuDeviceGetName(char* name, int len, int dev) {
+    if (name == nullptr || len <= 0) return kInvalidValue;
+    if (dev != 0) return kInvalidDevice;
+    std::snprintf(name, static_cast<size_t>(len), "%s", "cuda-batchnorm emulated device (CPU)");
+    return kSuccess;
+}
+
+BN_API int cuDeviceTotalMem_v2(size_t* bytes, int dev) {
+    if (bytes == nullptr) return kInvalidValue;
+    if (dev != 0) return kInvalidDevice;
+    *bytes = kTotalMemory;
+    return kSuccess;
+}
+
+BN_API int cuDeviceComputeCapability(int* major, int* minor, int dev) {
+    if (major == nullptr || minor == nullptr) return kInvalidValue;
+    if (dev != 0) return kInvalidDevice;
+    *major = 9;
+    *minor = 0;
+    return kSuccess;
+}
+
+BN_API int cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+    LOCKED;
+    if (!s.initialised) return kNotInitialized;
+    if (ctx == nullptr) return kInvalidValue;
+    if (dev != 0) return kInvalidDevice;
+    s.primary_refs += 1;
+    *ctx = kContext;
+    return kSuccess;
+}
+
+BN_API int cuDevicePrimaryCtxRelease_v2(int dev) {
+    LOCKED;
+    if (dev != 0) return kInvalidDevice;
+    if (s.primary_refs > 0) s.primary_refs -= 1;
+    return kSuccess;
+}
+
+BN_API int cuCtxSetCurrent(void* ctx) {
+    if (ctx != nullptr && ctx != kContext) return kInvalidContext;
+    t_current = ctx;
+    return kSuccess;
+}
+
+BN_API int cuCtxGetCurrent(void** ctx) {
+    if (ctx == nullptr) return kInvalidValue;
+    *ctx = t_current;
+    return kSuccess;
+}
+
+BN_API int cuCtxGetDevice(int* dev) {
+    if (dev == nullptr) return kInvalidValue;
+    if (t_current != kContext) return kInvalidContext;
+    *dev = 0;
+    return kSuccess;
+}
+
+BN_API int cuCtxSynchronize(void) {
+    LOCKED;
+    return check_ready(s);
+}
+
+BN_API int cuCtxPushCurrent_v2(void* ctx) { return cuCtxSetCurrent(ctx); }
+
+BN_API int cuCtxPopCurrent_v2(void** ctx) {
+    if (ctx != nullptr) *ctx = t_current;
+    t_current = nullptr;
+    return kSuccess;
+}
+
+BN_API int cuGetErrorName(int e, const char** out) {
+    if (out == nullptr) return kInvalidValue;
+    *out = error_name(e);
+    return *out != nullptr ? kSuccess : kInvalidValue;
+}
+
+BN_API int cuGetErrorString(int e, const char** out) {
+    if (out == nullptr) return kInvalidValue;
+    *out = error_string(e);
+    return *out != nullptr ? kSuccess : kInvalidValue;
+}
+
+// ---- memory -----------------------------------------------------------------------------
+
+BN_API int cuMemAlloc_v2(uint64_t* dptr, size_t bytes) {
+    LOCKED;
+    const int rc = check_ready(s);
+    return rc != kSuccess ? rc : do_alloc(s, dptr, bytes);
+}
+
+BN_API int cuMemAllocAsync(uint64_t* dptr, size_t bytes, void* stream) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    return do_alloc(s, dptr, bytes);
+}
+
+BN_API int cuMemFree_v2(uint64_t dptr) {
+    LOCKED;
+    return do_free(s, dptr);
+}
+
+BN_API int cuMemFreeAsync(uint64_t dptr, void* stream) {
+    LOCKED;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    return do_free(s, dptr);
+}
+
+BN_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    LOCKED;
+    if (free_bytes == nullptr || total == nullptr) return kInvalidValue;
+    *total = kTotalMemory;
+    *free_bytes = kTotalMemory - s.allocated;
+    return kSuccess;
+}
+
+BN_API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* stream) {
+    LOCKED;
+    return do_copy(s, "cuMemcpyHtoD", dst, true, reinterpret_cast<uint64_t>(src), false, bytes, stream);
+}
+
+BN_API int cuMemcpyDtoHAsync_v2(void* dst, uint64_t src, size_t bytes, void* stream) {
+    LOCKED;
+    return do_copy(s, "cuMemcpyDtoH", reinterpret_cast<uint64_t>(dst), false, src, true, bytes, stream);
+}
+
+BN_API int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* stream) {
+    LOCKED;
+    return do_copy(s, "cuMemcpyDtoD", dst, true, src, true, bytes, stream);
+}
+
+BN_API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
+    return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr);
+}
+
+BN_API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr); }
+
+BN_API int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes) {
+    return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
+}
+
+BN_API int cuMemsetD8Async(uint64_t dst, unsigned char value, size_t bytes, void* stream) {
+    LOCKED;
+    return do_memset(s, dst, value, bytes, stream);
+}
+
+BN_API int cuMemsetD8_v2(uint64_t dst, unsigned char value, size_t bytes) {
+    return cuMemsetD8Async(dst, value, bytes, nullptr);
+}
+
+// ---- streams and events -------------------------------------------------------------------
+
+BN_API int cuStreamCreate(void** stream, unsigned flags) {
+    (void)flags;
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (stream == nullptr) return kInvalidValue;
+    void* h = new char;
+    s.streams.insert(h);
+    *stream = h;
+    return kSuccess;
+}
+
+BN_API int cuStreamCreateWithPriority(void** stream, unsigned flags, int priority) {
+    (void)priority;
+    return cuStreamCreate(stream, flags);
+}
+
+BN_API int cuStreamDestroy_v2(void* stream) {
+    LOCKED;
+    if (s.streams.erase(stream) == 0) return kInvalidHandle;
+    delete static_cast<char*>(stream);
+    return kSuccess;
+}
+
+BN_API int cuStreamSynchronize(void* stream) {
+    LOCKED;
+    return stream_ok(s, stream) ? kSuccess : kInvalidHandle;
+}
+
+BN_API int cuStreamQuery(void* stream) { return cuStreamSynchronize(stream); }
+
+BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
+    (void)flags;
+    LOCKED;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    return s.events.count(static_cast<Event*>(event)) != 0 ? kSuccess : kInvalidHandle;
+}
+
+BN_API int cuEventCreate(void** event, unsigned flags) {
+    (void)flags;
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (event == nullptr) return kInvalidValue;
+    Event* e = new Event();
+    s.events.insert(e);
+    *event = e;
+    return kSuccess;
+}
+
+BN_API int cuEventDestroy_v2(void* event) {
+    LOCKED;
+    Event* e = static_cast<Event*>(event);
+    if (s.events.erase(e) == 0) return kInvalidHandle;
+    delete e;
+    return kSuccess;
+}
+
+BN_API int cuEventRecord(void* event, void* stream) {
+    LOCKED;
+    Event* e = static_cast<Event*>(event);
+    if (s.events.count(e) == 0 || !stream_ok(s, stream)) return kInvalidHandle;
+    e->at = std::chrono::steady_clock::now();
+    e->recorded = true;
+    return kSuccess;
+}
+
+BN_API int cuEventRecordWithFlags(void* event, void* stream, unsigned flags) {
+    (void)flags;
+    return cuEventRecord(event, stream);
+}
+
+BN_API int cuEventSynchronize(void* event) {
+    LOCKED;
+    return s.events.count(static_cast<Event*>(event)) != 0 ? kSuccess : kInvalidHandle;
+}
+
+BN_API int cuEventQuery(void* event) { return cuEventSynchronize(event); }
+
+BN_API int cuEventElapsedTime(float* ms, void* start, void* end) {
+    LOCKED;
+    Event* a = static_cast<Event*>(start);
+    Event* b = static_cast<Event*>(end);
+    if (ms == nullptr) return kInvalidValue;
+    if (s.events.count(a) == 0 || s.events.count(b) == 0) return kInvalidHandle;
+    if (!a->recorded || !b->recorded) return kInvalidHandle;
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+    return kSuccess;
+}
+
+BN_API int cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
+
+// ---- modules and launches -------------------------------------------------------------------
+
+BN_API int cuModuleLoadData(void** module, const void* image) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (module == nullptr || image == nullptr) return kInvalidValue;
+    const char* text = static_cast<const char*>(image);
+    // PTX text, as the crate embeds it (a cubin or fatbin starts with ELF or fatbin magic).
+    if (std::strstr(text, ".version") == nullptr || std::strstr(text, ".target") == nullptr) return kInvalidPtx;
+    Module* m = new Module{text};
+    s.modules.insert(m);
+    *module = m;
+    return kSuccess;
+}
+
+BN_API int cuModuleUnload(void* module) {
+    LOCKED;
+    Module* m = static_cast<Module*>(module);
+    if (s.modules.erase(m) == 0) return kInvalidHandle;
+    delete m;
+    return kSuccess;
+}
+
+BN_API int cuModuleGetFunction(void** function, void* module, const char* name) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    Module* m = static_cast<Module*>(module);
+    if (function == nullptr || name == nullptr) return kInvalidValue;
+    if (s.modules.count(m) == 0) return kInvalidHandle;
+    const std::string entry = std::string(".entry ") + name + "(";
+    if (m->ptx.find(entry) == std::string::npos || !registered(name)) return kNotFound;
+    // Handles are kept for the life of the process, like the module's functions.
+    for (Function* f : s.functions) {
+        if (f->name == name) {
+            *function = f;
+            return kSuccess;
+        }
+    }
+    Function* f = new Function{name};
+    s.functions.insert(f);
+    *function = f;
+    return kSuccess;
+}
+
+BN_API int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                          unsigned shared, void* stream, void** params, void** extra) {
+    LOCKED;
+    const uint32_t grid[3] = {gx, gy, gz};
+    const uint32_t block[3] = {bx, by, bz};
+    return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, extra);
+}
+
+// ---- for the tests ------------------------------------------------------------------------
+
+// How many device bytes are allocated now (lets a test see that buffers were freed).
+BN_API uint64_t bn_emu_driver_allocated_bytes(void) {
+    LOCKED;
+    return s.allocated;
+}
