@@ -21,16 +21,52 @@ use cuda_batchnorm::functional::{
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::nn::BatchNorm2d;
 use cuda_batchnorm::{
-    open_device, ptx_unavailable, BatchNormOptions, Cuda, DType, Float, MemoryFormat, ParamFor,
-    Shape, Workspace,
+    open_device, ptx_unavailable, BatchNormOptions, BnError, Cuda, DType, Float, MemoryFormat,
+    ParamFor, Shape, Workspace,
 };
 
-/// The device's default stream, or None (after printing why) when the test should skip.
-fn gpu(test: &str) -> Option<Arc<CudaStream>> {
+/// A device for one test: a real GPU, or the emulated CUDA driver.
+struct Gpu {
+    stream: Arc<CudaStream>,
+    emulated: bool,
+}
+
+/// Opens device 0 for `test`, or returns None (after printing why) when it should skip.
+///
+/// Where the process finds no CUDA driver at all, the tests run on the emulated driver
+/// (`cuda_batchnorm_emu::driver`): cudarc, the module loading and every launch run as
+/// on a GPU, with the kernels executed by the emulator. So plain `cargo test` runs this
+/// file's host-side GPU path too. `CUDA_BATCHNORM_REQUIRE_GPU=1` asks for real hardware:
+/// the emulated driver is not used, and a missing GPU fails the test.
+fn gpu(test: &str) -> Option<Gpu> {
     let required = std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match (ptx_unavailable(), open_device(0)) {
-        (None, Ok(ctx)) => return Some(ctx.default_stream()),
+        (None, Ok(ctx)) => {
+            let emulated = cuda_batchnorm_emu::driver::allocated_bytes().is_some();
+            return Some(Gpu {
+                stream: ctx.default_stream(),
+                emulated,
+            });
+        }
         (Some(reason), _) => format!("built without PTX: {reason}"),
+        (None, Err(BnError::NoDriver)) if !required => {
+            match cuda_batchnorm_emu::driver::preload().map_err(BnError::NoDevice) {
+                Ok(()) => match open_device(0) {
+                    Ok(ctx) => {
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "{test}: no CUDA driver here, running on the emulated driver"
+                        );
+                        return Some(Gpu {
+                            stream: ctx.default_stream(),
+                            emulated: true,
+                        });
+                    }
+                    Err(e) => format!("the emulated driver failed: {e}"),
+                },
+                Err(e) => e.to_string(),
+            }
+        }
         (None, Err(e)) => e.to_string(),
     };
     assert!(
@@ -41,6 +77,20 @@ fn gpu(test: &str) -> Option<Arc<CudaStream>> {
     // captures: the skip should be visible in a plain `cargo test`.
     let _ = writeln!(std::io::stderr(), "skipping GPU test {test}: {why}");
     None
+}
+
+/// Skips a test that is too large for the emulated driver (the emulated suite runs the
+/// same check: `cargo test --release --test emulated -- --ignored`).
+fn hardware_only(test: &str, gpu: Option<Gpu>) -> Option<Arc<CudaStream>> {
+    let gpu = gpu?;
+    if gpu.emulated {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping {test} on the emulated driver: it needs a GPU's speed and memory"
+        );
+        return None;
+    }
+    Some(gpu.stream)
 }
 
 struct GpuRunner {
@@ -228,7 +278,7 @@ impl Runner for GpuRunner {
 
 #[test]
 fn kernels_match_the_reference() {
-    let Some(stream) = gpu("kernels_match_the_reference") else {
+    let Some(Gpu { stream, .. }) = gpu("kernels_match_the_reference") else {
         return;
     };
     // Under compute-sanitizer (.gpu/run sets CUDA_BATCHNORM_GPU_TEST_SUBSET=1) every
@@ -250,7 +300,7 @@ fn kernels_match_the_reference() {
 
 #[test]
 fn fixtures_on_the_gpu() {
-    let Some(stream) = gpu("fixtures_on_the_gpu") else {
+    let Some(Gpu { stream, .. }) = gpu("fixtures_on_the_gpu") else {
         return;
     };
     let mut failures = Vec::new();
@@ -271,7 +321,7 @@ fn fixtures_on_the_gpu() {
 
 #[test]
 fn eval_is_bitwise_equal_across_formats() {
-    let Some(stream) = gpu("eval_is_bitwise_equal_across_formats") else {
+    let Some(Gpu { stream, .. }) = gpu("eval_is_bitwise_equal_across_formats") else {
         return;
     };
     use cuda_batchnorm::half::f16;
@@ -290,7 +340,7 @@ fn eval_is_bitwise_equal_across_formats() {
 /// parameters stays finite.
 #[test]
 fn huge_half_overflow() {
-    let Some(stream) = gpu("huge_half_overflow") else {
+    let Some(stream) = hardware_only("huge_half_overflow", gpu("huge_half_overflow")) else {
         return;
     };
     let case = common::Case {
@@ -411,7 +461,10 @@ impl common::huge::Device for HugeGpu {
 /// kernels run the same check (tests/emulated.rs, `--ignored`).
 #[test]
 fn huge_more_than_2_pow_31_elements() {
-    let Some(stream) = gpu("huge_more_than_2_pow_31_elements") else {
+    let Some(stream) = hardware_only(
+        "huge_more_than_2_pow_31_elements",
+        gpu("huge_more_than_2_pow_31_elements"),
+    ) else {
         return;
     };
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
@@ -422,7 +475,7 @@ fn huge_more_than_2_pow_31_elements() {
 /// `infer` shares one module across threads and streams.
 #[test]
 fn infer_from_many_threads() {
-    let Some(stream) = gpu("infer_from_many_threads") else {
+    let Some(Gpu { stream, .. }) = gpu("infer_from_many_threads") else {
         return;
     };
     let shape = Shape::nhwc(4, 32, 9, 9).unwrap();
@@ -433,6 +486,22 @@ fn infer_from_many_threads() {
     bn.forward(&x, &shape).unwrap();
     bn.eval();
     let expect = stream.clone_dtoh(&bn.forward(&x, &shape).unwrap()).unwrap();
+    // The same steps on the CPU backend: the module's result is a real one.
+    let mut on_cpu = cuda_batchnorm::cpu::BatchNorm2d::<f32>::new(
+        cuda_batchnorm::Cpu,
+        32,
+        BatchNormOptions::default(),
+    )
+    .unwrap();
+    on_cpu.forward(&host, &shape).unwrap();
+    on_cpu.eval();
+    let cpu_y = on_cpu.forward(&host, &shape).unwrap();
+    common::check_close(
+        "eval y",
+        &expect,
+        &cuda_batchnorm::cpu::reference::to_f64(&cpu_y),
+    )
+    .unwrap();
     let bn = Arc::new(bn);
     let ctx = stream.context().clone();
     let handles: Vec<_> = (0..4)
@@ -457,14 +526,14 @@ fn infer_from_many_threads() {
 /// A sized workspace serves every later call on its shape without growing.
 #[test]
 fn sized_workspace_does_not_grow() {
-    let Some(stream) = gpu("sized_workspace_does_not_grow") else {
+    let Some(Gpu { stream, .. }) = gpu("sized_workspace_does_not_grow") else {
         return;
     };
     let shape = Shape::nchw(8, 16, 20, 20).unwrap();
     let mut ws = Workspace::for_shape(&stream, &shape, DType::F32).unwrap();
     let size = ws.size();
     let x = stream.clone_htod(&vec![0.25f32; shape.numel()]).unwrap();
-    let mut y = stream.alloc_zeros::<f32>(shape.numel()).unwrap();
+    let mut y = stream.clone_htod(&vec![7.0f32; shape.numel()]).unwrap();
     for _ in 0..3 {
         let args = Forward::<f32, f32> {
             input: &x,

@@ -431,6 +431,19 @@ pub fn check_eval_bitwise_across_formats<R: Runner, T: Float, P: ParamFor<T>>(
     };
     each(&mut |n, c, s| b.x[b.shape.offset(n, c, s)] = a.x[a.shape.offset(n, c, s)]);
     let (ya, yb) = (r.eval_forward(&a)?, r.eval_forward(&b)?);
+    // Equal outputs must also be right ones (two untouched buffers are equal too).
+    let inv0 = reference::invstd(&reference::to_f64(&a.running_var), a.eps);
+    let (w, bias) = (a.w64(), a.b64());
+    let expect = reference::normalize(
+        &reference::to_f64(&a.x),
+        &a.shape,
+        &reference::to_f64(&a.running_mean),
+        &inv0,
+        w.as_deref(),
+        bias.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    check_close("eval y (contiguous)", &ya, &expect)?;
     let mut first = None;
     each(&mut |n, c, s| {
         let (u, v) = (ya[a.shape.offset(n, c, s)], yb[b.shape.offset(n, c, s)]);
