@@ -22,17 +22,20 @@ fn unavailable() -> Option<String> {
     None
 }
 
+/// The folder holding the emulated driver, or None (after printing why) to skip.
+fn driver_dir(test: &str) -> Option<&'static Path> {
+    if let Some(why) = unavailable() {
+        let _ = writeln!(std::io::stderr(), "skipping {test}: {why}");
+        return None;
+    }
+    Path::new(cuda_batchnorm_emu::driver::library()?).parent()
+}
+
 #[test]
 fn bnbench_runs_its_gpu_path_on_the_emulated_driver() {
-    if let Some(why) = unavailable() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipping bnbench on the emulated driver: {why}"
-        );
+    let Some(dir) = driver_dir("bnbench_runs_its_gpu_path_on_the_emulated_driver") else {
         return;
-    }
-    let library = Path::new(cuda_batchnorm_emu::driver::library().unwrap());
-    let dir = library.parent().unwrap();
+    };
     let json = std::env::temp_dir().join(format!("bnbench-emulated-{}.json", std::process::id()));
     let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
         .env("LD_LIBRARY_PATH", dir)
@@ -64,4 +67,28 @@ fn bnbench_runs_its_gpu_path_on_the_emulated_driver() {
     );
     assert_eq!(text.matches("\"check\": \"ok\"").count(), 6, "{text}");
     assert!(!text.contains("\"median_us\": null"), "{text}");
+}
+
+/// A driver older than the PTX (CUDA 12.8 cannot JIT PTX ISA 9.0): bnbench says why
+/// there is no GPU run, naming the driver's version, and runs the CPU self-check.
+#[test]
+fn bnbench_explains_a_driver_too_old_for_the_ptx() {
+    let Some(dir) = driver_dir("bnbench_explains_a_driver_too_old_for_the_ptx") else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
+        .env("LD_LIBRARY_PATH", dir)
+        .env("BN_EMU_DRIVER_VERSION", "12080")
+        .output()
+        .expect("start bnbench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("bnbench: no GPU run: the CUDA driver refused the embedded PTX")
+            && first.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+            && first.contains("this driver reports CUDA 12.8"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cpu self-check: ok"), "{stdout}");
 }

@@ -17,8 +17,10 @@
 //     allocations and a range outside them fails with CUDA_ERROR_INVALID_VALUE;
 //   * everything is synchronous: an async call has finished when it returns, streams
 //     and events only keep order trivially, an event's time is the host clock's;
-//   * cuModuleLoadData takes PTX text; cuModuleGetFunction succeeds only for a name
-//     that the PTX declares as an .entry and that the emulator has registered;
+//   * cuModuleLoadData takes PTX text, and refuses an ISA newer than the driver's CUDA
+//     version supports (BN_EMU_DRIVER_VERSION plays an older driver);
+//     cuModuleGetFunction succeeds only for a name that the PTX declares as an .entry and
+//     that the emulator has registered;
 //   * every kernel takes one BnParams (kernels/params.h). A launch hands the emulator
 //     the allocations that BnParams' addresses point into as its regions: those of x,
 //     dy, weight and bias read-only, the counters' as Counters (zero before and after),
@@ -52,6 +54,7 @@ enum : int {
     kInvalidImage = 200,
     kInvalidContext = 201,
     kInvalidPtx = 218,
+    kUnsupportedPtxVersion = 222,
     kInvalidHandle = 400,
     kNotFound = 500,
     kIllegalAddress = 700,
@@ -59,7 +62,7 @@ enum : int {
     kNotSupported = 801,
 };
 
-constexpr int kDriverVersion = 13000;  // CUDA 13.0
+constexpr int kDriverVersion = 13000;  // CUDA 13.0, unless BN_EMU_DRIVER_VERSION says otherwise
 constexpr int kSmCount = 8;
 
 struct Module {
@@ -206,6 +209,36 @@ int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream)
     return kSuccess;
 }
 
+// The CUDA version the driver reports: BN_EMU_DRIVER_VERSION (e.g. 12080 for 12.8) lets a
+// test play an older driver.
+int driver_version() {
+    const char* v = std::getenv("BN_EMU_DRIVER_VERSION");
+    if (v == nullptr || *v == '\0') return kDriverVersion;
+    char* end = nullptr;
+    const long parsed = std::strtol(v, &end, 10);
+    return (end != nullptr && *end == '\0' && parsed > 0 && parsed < 100000) ? static_cast<int>(parsed) : kDriverVersion;
+}
+
+// Newest PTX ISA (10 * major + minor) a driver of CUDA `version` JIT-compiles, from
+// NVIDIA's PTX ISA release notes: 11.x -> 7.x, 12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5,
+// 12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x.
+int max_ptx_isa(int version) {
+    const int major = version / 1000;
+    const int minor = (version % 1000) / 10;
+    if (major >= 13) return (major - 4) * 10 + minor;
+    if (major == 12) return minor <= 5 ? 80 + minor : (minor == 6 ? 85 : 79 + minor);
+    if (major == 11) return 70 + minor;
+    return 0;
+}
+
+// The ".version X.Y" of PTX text as 10 * X + Y, or -1.
+int ptx_isa(const char* text) {
+    const char* v = std::strstr(text, ".version");
+    int major = 0, minor = 0;
+    if (v == nullptr || std::sscanf(v, ".version %d.%d", &major, &minor) != 2) return -1;
+    return major * 10 + minor;
+}
+
 uint64_t seed_from_env() {
     const char* v = std::getenv("BN_EMU_SEED");
     if (v == nullptr || *v == '\0') return 0x00c0ffee5eed2024ull;
@@ -320,6 +353,7 @@ const char* error_name(int e) {
         case kInvalidImage: return "CUDA_ERROR_INVALID_IMAGE";
         case kInvalidContext: return "CUDA_ERROR_INVALID_CONTEXT";
         case kInvalidPtx: return "CUDA_ERROR_INVALID_PTX";
+        case kUnsupportedPtxVersion: return "CUDA_ERROR_UNSUPPORTED_PTX_VERSION";
         case kInvalidHandle: return "CUDA_ERROR_INVALID_HANDLE";
         case kNotFound: return "CUDA_ERROR_NOT_FOUND";
         case kIllegalAddress: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -339,6 +373,7 @@ const char* error_string(int e) {
         case kInvalidImage: return "device kernel image is invalid";
         case kInvalidContext: return "invalid device context";
         case kInvalidPtx: return "a PTX JIT compilation failed";
+        case kUnsupportedPtxVersion: return "the provided PTX was compiled with an unsupported toolchain.";
         case kInvalidHandle: return "invalid resource handle";
         case kNotFound: return "named symbol not found";
         case kIllegalAddress: return "an illegal memory access was encountered (emulated)";
@@ -364,7 +399,7 @@ BN_API int cuInit(unsigned flags) {
 
 BN_API int cuDriverGetVersion(int* v) {
     if (v == nullptr) return kInvalidValue;
-    *v = kDriverVersion;
+    *v = driver_version();
     return kSuccess;
 }
 
@@ -648,7 +683,9 @@ BN_API int cuModuleLoadData(void** module, const void* image) {
     if (module == nullptr || image == nullptr) return kInvalidValue;
     const char* text = static_cast<const char*>(image);
     // PTX text, as the crate embeds it (a cubin or fatbin starts with ELF or fatbin magic).
-    if (std::strstr(text, ".version") == nullptr || std::strstr(text, ".target") == nullptr) return kInvalidPtx;
+    const int isa = ptx_isa(text);
+    if (isa < 0 || std::strstr(text, ".target") == nullptr) return kInvalidPtx;
+    if (isa > max_ptx_isa(driver_version())) return kUnsupportedPtxVersion;
     Module* m = new Module{text};
     s.modules.insert(m);
     *module = m;
