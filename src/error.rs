@@ -169,9 +169,10 @@ pub enum BnError {
 
     /// The driver refused to load the embedded PTX.
     #[error(
-        "the CUDA driver refused the embedded PTX ({source}); the PTX is ISA 9.0 from CUDA 13.0 and \
+        "the CUDA driver refused the embedded PTX ({}); the PTX is ISA 9.0 from CUDA 13.0 and \
          needs driver 580 or newer (this driver reports CUDA {driver_version}); rebuild with NVCC \
-         pointing at an older toolkit for an older driver"
+         pointing at an older toolkit for an older driver",
+        describe(source)
     )]
     PtxRejected {
         /// The driver's error.
@@ -197,7 +198,7 @@ pub enum BnError {
     },
 
     /// A CUDA driver call failed.
-    #[error("CUDA driver error in {op}: {source}")]
+    #[error("CUDA driver error in {op}: {}", describe(source))]
     Driver {
         /// What the crate was doing.
         op: &'static str,
@@ -208,6 +209,15 @@ pub enum BnError {
     /// A kernel launch failed in an executor other than the CUDA driver (the emulator).
     #[error("kernel launch failed: {0}")]
     Launch(String),
+}
+
+/// A driver error as `CUDA_ERROR_NAME: the driver's description` (cudarc displays the
+/// struct's Debug form).
+fn describe(e: &DriverError) -> String {
+    match e.error_string() {
+        Ok(text) => format!("{:?}: {}", e.0, text.to_string_lossy()),
+        Err(_) => format!("{:?}", e.0),
+    }
 }
 
 impl BnError {
