@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plants known kernel bugs, one at a time, and shows whether `cargo test` catches them.
+"""Plants known kernel and host bugs, one at a time, and shows whether `cargo test` catches them.
 
     python3 scripts/plant_bugs.py            # all bugs
     python3 scripts/plant_bugs.py tail sync  # some of them
@@ -7,7 +7,9 @@
 For each bug: copy the repository (without target/) to a temporary folder, apply one
 edit to a kernel source, run the emulated-kernel tests there (`cargo test --test
 emulated`, the part of `cargo test` that executes kernels on a machine without a GPU),
-and report which tests failed and with what message. Exits 1 if any bug the emulator
+and report which tests failed and with what message. Host-side bugs in the CUDA path run
+the GPU tests instead (`cargo test --test gpu`, on the emulated CUDA driver here; they
+need the pinned nvcc, which scripts/install-cuda-toolchain provides). Exits 1 if any bug the emulator
 is expected to catch got through.
 
 The edits must apply exactly once; a bug whose text no longer matches the kernel is
@@ -22,7 +24,8 @@ import tempfile
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-# name: (file, original text, planted text, expected to be caught, description)
+# name: (file, original text, planted text, expected to be caught, description[, test
+# target, default "emulated"])
 BUGS = {
     "tail": (
         "kernels/batchnorm.cu",
@@ -87,6 +90,24 @@ BUGS = {
         True,
         "removed the last block's __threadfence() between seeing the count and reading partials",
     ),
+    # Host-side bugs in the CUDA path: only the GPU tests, run on the emulated driver,
+    # go through it (the emulated kernel tests launch through their own backend).
+    "wszero": (
+        "src/functional.rs",
+        "                stream\n                    .alloc_zeros::<u32>(counters)",
+        "                unsafe { stream.alloc::<u32>(counters) }",
+        True,
+        "host: the workspace's counters are allocated without zeroing them",
+        "gpu",
+    ),
+    "grid": (
+        "src/kernels.rs",
+        "                f,\n                config.grid,",
+        "                f,\n                (config.grid.0, 1, 1),",
+        True,
+        "host: the CUDA launcher drops the grid's y dimension (nhwc row splits)",
+        "gpu",
+    ),
 }
 
 
@@ -98,7 +119,8 @@ def copy_repo(dst):
 
 
 def run_bug(name, target_dir):
-    path, old, new, expected, what = BUGS[name]
+    path, old, new, expected, what, *rest = BUGS[name]
+    target = rest[0] if rest else "emulated"
     with tempfile.TemporaryDirectory(prefix=f"plant-{name}-") as tmp:
         repo = os.path.join(tmp, "repo")
         copy_repo(repo)
@@ -108,9 +130,18 @@ def run_bug(name, target_dir):
             return name, what, expected, "stale", f"the text to replace occurs {text.count(old)} times in {path}"
         open(src, "w").write(text.replace(old, new))
         env = dict(os.environ, CARGO_TARGET_DIR=target_dir)
-        env.pop("NVCC", None)  # the emulator needs no nvcc; skip the PTX build
+        if target == "emulated":
+            env.pop("NVCC", None)  # the emulator needs no nvcc; skip the PTX build
+        else:
+            # the GPU tests need the PTX, and run on the emulated driver here
+            env["NVCC"] = subprocess.run(
+                [os.path.join(ROOT, "scripts", "install-cuda-toolchain")],
+                capture_output=True, text=True, check=True,
+            ).stdout.strip()
+            env["CUDA_BATCHNORM_REQUIRE_NVCC"] = "1"
+            env.pop("CUDA_BATCHNORM_REQUIRE_GPU", None)
         p = subprocess.run(
-            ["cargo", "test", "--test", "emulated", "--", "--test-threads=2"],
+            ["cargo", "test", "--test", target, "--", "--test-threads=2"],
             cwd=repo, env=env, capture_output=True, text=True, timeout=3600,
         )
         out = p.stdout + p.stderr

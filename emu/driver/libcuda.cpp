@@ -13,8 +13,9 @@
 //   * one device, ordinal 0, compute capability 9.0; its other attributes are small
 //     and fixed (see attribute()), chosen so that launch plans stay quick to emulate;
 //   * device memory is host memory: a device pointer is the host address of a block
-//     allocated here, so every copy and memset is checked against the live
-//     allocations and a range outside them fails with CUDA_ERROR_INVALID_VALUE;
+//     allocated here, filled with 0xFF bytes, so every copy and memset is checked
+//     against the live allocations and a range outside them fails with
+//     CUDA_ERROR_INVALID_VALUE;
 //   * everything is synchronous: an async call has finished when it returns, streams
 //     and events only keep order trivially, an event's time is the host clock's;
 //   * cuModuleLoadData takes PTX text, and refuses an ISA newer than the driver's CUDA
@@ -158,6 +159,9 @@ int do_alloc(State& s, uint64_t* dptr, size_t bytes) {
     // 256-byte aligned, as cuMemAlloc's pointers are.
     void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
     if (p == nullptr) return kOutOfMemory;
+    // cuMemAlloc's memory holds whatever was there: poison it, so that reading memory
+    // nobody wrote (a workspace counter never zeroed, say) shows (NaN for floats).
+    std::memset(p, 0xFF, bytes);
     *dptr = reinterpret_cast<uint64_t>(p);
     s.allocations[*dptr] = bytes;
     s.allocated += bytes;
