@@ -74,6 +74,8 @@ struct Function {
     std::string name;
 };
 
+struct Stream {};
+
 struct Event {
     std::chrono::steady_clock::time_point at;
     bool recorded = false;
@@ -85,7 +87,7 @@ struct State {
     int primary_refs = 0;
     std::map<uint64_t, uint64_t> allocations;  // base -> bytes
     uint64_t allocated = 0;
-    std::set<void*> streams;
+    std::set<Stream*> streams;
     std::set<Module*> modules;
     std::set<Function*> functions;
     std::set<Event*> events;
@@ -120,7 +122,9 @@ std::pair<uint64_t, uint64_t> allocation_of(const State& s, uint64_t addr) {
     return {0, 0};
 }
 
-bool stream_ok(const State& s, void* stream) { return stream == nullptr || s.streams.count(stream) != 0; }
+bool stream_ok(const State& s, void* stream) {
+    return stream == nullptr || s.streams.count(static_cast<Stream*>(stream)) != 0;
+}
 
 int attribute(int attr, int* out) {
     switch (attr) {
@@ -150,6 +154,27 @@ int attribute(int attr, int* out) {
 int check_ready(const State& s) {
     if (!s.initialised) return kNotInitialized;
     if (t_current != kContext) return kInvalidContext;
+    return kSuccess;
+}
+
+// Handles: a created object is live until destroyed; using a dead one is an error.
+template <class H>
+int create(State& s, std::set<H*>& live, void** out, H* h) {
+    const int rc = check_ready(s);
+    if (rc != kSuccess || out == nullptr) {
+        delete h;
+        return rc != kSuccess ? rc : kInvalidValue;
+    }
+    live.insert(h);
+    *out = h;
+    return kSuccess;
+}
+
+template <class H>
+int destroy(std::set<H*>& live, void* handle) {
+    H* h = static_cast<H*>(handle);
+    if (live.erase(h) == 0) return kInvalidHandle;
+    delete h;
     return kSuccess;
 }
 
@@ -589,13 +614,7 @@ BN_API int cuMemsetD8_v2(uint64_t dst, unsigned char value, size_t bytes) {
 BN_API int cuStreamCreate(void** stream, unsigned flags) {
     (void)flags;
     LOCKED;
-    const int rc = check_ready(s);
-    if (rc != kSuccess) return rc;
-    if (stream == nullptr) return kInvalidValue;
-    void* h = new char;
-    s.streams.insert(h);
-    *stream = h;
-    return kSuccess;
+    return create(s, s.streams, stream, new Stream());
 }
 
 BN_API int cuStreamCreateWithPriority(void** stream, unsigned flags, int priority) {
@@ -605,9 +624,7 @@ BN_API int cuStreamCreateWithPriority(void** stream, unsigned flags, int priorit
 
 BN_API int cuStreamDestroy_v2(void* stream) {
     LOCKED;
-    if (s.streams.erase(stream) == 0) return kInvalidHandle;
-    delete static_cast<char*>(stream);
-    return kSuccess;
+    return destroy(s.streams, stream);
 }
 
 BN_API int cuStreamSynchronize(void* stream) {
@@ -627,21 +644,12 @@ BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
 BN_API int cuEventCreate(void** event, unsigned flags) {
     (void)flags;
     LOCKED;
-    const int rc = check_ready(s);
-    if (rc != kSuccess) return rc;
-    if (event == nullptr) return kInvalidValue;
-    Event* e = new Event();
-    s.events.insert(e);
-    *event = e;
-    return kSuccess;
+    return create(s, s.events, event, new Event());
 }
 
 BN_API int cuEventDestroy_v2(void* event) {
     LOCKED;
-    Event* e = static_cast<Event*>(event);
-    if (s.events.erase(e) == 0) return kInvalidHandle;
-    delete e;
-    return kSuccess;
+    return destroy(s.events, event);
 }
 
 BN_API int cuEventRecord(void* event, void* stream) {
@@ -690,18 +698,12 @@ BN_API int cuModuleLoadData(void** module, const void* image) {
     const int isa = ptx_isa(text);
     if (isa < 0 || std::strstr(text, ".target") == nullptr) return kInvalidPtx;
     if (isa > max_ptx_isa(driver_version())) return kUnsupportedPtxVersion;
-    Module* m = new Module{text};
-    s.modules.insert(m);
-    *module = m;
-    return kSuccess;
+    return create(s, s.modules, module, new Module{text});
 }
 
 BN_API int cuModuleUnload(void* module) {
     LOCKED;
-    Module* m = static_cast<Module*>(module);
-    if (s.modules.erase(m) == 0) return kInvalidHandle;
-    delete m;
-    return kSuccess;
+    return destroy(s.modules, module);
 }
 
 BN_API int cuModuleGetFunction(void** function, void* module, const char* name) {
