@@ -42,7 +42,7 @@ fn gpu(test: &str) -> Option<Gpu> {
     let required = std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match (ptx_unavailable(), open_device(0)) {
         (None, Ok(ctx)) => {
-            let emulated = cuda_batchnorm_emu::driver::allocated_bytes().is_some();
+            let emulated = cuda_batchnorm_emu::driver::loaded();
             return Some(Gpu {
                 stream: ctx.default_stream(),
                 emulated,

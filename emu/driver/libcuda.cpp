@@ -268,14 +268,6 @@ int ptx_isa(const char* text) {
     return major * 10 + minor;
 }
 
-uint64_t seed_from_env() {
-    const char* v = std::getenv("BN_EMU_SEED");
-    if (v == nullptr || *v == '\0') return 0x00c0ffee5eed2024ull;
-    char* end = nullptr;
-    const unsigned long long parsed = std::strtoull(v, &end, 0);
-    return (end != nullptr && *end == '\0') ? parsed : 0x00c0ffee5eed2024ull;
-}
-
 int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared, void* stream,
               void** params, void** extra) {
     int rc = check_ready(s);
@@ -346,7 +338,7 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
     }
     d.dynamic_shared_bytes = shared;
     d.cooperative = 0;
-    d.seed = seed_from_env();
+    d.seed = bn_emu_seed_from_env();
     d.max_resident_blocks = 4;
     d.params = &p;
     d.params_len = sizeof p;
@@ -734,12 +726,4 @@ BN_API int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz,
     const uint32_t grid[3] = {gx, gy, gz};
     const uint32_t block[3] = {bx, by, bz};
     return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, extra);
-}
-
-// ---- for the tests ------------------------------------------------------------------------
-
-// How many device bytes are allocated now (lets a test see that buffers were freed).
-BN_API uint64_t bn_emu_driver_allocated_bytes(void) {
-    LOCKED;
-    return s.allocated;
 }

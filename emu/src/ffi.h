@@ -38,6 +38,13 @@ struct bn_emu_launch_desc {
 // until the next call of bn_emu_launch on the same OS thread.
 int bn_emu_launch(const bn_emu_launch_desc* desc, const char** message, size_t* message_len);
 
+// Parses a seed (decimal, or 0x hex; surrounding whitespace ignored) into *out:
+// returns 1, or 0 when the text is not one.
+int bn_emu_parse_seed(const char* text, size_t len, uint64_t* out);
+
+// BN_EMU_SEED parsed by bn_emu_parse_seed, or a fixed seed when unset or invalid.
+uint64_t bn_emu_seed_from_env(void);
+
 // Registered kernels: count, and the name of one (not NUL-terminated; static storage).
 size_t bn_emu_kernel_count(void);
 const char* bn_emu_kernel_name(size_t index, size_t* len);

@@ -85,28 +85,17 @@ pub struct Options {
     pub max_resident_blocks: u32,
 }
 
-/// The seed used when `BN_EMU_SEED` is not set.
-const DEFAULT_SEED: u64 = 0x00c0_ffee_5eed_2024;
-
 impl Default for Options {
     /// `seed` from the environment variable `BN_EMU_SEED` (decimal, or hex with `0x`)
     /// if set and valid, else a fixed constant; four resident blocks.
     fn default() -> Self {
-        let seed = std::env::var("BN_EMU_SEED")
-            .ok()
-            .and_then(|s| parse_seed(s.trim()))
-            .unwrap_or(DEFAULT_SEED);
         Options {
-            seed,
+            // SAFETY: no arguments. It calls getenv, which races only with a concurrent
+            // setenv; no code in this workspace changes its own process's environment
+            // (child processes get theirs through Command::env).
+            seed: unsafe { bn_emu_seed_from_env() },
             max_resident_blocks: 4,
         }
-    }
-}
-
-fn parse_seed(s: &str) -> Option<u64> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => s.parse().ok(),
     }
 }
 
@@ -165,6 +154,9 @@ extern "C" {
         message_len: *mut usize,
     ) -> i32;
     fn bn_emu_kernel_count() -> usize;
+    fn bn_emu_seed_from_env() -> u64;
+    #[cfg(test)]
+    fn bn_emu_parse_seed(text: *const c_char, len: usize, out: *mut u64) -> i32;
     fn bn_emu_kernel_name(index: usize, len: *mut usize) -> *const c_char;
 }
 
@@ -279,7 +271,6 @@ pub mod driver {
 
     extern "C" {
         fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
         fn dlerror() -> *const c_char;
     }
     const RTLD_NOW: c_int = 2;
@@ -290,13 +281,8 @@ pub mod driver {
         Some(env!("BN_EMU_DRIVER_LIBRARY")).filter(|p| !p.is_empty())
     }
 
-    struct Handle(*mut c_void);
-    // SAFETY: a dlopen handle may be used from any thread; it is never closed.
-    unsafe impl Send for Handle {}
-    // SAFETY: as above; the handle is only read.
-    unsafe impl Sync for Handle {}
-
-    static LOADED: OnceLock<Result<Handle, String>> = OnceLock::new();
+    // The library is never unloaded: only whether loading worked is kept.
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
 
     /// Loads the library into this process, once. Its SONAME is `libcuda.so`, the first
     /// name cudarc asks the dynamic loader for, and the loader answers a request for an
@@ -323,24 +309,14 @@ pub mod driver {
                 };
                 return Err(format!("cannot load {path}: {why}"));
             }
-            Ok(Handle(h))
+            Ok(())
         });
-        loaded.as_ref().map(|_| ()).map_err(Clone::clone)
+        loaded.clone()
     }
 
-    /// Device bytes the emulated driver holds now (None before [`preload`]).
-    pub fn allocated_bytes() -> Option<u64> {
-        let Some(Ok(h)) = LOADED.get() else {
-            return None;
-        };
-        // SAFETY: the handle is a loaded library; the name is NUL-terminated.
-        let f = unsafe { dlsym(h.0, c"bn_emu_driver_allocated_bytes".as_ptr()) };
-        if f.is_null() {
-            return None;
-        }
-        // SAFETY: the library defines this symbol as `uint64_t (void)` with C linkage.
-        let f: extern "C" fn() -> u64 = unsafe { std::mem::transmute(f) };
-        Some(f())
+    /// Whether [`preload`] has loaded the library into this process.
+    pub fn loaded() -> bool {
+        matches!(LOADED.get(), Some(Ok(_)))
     }
 }
 
@@ -348,12 +324,25 @@ pub mod driver {
 mod tests {
     use super::*;
 
+    fn parse_seed(s: &str) -> Option<u64> {
+        let mut v = 0u64;
+        // SAFETY: the text is `s.len()` readable bytes; `v` is valid for writes.
+        let ok = unsafe { bn_emu_parse_seed(s.as_ptr().cast(), s.len(), &mut v) };
+        (ok == 1).then_some(v)
+    }
+
     #[test]
     fn parse_seed_forms() {
         assert_eq!(parse_seed("42"), Some(42));
         assert_eq!(parse_seed("0x2a"), Some(42));
         assert_eq!(parse_seed("0X2A"), Some(42));
         assert_eq!(parse_seed("nope"), None);
+        // the forms Rust's u64 parsing accepted when this lived in Rust
+        assert_eq!(parse_seed(" 010 "), Some(10));
+        assert_eq!(parse_seed("+7"), Some(7));
+        assert_eq!(parse_seed("0x"), None);
+        assert_eq!(parse_seed("18446744073709551616"), None);
+        assert_eq!(parse_seed("0xffffffffffffffff"), Some(u64::MAX));
     }
 
     #[test]

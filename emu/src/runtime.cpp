@@ -16,6 +16,8 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <memory>
 #include <new>
 #include <string>
@@ -1301,6 +1303,47 @@ extern "C" int bn_emu_launch(const bn_emu_launch_desc* desc, const char** messag
     *message = t_error.data();
     *message_len = t_error.size();
     return rc;
+}
+
+// Seeds: decimal, or hex after 0x / 0X, an optional '+' before the digits, surrounding
+// whitespace ignored, no overflow. The Rust crate and the emulated driver both read
+// BN_EMU_SEED through these two functions.
+extern "C" int bn_emu_parse_seed(const char* text, size_t len, uint64_t* out) {
+    size_t a = 0, b = len;
+    while (a < b && std::isspace(static_cast<unsigned char>(text[a]))) ++a;
+    while (b > a && std::isspace(static_cast<unsigned char>(text[b - 1]))) --b;
+    uint64_t base = 10;
+    if (b - a >= 2 && text[a] == '0' && (text[a + 1] == 'x' || text[a + 1] == 'X')) {
+        base = 16;
+        a += 2;
+    }
+    if (a < b && text[a] == '+') ++a;
+    if (a == b) return 0;
+    uint64_t v = 0;
+    for (size_t i = a; i < b; ++i) {
+        const char ch = text[i];
+        uint64_t d;
+        if (ch >= '0' && ch <= '9') {
+            d = static_cast<uint64_t>(ch - '0');
+        } else if (base == 16 && ch >= 'a' && ch <= 'f') {
+            d = static_cast<uint64_t>(ch - 'a' + 10);
+        } else if (base == 16 && ch >= 'A' && ch <= 'F') {
+            d = static_cast<uint64_t>(ch - 'A' + 10);
+        } else {
+            return 0;
+        }
+        if (d >= base || v > (UINT64_MAX - d) / base) return 0;
+        v = v * base + d;
+    }
+    *out = v;
+    return 1;
+}
+
+extern "C" uint64_t bn_emu_seed_from_env(void) {
+    const uint64_t fallback = 0x00c0ffee5eed2024ull;
+    const char* v = std::getenv("BN_EMU_SEED");
+    uint64_t seed = 0;
+    return (v != nullptr && bn_emu_parse_seed(v, strlen(v), &seed)) ? seed : fallback;
 }
 
 extern "C" size_t bn_emu_kernel_count(void) {
