@@ -213,7 +213,7 @@ pub enum BnError {
 
 /// A driver error as `CUDA_ERROR_NAME: the driver's description` (cudarc displays the
 /// struct's Debug form).
-fn describe(e: &DriverError) -> String {
+pub(crate) fn describe(e: &DriverError) -> String {
     match e.error_string() {
         Ok(text) => format!("{:?}: {}", e.0, text.to_string_lossy()),
         Err(_) => format!("{:?}", e.0),

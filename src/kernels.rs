@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::dtype::DType;
-use crate::error::{BnError, Result};
+use crate::error::{describe, BnError, Result};
 use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Layout, Stage};
 use crate::raw::{Launcher, Region};
 
@@ -48,7 +48,7 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
         return Err(BnError::NoDriver);
     }
     let count = CudaContext::device_count()
-        .map_err(|e| BnError::NoDevice(format!("the driver found none ({e})")))?;
+        .map_err(|e| BnError::NoDevice(format!("the driver found none ({})", describe(&e))))?;
     if count <= 0 {
         return Err(BnError::NoDevice("the driver reports 0 devices".into()));
     }
@@ -57,8 +57,12 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
             "device {ordinal} asked for, {count} present"
         )));
     }
-    CudaContext::new(ordinal)
-        .map_err(|e| BnError::NoDevice(format!("device {ordinal} could not be opened ({e})")))
+    CudaContext::new(ordinal).map_err(|e| {
+        BnError::NoDevice(format!(
+            "device {ordinal} could not be opened ({})",
+            describe(&e)
+        ))
+    })
 }
 
 /// The driver's CUDA version as `major.minor`.

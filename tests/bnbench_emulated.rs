@@ -92,3 +92,56 @@ fn bnbench_explains_a_driver_too_old_for_the_ptx() {
     );
     assert!(stdout.contains("cpu self-check: ok"), "{stdout}");
 }
+
+/// Runs bnbench on the emulated driver with `env` set, and returns its exit status and
+/// stdout.
+fn bnbench(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
+        .env("LD_LIBRARY_PATH", dir)
+        .env_remove("CUDA_BATCHNORM_REQUIRE_GPU")
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("start bnbench");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A driver that is installed but sees no GPU (a container without one): bnbench names
+/// the driver's error, runs the CPU self-check and exits 0; under
+/// CUDA_BATCHNORM_REQUIRE_GPU=1 the same run fails. An ordinal past the last device is
+/// reported the same way.
+#[test]
+fn bnbench_explains_a_driver_without_a_device() {
+    let Some(dir) = driver_dir("bnbench_explains_a_driver_without_a_device") else {
+        return;
+    };
+    let hidden = [("BN_EMU_DRIVER_DEVICES", "0")];
+    let (status, stdout) = bnbench(dir, &hidden, &[]);
+    assert!(status.success(), "{status}\n{stdout}");
+    assert_eq!(
+        stdout.lines().next().unwrap_or_default(),
+        "bnbench: no GPU run: no CUDA device: the driver found none \
+         (CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected)",
+        "{stdout}"
+    );
+    assert!(stdout.contains("cpu self-check: ok"), "{stdout}");
+
+    let required = [hidden[0], ("CUDA_BATCHNORM_REQUIRE_GPU", "1")];
+    let (status, stdout) = bnbench(dir, &required, &[]);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run"),
+        "{stdout}"
+    );
+
+    let (status, stdout) = bnbench(dir, &[], &["--device", "1"]);
+    assert!(status.success(), "{status}\n{stdout}");
+    assert_eq!(
+        stdout.lines().next().unwrap_or_default(),
+        "bnbench: no GPU run: no CUDA device: device 1 asked for, 1 present",
+        "{stdout}"
+    );
+}

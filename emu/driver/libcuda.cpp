@@ -11,7 +11,8 @@
 //
 // Model, and its assumptions:
 //   * one device, ordinal 0, compute capability 9.0; its other attributes are small
-//     and fixed (see attribute()), chosen so that launch plans stay quick to emulate;
+//     and fixed (see attribute()), chosen so that launch plans stay quick to emulate
+//     (BN_EMU_DRIVER_DEVICES=0 hides it: cuInit fails with CUDA_ERROR_NO_DEVICE);
 //   * device memory is host memory: a device pointer is the host address of a block
 //     allocated here, filled with 0xFF bytes, so every copy and memset is checked
 //     against the live allocations and a range outside them fails with
@@ -51,6 +52,7 @@ enum : int {
     kInvalidValue = 1,
     kOutOfMemory = 2,
     kNotInitialized = 3,
+    kNoDevice = 100,
     kInvalidDevice = 101,
     kInvalidImage = 200,
     kInvalidContext = 201,
@@ -248,6 +250,14 @@ int driver_version() {
     return (end != nullptr && *end == '\0' && parsed > 0 && parsed < 100000) ? static_cast<int>(parsed) : kDriverVersion;
 }
 
+// Whether the driver shows its device: BN_EMU_DRIVER_DEVICES=0 plays a machine whose
+// driver is installed but sees no GPU (a container without one, CUDA_VISIBLE_DEVICES=""),
+// where NVIDIA's cuInit fails with CUDA_ERROR_NO_DEVICE. Any other value keeps one device.
+bool device_visible() {
+    const char* v = std::getenv("BN_EMU_DRIVER_DEVICES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Newest PTX ISA (10 * major + minor) a driver of CUDA `version` JIT-compiles, from
 // NVIDIA's PTX ISA release notes: 11.x -> 7.x, 12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5,
 // 12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x.
@@ -370,6 +380,7 @@ const char* error_name(int e) {
         case kInvalidValue: return "CUDA_ERROR_INVALID_VALUE";
         case kOutOfMemory: return "CUDA_ERROR_OUT_OF_MEMORY";
         case kNotInitialized: return "CUDA_ERROR_NOT_INITIALIZED";
+        case kNoDevice: return "CUDA_ERROR_NO_DEVICE";
         case kInvalidDevice: return "CUDA_ERROR_INVALID_DEVICE";
         case kInvalidImage: return "CUDA_ERROR_INVALID_IMAGE";
         case kInvalidContext: return "CUDA_ERROR_INVALID_CONTEXT";
@@ -390,6 +401,7 @@ const char* error_string(int e) {
         case kInvalidValue: return "invalid argument";
         case kOutOfMemory: return "out of memory";
         case kNotInitialized: return "initialization error";
+        case kNoDevice: return "no CUDA-capable device is detected";
         case kInvalidDevice: return "invalid device ordinal";
         case kInvalidImage: return "device kernel image is invalid";
         case kInvalidContext: return "invalid device context";
@@ -414,6 +426,7 @@ const char* error_string(int e) {
 BN_API int cuInit(unsigned flags) {
     LOCKED;
     if (flags != 0) return kInvalidValue;
+    if (!device_visible()) return kNoDevice;
     s.initialised = true;
     return kSuccess;
 }
