@@ -42,7 +42,13 @@ fn gpu(test: &str) -> Option<Gpu> {
     let required = std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match (ptx_unavailable(), open_device(0)) {
         (None, Ok(ctx)) => {
-            let emulated = cuda_batchnorm_emu::driver::loaded();
+            // The emulated driver is either preloaded (below, by an earlier test) or was
+            // found through LD_LIBRARY_PATH (the .gpu/run dry run); its device name
+            // tells the second case.
+            let emulated = cuda_batchnorm_emu::driver::loaded()
+                || ctx
+                    .name()
+                    .is_ok_and(|n| n == cuda_batchnorm_emu::driver::DEVICE_NAME);
             return Some(Gpu {
                 stream: ctx.default_stream(),
                 emulated,
@@ -53,6 +59,11 @@ fn gpu(test: &str) -> Option<Gpu> {
             match cuda_batchnorm_emu::driver::preload().map_err(BnError::NoDevice) {
                 Ok(()) => match open_device(0) {
                     Ok(ctx) => {
+                        assert_eq!(
+                            ctx.name().ok().as_deref(),
+                            Some(cuda_batchnorm_emu::driver::DEVICE_NAME),
+                            "driver::DEVICE_NAME differs from the emulated driver's device name"
+                        );
                         let _ = writeln!(
                             std::io::stderr(),
                             "{test}: no CUDA driver here, running on the emulated driver"

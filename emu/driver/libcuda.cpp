@@ -465,6 +465,7 @@ BN_API int cuDeviceGetAttribute(int* out, int attr, int dev) {
 BN_API int cuDeviceGetName(char* name, int len, int dev) {
     if (name == nullptr || len <= 0) return kInvalidValue;
     if (dev != 0) return kInvalidDevice;
+    // driver::DEVICE_NAME in emu/src/lib.rs repeats this name (tests/gpu.rs checks it).
     std::snprintf(name, static_cast<size_t>(len), "%s", "cuda-batchnorm emulated device (CPU)");
     return kSuccess;
 }

@@ -276,6 +276,11 @@ pub mod driver {
     const RTLD_NOW: c_int = 2;
     const RTLD_GLOBAL: c_int = 0x100;
 
+    /// The name the emulated driver gives its device (`cuDeviceGetName` in
+    /// driver/libcuda.cpp): how a program that reached it through `LD_LIBRARY_PATH`,
+    /// not [`preload`], can tell it from a GPU.
+    pub const DEVICE_NAME: &str = "cuda-batchnorm emulated device (CPU)";
+
     /// Path of the library, or None where it is not built (only Linux builds it).
     pub fn library() -> Option<&'static str> {
         Some(env!("BN_EMU_DRIVER_LIBRARY")).filter(|p| !p.is_empty())
