@@ -4,9 +4,10 @@
 //! would load NVIDIA's. The timings are the emulator's and mean nothing; the test checks
 //! that every row ran, was checked against the reference and passed.
 
+use std::ffi::OsStr;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 
 /// Why the test cannot run here, if it cannot.
 fn unavailable() -> Option<String> {
@@ -31,27 +32,43 @@ fn driver_dir(test: &str) -> Option<&'static Path> {
     Path::new(cuda_batchnorm_emu::driver::library()?).parent()
 }
 
+const NO_ARGS: [&str; 0] = [];
+
+/// Runs bnbench on the emulated driver in `dir` with `env` set; returns its exit status,
+/// stdout and stderr.
+fn bnbench<S: AsRef<OsStr>>(
+    dir: &Path,
+    env: &[(&str, &str)],
+    args: impl IntoIterator<Item = S>,
+) -> (ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
+        .env("LD_LIBRARY_PATH", dir)
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("start bnbench");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn bnbench_runs_its_gpu_path_on_the_emulated_driver() {
     let Some(dir) = driver_dir("bnbench_runs_its_gpu_path_on_the_emulated_driver") else {
         return;
     };
     let json = std::env::temp_dir().join(format!("bnbench-emulated-{}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
-        .env("LD_LIBRARY_PATH", dir)
-        .args([
-            "--shape", "4,8,6,6", "--shape", "3,17,5", "--layout", "nhwc",
-        ])
-        .args(["--dtype", "f16", "--warmup", "1", "--json"])
-        .arg(&json)
-        .output()
-        .expect("start bnbench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let args = [
+        "--shape", "4,8,6,6", "--shape", "3,17,5", "--layout", "nhwc", "--dtype", "f16",
+        "--warmup", "1", "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
     assert!(
-        out.status.success(),
-        "bnbench failed: {}\n{stdout}\n{stderr}",
-        out.status
+        status.success(),
+        "bnbench failed: {status}\n{stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("emulated device"),
@@ -76,13 +93,8 @@ fn bnbench_explains_a_driver_too_old_for_the_ptx() {
     let Some(dir) = driver_dir("bnbench_explains_a_driver_too_old_for_the_ptx") else {
         return;
     };
-    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
-        .env("LD_LIBRARY_PATH", dir)
-        .env("BN_EMU_DRIVER_VERSION", "12080")
-        .output()
-        .expect("start bnbench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{stdout}", out.status);
+    let (status, stdout, _) = bnbench(dir, &[("BN_EMU_DRIVER_VERSION", "12080")], NO_ARGS);
+    assert!(status.success(), "{status}\n{stdout}");
     let first = stdout.lines().next().unwrap_or_default();
     assert!(
         first.starts_with("bnbench: no GPU run: the CUDA driver refused the embedded PTX")
@@ -91,22 +103,6 @@ fn bnbench_explains_a_driver_too_old_for_the_ptx() {
         "{stdout}"
     );
     assert!(stdout.contains("cpu self-check: ok"), "{stdout}");
-}
-
-/// Runs bnbench on the emulated driver with `env` set, and returns its exit status and
-/// stdout.
-fn bnbench(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> (std::process::ExitStatus, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
-        .env("LD_LIBRARY_PATH", dir)
-        .env_remove("CUDA_BATCHNORM_REQUIRE_GPU")
-        .envs(env.iter().copied())
-        .args(args)
-        .output()
-        .expect("start bnbench");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 /// A driver that is installed but sees no GPU (a container without one): bnbench names
@@ -119,7 +115,7 @@ fn bnbench_explains_a_driver_without_a_device() {
         return;
     };
     let hidden = [("BN_EMU_DRIVER_DEVICES", "0")];
-    let (status, stdout) = bnbench(dir, &hidden, &[]);
+    let (status, stdout, _) = bnbench(dir, &hidden, NO_ARGS);
     assert!(status.success(), "{status}\n{stdout}");
     assert_eq!(
         stdout.lines().next().unwrap_or_default(),
@@ -130,14 +126,14 @@ fn bnbench_explains_a_driver_without_a_device() {
     assert!(stdout.contains("cpu self-check: ok"), "{stdout}");
 
     let required = [hidden[0], ("CUDA_BATCHNORM_REQUIRE_GPU", "1")];
-    let (status, stdout) = bnbench(dir, &required, &[]);
+    let (status, stdout, _) = bnbench(dir, &required, NO_ARGS);
     assert_eq!(status.code(), Some(1), "{stdout}");
     assert!(
         stdout.contains("CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run"),
         "{stdout}"
     );
 
-    let (status, stdout) = bnbench(dir, &[], &["--device", "1"]);
+    let (status, stdout, _) = bnbench(dir, &[], ["--device", "1"]);
     assert!(status.success(), "{status}\n{stdout}");
     assert_eq!(
         stdout.lines().next().unwrap_or_default(),

@@ -42,13 +42,11 @@ fn gpu(test: &str) -> Option<Gpu> {
     let required = std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match (ptx_unavailable(), open_device(0)) {
         (None, Ok(ctx)) => {
-            // The emulated driver is either preloaded (below, by an earlier test) or was
-            // found through LD_LIBRARY_PATH (the .gpu/run dry run); its device name
-            // tells the second case.
-            let emulated = cuda_batchnorm_emu::driver::loaded()
-                || ctx
-                    .name()
-                    .is_ok_and(|n| n == cuda_batchnorm_emu::driver::DEVICE_NAME);
+            // The emulated driver, preloaded (below, by an earlier test) or found through
+            // LD_LIBRARY_PATH (the .gpu/run dry run), is known by its device name.
+            let emulated = ctx
+                .name()
+                .is_ok_and(|n| n == cuda_batchnorm_emu::driver::DEVICE_NAME);
             return Some(Gpu {
                 stream: ctx.default_stream(),
                 emulated,

@@ -277,8 +277,8 @@ pub mod driver {
     const RTLD_GLOBAL: c_int = 0x100;
 
     /// The name the emulated driver gives its device (`cuDeviceGetName` in
-    /// driver/libcuda.cpp): how a program that reached it through `LD_LIBRARY_PATH`,
-    /// not [`preload`], can tell it from a GPU.
+    /// driver/libcuda.cpp): how a program tells it from a GPU, whether it was loaded by
+    /// [`preload`] or found through `LD_LIBRARY_PATH`.
     pub const DEVICE_NAME: &str = "cuda-batchnorm emulated device (CPU)";
 
     /// Path of the library, or None where it is not built (only Linux builds it).
@@ -317,11 +317,6 @@ pub mod driver {
             Ok(())
         });
         loaded.clone()
-    }
-
-    /// Whether [`preload`] has loaded the library into this process.
-    pub fn loaded() -> bool {
-        matches!(LOADED.get(), Some(Ok(_)))
     }
 }
 
