@@ -161,7 +161,19 @@ pub fn kernel_tag(input: DType, param: DType) -> String {
     }
 }
 
+/// The (input, parameter) pairs that have kernels, the `ParamFor` impls above as
+/// values: each type with itself, then f16 and bf16 with f32 parameters (PyTorch's
+/// mixed mode). Their order is the kernel table's (src/kernels.rs).
+pub const KERNEL_PAIRS: [(DType, DType); 6] = [
+    (DType::F32, DType::F32),
+    (DType::F64, DType::F64),
+    (DType::F16, DType::F16),
+    (DType::BF16, DType::BF16),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::F32),
+];
+
 /// Whether an (input, parameter) pair has kernels.
 pub fn supported(input: DType, param: DType) -> bool {
-    input == param || (matches!(input, DType::F16 | DType::BF16) && param == DType::F32)
+    KERNEL_PAIRS.contains(&(input, param))
 }

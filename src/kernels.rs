@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
-use crate::dtype::DType;
+use crate::dtype::KERNEL_PAIRS;
 use crate::error::{describe, BnError, Result};
 use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Layout, Stage};
 use crate::raw::{Launcher, Region};
@@ -79,7 +79,7 @@ pub fn driver_version() -> Option<String> {
 }
 
 /// Number of kernel entry points the table holds: 4 stages x 2 layouts x 6 type pairs.
-const TABLE: usize = 48;
+const TABLE: usize = Stage::ALL.len() * 2 * KERNEL_PAIRS.len();
 
 fn table_index(id: &KernelId) -> Option<usize> {
     let stage = Stage::ALL.iter().position(|s| *s == id.stage)?;
@@ -87,16 +87,10 @@ fn table_index(id: &KernelId) -> Option<usize> {
         Layout::Nchw => 0,
         Layout::Nhwc => 1,
     };
-    let pair = match (id.input, id.param) {
-        (DType::F32, DType::F32) => 0,
-        (DType::F64, DType::F64) => 1,
-        (DType::F16, DType::F16) => 2,
-        (DType::BF16, DType::BF16) => 3,
-        (DType::F16, DType::F32) => 4,
-        (DType::BF16, DType::F32) => 5,
-        _ => return None,
-    };
-    Some((stage * 2 + layout) * 6 + pair)
+    let pair = KERNEL_PAIRS
+        .iter()
+        .position(|&p| p == (id.input, id.param))?;
+    Some((stage * 2 + layout) * KERNEL_PAIRS.len() + pair)
 }
 
 /// The kernels of one CUDA context.
@@ -270,21 +264,14 @@ impl Launcher for CudaLauncher<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::DType;
 
     #[test]
     fn table_indices_are_a_bijection() {
-        let pairs = [
-            (DType::F32, DType::F32),
-            (DType::F64, DType::F64),
-            (DType::F16, DType::F16),
-            (DType::BF16, DType::BF16),
-            (DType::F16, DType::F32),
-            (DType::BF16, DType::F32),
-        ];
         let mut seen = [false; TABLE];
         for stage in Stage::ALL {
             for layout in [Layout::Nchw, Layout::Nhwc] {
-                for (input, param) in pairs {
+                for (input, param) in KERNEL_PAIRS {
                     let i = table_index(&KernelId {
                         stage,
                         layout,

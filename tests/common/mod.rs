@@ -151,14 +151,7 @@ pub const CASES: &[Case] = &[
 ];
 
 /// The (input, parameter) type pairs with kernels.
-pub const TYPE_PAIRS: &[(DType, DType)] = &[
-    (DType::F32, DType::F32),
-    (DType::F64, DType::F64),
-    (DType::F16, DType::F16),
-    (DType::BF16, DType::BF16),
-    (DType::F16, DType::F32),
-    (DType::BF16, DType::F32),
-];
+pub const TYPE_PAIRS: &[(DType, DType)] = &cuda_batchnorm::dtype::KERNEL_PAIRS;
 
 /// Calls `$body` with type parameters `$t`, `$p` bound to the pair `$pair`.
 #[macro_export]
