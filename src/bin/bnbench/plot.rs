@@ -32,11 +32,15 @@ pub fn xml_escape(s: &str) -> String {
     out
 }
 
+/// Where the axis stops growing: bars beyond it (no real efficiency comes near, but a
+/// `--from` file may say anything) are drawn at its end.
+const MAX_AXIS_PCT: f64 = 1e9;
+
 /// The axis: a tick step (at most 10 ticks) and the end, at least 100 %, a multiple of
-/// the step that covers `max_pct`.
+/// the step that covers `max_pct` (up to `MAX_AXIS_PCT`).
 pub fn axis(max_pct: f64) -> (f64, f64) {
     let top = if max_pct.is_finite() {
-        max_pct.max(100.0)
+        max_pct.clamp(100.0, MAX_AXIS_PCT)
     } else {
         100.0
     };
@@ -396,6 +400,16 @@ mod tests {
         assert_eq!(axis(200.0), (20.0, 200.0));
         assert_eq!(axis(755.6), (100.0, 800.0));
         assert_eq!(axis(f64::NAN), (10.0, 100.0));
+        assert_eq!(axis(1.7e308), (1e8, 1e9));
+    }
+
+    #[test]
+    fn svg_of_an_absurd_percentage_is_finite() {
+        let mut r = row(OUR_IMPL, "eval_fwd", &[4, 3], "nchw", "f32", 50.0);
+        r.pct_copy = 1.7e308;
+        let doc = svg(&report(vec![r]), None);
+        check_well_formed(&doc);
+        assert!(doc.contains(">1000000000%</text>"), "{doc}");
     }
 
     #[test]

@@ -140,7 +140,9 @@ pub fn parse_dims(s: &str) -> Result<Vec<usize>, String> {
             "shape `{s}` has a zero size; every size must be at least 1"
         ));
     }
-    let per_channel = dims[0] as u128 * dims[2..].iter().map(|&d| d as u128).product::<u128>();
+    // Saturating: only "fewer than 2" matters here; Shape::new below rejects sizes that
+    // overflow.
+    let per_channel = dims[2..].iter().fold(dims[0], |m, &d| m.saturating_mul(d));
     if per_channel < 2 {
         return Err(format!(
             "shape `{s}` has one value per channel; training needs at least 2"
@@ -538,5 +540,9 @@ mod tests {
             .unwrap_err()
             .contains("more than 8"));
         assert!(parse_dims("99999999999,99999999999,99999999999").is_err());
+        // Sizes whose per-channel product overflows even u128 are an error too.
+        let max = usize::MAX.to_string();
+        let huge = format!("2,2,{max},{max},{max}");
+        assert!(parse_dims(&huge).unwrap_err().contains(&format!("shape `{huge}`")));
     }
 }
