@@ -543,6 +543,8 @@ mod tests {
         // Sizes whose per-channel product overflows even u128 are an error too.
         let max = usize::MAX.to_string();
         let huge = format!("2,2,{max},{max},{max}");
-        assert!(parse_dims(&huge).unwrap_err().contains(&format!("shape `{huge}`")));
+        assert!(parse_dims(&huge)
+            .unwrap_err()
+            .contains(&format!("shape `{huge}`")));
     }
 }
