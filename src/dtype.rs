@@ -172,8 +172,3 @@ pub const KERNEL_PAIRS: [(DType, DType); 6] = [
     (DType::F16, DType::F32),
     (DType::BF16, DType::F32),
 ];
-
-/// Whether an (input, parameter) pair has kernels.
-pub fn supported(input: DType, param: DType) -> bool {
-    KERNEL_PAIRS.contains(&(input, param))
-}

@@ -108,16 +108,9 @@ unsafe impl Send for Kernels {}
 // SAFETY: as above; shared use only reads the handles.
 unsafe impl Sync for Kernels {}
 
-impl Drop for Kernels {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: the module was loaded into this context and no function of it
-            // can be launched any more (the last Arc is being dropped).
-            let _ = unsafe { result::module::unload(self.module) };
-        }
-    }
-}
-
+// Every context's kernels, loaded once. They stay loaded for the life of the process,
+// as the primary contexts they belong to do (an entry keeps its context alive), so
+// `Kernels` never unloads its module.
 static LOADED: Mutex<Vec<Arc<Kernels>>> = Mutex::new(Vec::new());
 
 impl Kernels {
