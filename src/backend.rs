@@ -55,7 +55,8 @@ pub trait Backend: Sized + Send + Sync {
     ) -> &'s mut Self::TensorMut<'s, E>;
     /// A buffer's contents on the host.
     fn to_host<E: Float>(&self, b: &Self::Buffer<E>) -> Result<Vec<E>>;
-    /// Overwrites a buffer with host values (same length).
+    /// Overwrites a buffer with host values (same length, else
+    /// [`BnError::CopyLength`](crate::BnError::CopyLength)).
     fn copy_from_host<E: Float>(&self, b: &mut Self::Buffer<E>, v: &[E]) -> Result<()>;
 
     /// The forward of `torch.nn.functional.batch_norm`, validated then run.

@@ -69,6 +69,7 @@ impl Backend for Cpu {
     }
 
     fn copy_from_host<E: Float>(&self, b: &mut Vec<E>, v: &[E]) -> Result<()> {
+        crate::validate::copy_length(b.len(), v.len())?;
         b.copy_from_slice(v);
         Ok(())
     }

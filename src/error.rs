@@ -129,6 +129,29 @@ pub enum BnError {
         elem_bytes: usize,
     },
 
+    /// A device buffer whose size in bytes cannot be addressed (cudarc would overflow
+    /// computing it).
+    #[error(
+        "cannot allocate a device buffer of {len} elements of {elem_bytes} bytes: \
+         more bytes than can be addressed"
+    )]
+    DeviceAllocTooLarge {
+        /// Elements asked for.
+        len: usize,
+        /// Bytes per element.
+        elem_bytes: usize,
+    },
+
+    /// [`Backend::copy_from_host`](crate::Backend::copy_from_host) given values of
+    /// another length than the buffer's.
+    #[error("cannot copy {values} values into a buffer of {buffer} elements")]
+    CopyLength {
+        /// The buffer's length.
+        buffer: usize,
+        /// How many values were given.
+        values: usize,
+    },
+
     /// A backward call that lacks the statistics its mode needs.
     #[error("{0}")]
     Backward(&'static str),

@@ -181,6 +181,14 @@ impl Backend for Cuda {
     type Workspace = Workspace;
 
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<CudaSlice<E>> {
+        // cudarc multiplies len by the element size unchecked.
+        let elem_bytes = std::mem::size_of::<E>();
+        if len
+            .checked_mul(elem_bytes)
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(BnError::DeviceAllocTooLarge { len, elem_bytes });
+        }
         // Zeros (every output a module allocates) are a device memset, not a host
         // vector copied over the bus on each call.
         let r = if fill.to_f64().to_bits() == 0 {
@@ -222,6 +230,7 @@ impl Backend for Cuda {
     }
 
     fn copy_from_host<E: Float>(&self, b: &mut CudaSlice<E>, v: &[E]) -> Result<()> {
+        validate::copy_length(b.len(), v.len())?;
         self.stream
             .memcpy_htod(v, b)
             .map_err(BnError::driver("copying a buffer to the device"))

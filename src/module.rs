@@ -215,7 +215,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         if self.training && self.options.track_running_stats {
             match self.options.momentum {
                 Some(m) => m,
-                None => 1.0 / (self.num_batches_tracked + 1) as f64,
+                None => 1.0 / self.num_batches_tracked.wrapping_add(1) as f64,
             }
         } else {
             self.options.momentum.unwrap_or(0.0)
@@ -271,7 +271,8 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             self.save_invstd = i;
         }
         if self.training && self.options.track_running_stats {
-            self.num_batches_tracked += 1;
+            // Wrapping, like PyTorch's int64 counter: a state dict may set i64::MAX.
+            self.num_batches_tracked = self.num_batches_tracked.wrapping_add(1);
         }
         self.last = Some(LastForward {
             shape: *shape,

@@ -228,6 +228,15 @@ pub fn module_rank(dims: usize, shape: &Shape) -> Result<()> {
     }
 }
 
+/// `Backend::copy_from_host`: the values must fill the buffer exactly.
+pub(crate) fn copy_length(buffer: usize, values: usize) -> Result<()> {
+    if buffer == values {
+        Ok(())
+    } else {
+        Err(BnError::CopyLength { buffer, values })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,8 @@ use cuda_batchnorm::functional::{
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::nn::BatchNorm2d;
 use cuda_batchnorm::{
-    open_device, ptx_unavailable, BatchNormOptions, BnError, Cuda, DType, Float, MemoryFormat,
-    ParamFor, Shape, Workspace,
+    open_device, ptx_unavailable, Backend, BatchNormOptions, BnError, Cuda, DType, Float,
+    MemoryFormat, ParamFor, Shape, Workspace,
 };
 
 /// A device for one test: a real GPU, or the emulated CUDA driver.
@@ -479,6 +479,50 @@ fn huge_more_than_2_pow_31_elements() {
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         common::huge::check(&HugeGpu(stream.clone()), format, common::huge::FULL).unwrap();
     }
+}
+
+/// Sizes the device cannot address are typed errors before cudarc computes them, and a
+/// copy of the wrong length leaves the buffer as it was.
+#[test]
+fn unaddressable_allocations_and_short_copies_are_errors() {
+    let Some(Gpu { stream, .. }) = gpu("unaddressable_allocations_and_short_copies_are_errors")
+    else {
+        return;
+    };
+    let cuda = Cuda::new(&stream);
+    // No parameters or running statistics: only the f32 save buffers, 2^64 bytes each.
+    let opts = BatchNormOptions {
+        affine: false,
+        track_running_stats: false,
+        ..Default::default()
+    };
+    let e = BatchNorm2d::<f32>::new(cuda.clone(), 1 << 62, opts).err();
+    assert!(
+        matches!(
+            e,
+            Some(BnError::DeviceAllocTooLarge {
+                len: 0x4000_0000_0000_0000,
+                elem_bytes: 4
+            })
+        ),
+        "{e:?}"
+    );
+    let e = cuda.alloc(usize::MAX / 2, 0.0f64).unwrap_err();
+    assert!(matches!(e, BnError::DeviceAllocTooLarge { .. }), "{e:?}");
+
+    let mut b = cuda.alloc(4, 1.5f32).unwrap();
+    let e = cuda.copy_from_host(&mut b, &[0.0; 5]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BnError::CopyLength {
+                buffer: 4,
+                values: 5
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(stream.clone_dtoh(&b).unwrap(), vec![1.5; 4]);
 }
 
 /// `infer` shares one module across threads and streams.

@@ -259,3 +259,48 @@ fn state_dict_round_trips_and_missing_counter_keeps_the_count() {
     c.load_state_dict(&no_counter).unwrap();
     assert_eq!(c.num_batches_tracked(), 1);
 }
+
+/// A state dict may carry any i64 as the counter; counting past i64::MAX wraps, as
+/// PyTorch's int64 tensor does, instead of overflowing.
+#[test]
+fn counter_at_i64_max_wraps() {
+    let shape = Shape::nc(5, 3).unwrap();
+    let x: Vec<f32> = (0..15).map(|i| i as f32 * 0.7 - 3.0).collect();
+    for momentum in [Some(0.1), None] {
+        let opts = BatchNormOptions {
+            momentum,
+            ..Default::default()
+        };
+        let mut m = BatchNorm1d::<f32>::new(Cpu, 3, opts).unwrap();
+        let mut sd = m.state_dict().unwrap();
+        sd.num_batches_tracked = Some(i64::MAX);
+        m.load_state_dict(&sd).unwrap();
+        m.forward(&x, &shape).unwrap();
+        assert_eq!(m.num_batches_tracked(), i64::MIN, "momentum {momentum:?}");
+    }
+}
+
+/// `Backend::copy_from_host` refuses values of another length and leaves the buffer.
+#[test]
+fn copy_from_host_checks_the_length() {
+    use cuda_batchnorm::{Backend, BnError};
+    let mut b = Cpu.alloc(4, 1.5f32).unwrap();
+    let e = Cpu.copy_from_host(&mut b, &[0.0; 3]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BnError::CopyLength {
+                buffer: 4,
+                values: 3
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "cannot copy 3 values into a buffer of 4 elements"
+    );
+    assert_eq!(b, vec![1.5; 4]);
+    Cpu.copy_from_host(&mut b, &[2.0; 4]).unwrap();
+    assert_eq!(b, vec![2.0; 4]);
+}
