@@ -353,8 +353,8 @@ pub fn cpu_row<T: Float, P: ParamFor<T>>(shape: &Shape, seed: u64) -> Result<[Ch
     };
     let bwd = check_backward(
         &sample,
-        &data::pick(&wide(&sm), &chans),
-        &data::pick(&wide(&si), &chans),
+        &train_out.save_mean,
+        &train_out.save_invstd,
         &out,
         tol,
     );

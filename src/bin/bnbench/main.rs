@@ -20,6 +20,7 @@ use std::io::Write as _;
 
 use check::Check;
 use cli::{Command, Options};
+use cuda_batchnorm::DType;
 use json::Value;
 use report::{Report, ResultRow, RowError, OUR_IMPL};
 use suite::Row;
@@ -247,14 +248,19 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         opts.warmup,
         g.flush_bytes() >> 20
     );
-    outln!(
-        "check: {}",
-        if opts.check {
-            "up to 8 channels vs the f64 reference, norm-wise (f32 1e-5, f16 1e-3, bf16 1e-2, f64 1e-10)"
-        } else {
-            "skipped (--no-check)"
-        }
-    );
+    if opts.check {
+        let tols: Vec<String> = [DType::F32, DType::F16, DType::BF16, DType::F64]
+            .iter()
+            .map(|&d| format!("{} {:e}", d.name(), check::tolerance(d)))
+            .collect();
+        outln!(
+            "check: up to {} channels vs the f64 reference, norm-wise ({})",
+            data::MAX_SAMPLED_CHANNELS,
+            tols.join(", ")
+        );
+    } else {
+        outln!("check: skipped (--no-check)");
+    }
     outln!();
     let total = rows.len() * opts.ops.len();
     let mut done = 0;
