@@ -11,11 +11,9 @@
 #include <vector>
 
 #if defined(__APPLE__)
-#define BN_EMU_SYM(name) "_" #name
 #define BN_EMU_FUNC_BEGIN(name) ".globl _" #name "\n.private_extern _" #name "\n.p2align 4\n_" #name ":\n"
 #define BN_EMU_FUNC_END(name) ""
 #else
-#define BN_EMU_SYM(name) #name
 #define BN_EMU_FUNC_BEGIN(name) \
     ".globl " #name "\n.hidden " #name "\n.type " #name ", @function\n.p2align 4\n" #name ":\n"
 #define BN_EMU_FUNC_END(name) ".size " #name ", .-" #name "\n"

@@ -69,7 +69,6 @@ struct Fiber {
     Fiber* prev = nullptr;
     Block* block = nullptr;
     Stack stack;
-    uint32_t linear = 0;
     uint32_t warp = 0;
     uint32_t lane = 0;
     FState state = FState::Runnable;
@@ -89,7 +88,6 @@ struct Group {
     int op;
     const char* file;
     int line;
-    unsigned value_bytes;
 };
 
 struct WarpState {
@@ -555,7 +553,6 @@ bool admit_block(Launch& L, std::vector<uint32_t>& order) {
             return false;
         }
         f->block = b;
-        f->linear = t;
         f->warp = t / 32;
         f->lane = t % 32;
         f->state = FState::Runnable;
@@ -959,7 +956,7 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t value, unsigned value_b
             collective_mismatch(L, f, g, op, mask, file, line);
         }
     } else {
-        w.groups.push_back(Group{mask, 0, op, file, line, value_bytes});
+        w.groups.push_back(Group{mask, 0, op, file, line});
         g = &w.groups.back();
     }
     g->arrived |= me;
