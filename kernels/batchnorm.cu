@@ -34,7 +34,8 @@
 // f16_f32 and bf16_f32 (tag = T, or T_P when P differs).
 //
 // Assumptions, all guaranteed by the launch plan in src/launch.rs:
-//   * blocks have kBlockThreads (256) threads: nchw (256, 1, 1) with grid.x = C * splits;
+//   * blocks have kBlockThreads (256) threads: nchw (256, 1, 1) with grid.x = C * splits,
+//     tile_x (threads per plane group) a power of two from 32 to 256;
 //     nhwc (tile_x, 256 / tile_x, 1), tile_x a power of two <= 32, grid (tiles, splits);
 //   * M >= 1 and C >= 1 (empty inputs never launch);
 //   * no split is empty, and a split holds at most 2^24 values (counts exact in f32);
@@ -693,7 +694,7 @@ __device__ __forceinline__ void run_stage(const BnParams& p) {
     }
 }
 
-// Writes every BnParams field, widened to 64 bits, to y (as u64[30]), so tests can
+// Writes every BnParams field, widened to 64 bits, to y (as u64[26]), so tests can
 // check that Rust and C++ agree on the struct's layout.
 __device__ __forceinline__ void selftest_params(const BnParams& p) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
