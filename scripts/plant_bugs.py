@@ -25,7 +25,7 @@ import tempfile
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # name: (file, original text, planted text, expected to be caught, description[, test
-# target, default "emulated"])
+# target, default "emulated"[, (a second original text, its planted text)]])
 BUGS = {
     "tail": (
         "kernels/batchnorm.cu",
@@ -90,6 +90,29 @@ BUGS = {
         True,
         "removed the last block's __threadfence() between seeing the count and reading partials",
     ),
+    "reread": (
+        "kernels/batchnorm.cu",
+        "        const unsigned prev = atomicAdd(counters.at(counter), 1u);\n"
+        "        s_last[0] = prev == group_size - 1u ? 1 : 0;",
+        "        atomicAdd(counters.at(counter), 1u);\n"
+        "        s_last[0] = counters.ld(counter) == group_size ? 1 : 0;",
+        True,
+        "the lead thread re-reads the arrival counter with a plain load after its atomicAdd "
+        "(two blocks can both see the full count and finalise)",
+    ),
+    "nofences": (
+        "kernels/batchnorm.cu",
+        "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
+        "    BN_SHARED(int, s_last, 1);\n",
+        True,
+        "removed __threadfence() before counting the block in, with the counter re-read "
+        "(reread) planted too",
+        "emulated",
+        ("        const unsigned prev = atomicAdd(counters.at(counter), 1u);\n"
+         "        s_last[0] = prev == group_size - 1u ? 1 : 0;",
+         "        atomicAdd(counters.at(counter), 1u);\n"
+         "        s_last[0] = counters.ld(counter) == group_size ? 1 : 0;"),
+    ),
     # Host-side bugs in the CUDA path: only the GPU tests, run on the emulated driver,
     # go through it (the emulated kernel tests launch through their own backend).
     "wszero": (
@@ -121,6 +144,8 @@ def copy_repo(dst):
 def run_bug(name, target_dir):
     path, old, new, expected, what, *rest = BUGS[name]
     target = rest[0] if rest else "emulated"
+    # a second edit of the same file, planted with the first
+    extra = rest[1] if len(rest) > 1 else None
     with tempfile.TemporaryDirectory(prefix=f"plant-{name}-") as tmp:
         repo = os.path.join(tmp, "repo")
         copy_repo(repo)
@@ -128,7 +153,12 @@ def run_bug(name, target_dir):
         text = open(src).read()
         if text.count(old) != 1:
             return name, what, expected, "stale", f"the text to replace occurs {text.count(old)} times in {path}"
-        open(src, "w").write(text.replace(old, new))
+        text = text.replace(old, new)
+        if extra is not None:
+            if text.count(extra[0]) != 1:
+                return name, what, expected, "stale", f"the second text occurs {text.count(extra[0])} times in {path}"
+            text = text.replace(extra[0], extra[1])
+        open(src, "w").write(text)
         env = dict(os.environ, CARGO_TARGET_DIR=target_dir)
         if target == "emulated":
             env.pop("NVCC", None)  # the emulator needs no nvcc; skip the PTX build

@@ -61,6 +61,7 @@ enum : int {
     kInvalidHandle = 400,
     kNotFound = 500,
     kIllegalAddress = 700,
+    kLaunchOutOfResources = 701,
     kLaunchFailed = 719,
     kNotSupported = 801,
 };
@@ -350,6 +351,7 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
     d.cooperative = 0;
     d.seed = bn_emu_seed_from_env();
     d.max_resident_blocks = 4;
+    d.preempt_one_in = bn_emu_preempt_from_env();
     d.params = &p;
     d.params_len = sizeof p;
     d.regions = regions.data();
@@ -390,6 +392,7 @@ const char* error_name(int e) {
         case kNotFound: return "CUDA_ERROR_NOT_FOUND";
         case kIllegalAddress: return "CUDA_ERROR_ILLEGAL_ADDRESS";
         case kLaunchFailed: return "CUDA_ERROR_LAUNCH_FAILED";
+        case kLaunchOutOfResources: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case kNotSupported: return "CUDA_ERROR_NOT_SUPPORTED";
         default: return nullptr;
     }
@@ -411,6 +414,7 @@ const char* error_string(int e) {
         case kNotFound: return "named symbol not found";
         case kIllegalAddress: return "an illegal memory access was encountered (emulated)";
         case kLaunchFailed: return "unspecified launch failure";
+        case kLaunchOutOfResources: return "too many resources requested for launch (injected)";
         case kNotSupported: return "operation not supported";
         default: return nullptr;
     }
@@ -419,6 +423,35 @@ const char* error_string(int e) {
 }  // namespace
 
 #define BN_API extern "C" __attribute__((visibility("default")))
+
+// ---- fault injection (tests) ------------------------------------------------------------
+//
+// bn_emu_driver_fail_call(kind, skip) makes the calling thread's (skip + 1)-th call of a
+// kind fail as a real driver's can, before it does anything: a kernel launch with
+// CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, a host-to-device copy with CUDA_ERROR_INVALID_VALUE,
+// an allocation with CUDA_ERROR_OUT_OF_MEMORY. Per thread, so tests running in parallel
+// inject only into their own calls (every call here runs on the caller's thread).
+namespace {
+enum InjectKind : int { kInjectLaunch = 0, kInjectCopyHtoD = 1, kInjectAlloc = 2 };
+thread_local int t_inject_kind = -1;
+thread_local unsigned t_inject_skip = 0;
+
+// Whether this call of `kind` is the one to fail (and, if so, disarms the injection).
+bool injected(int kind) {
+    if (t_inject_kind != kind) return false;
+    if (t_inject_skip > 0) {
+        --t_inject_skip;
+        return false;
+    }
+    t_inject_kind = -1;
+    return true;
+}
+}  // namespace
+
+BN_API void bn_emu_driver_fail_call(int kind, unsigned skip) {
+    t_inject_kind = kind;
+    t_inject_skip = skip;
+}
 #define LOCKED State& s = state(); std::lock_guard<std::mutex> guard(s.lock)
 
 // ---- initialisation, device, context ---------------------------------------------------
@@ -549,12 +582,14 @@ BN_API int cuGetErrorString(int e, const char** out) {
 // ---- memory -----------------------------------------------------------------------------
 
 BN_API int cuMemAlloc_v2(uint64_t* dptr, size_t bytes) {
+    if (injected(kInjectAlloc)) return kOutOfMemory;
     LOCKED;
     const int rc = check_ready(s);
     return rc != kSuccess ? rc : do_alloc(s, dptr, bytes);
 }
 
 BN_API int cuMemAllocAsync(uint64_t* dptr, size_t bytes, void* stream) {
+    if (injected(kInjectAlloc)) return kOutOfMemory;
     LOCKED;
     const int rc = check_ready(s);
     if (rc != kSuccess) return rc;
@@ -582,6 +617,7 @@ BN_API int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 }
 
 BN_API int cuMemcpyHtoDAsync_v2(uint64_t dst, const void* src, size_t bytes, void* stream) {
+    if (injected(kInjectCopyHtoD)) return kInvalidValue;
     LOCKED;
     return do_copy(s, "cuMemcpyHtoD", dst, true, reinterpret_cast<uint64_t>(src), false, bytes, stream);
 }
@@ -736,6 +772,7 @@ BN_API int cuModuleGetFunction(void** function, void* module, const char* name) 
 
 BN_API int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                           unsigned shared, void* stream, void** params, void** extra) {
+    if (injected(kInjectLaunch)) return kLaunchOutOfResources;
     LOCKED;
     const uint32_t grid[3] = {gx, gy, gz};
     const uint32_t block[3] = {bx, by, bz};

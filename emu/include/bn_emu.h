@@ -80,6 +80,9 @@ struct ThreadView {
 // The running fiber's view (one per OS thread; fibers of a launch all run on the OS
 // thread that called launch). Valid only while a kernel runs.
 extern __thread const bn_emu::ThreadView* bn_emu_tv;
+// Non-zero while a launch with global-access preemption runs on this OS thread (see
+// bn_emu::preempt_point).
+extern __thread uint32_t bn_emu_preempt;
 
 #define threadIdx (bn_emu_tv->thread_idx)
 #define blockIdx (bn_emu_tv->block_idx)
@@ -140,6 +143,17 @@ void publish_block_stores();
 // published scratch must come after a fence that follows the block's last atomic.
 void note_atomic();
 
+// In a launch with global-access preemption (Options::preempt_one_in), a scheduling
+// point taken before a global load or store with a seeded probability, so that races
+// between plain accesses of different threads, which no barrier, atomic or fence
+// separates, can show.
+void preempt_point();
+
+// In the same mode, the record of which block wrote each byte of the Output and InOut
+// regions: a second block writing a byte in one launch fails it (no kernel here has two
+// blocks write one output value; a protocol that lets two blocks finalise does).
+void output_write(const Bounds& b, const void* p, size_t bytes);
+
 // Checks one access of `bytes` bytes at p, aligned to `align`, through a view with
 // bounds b. Inline fast path; the failure path reports and abandons the launch.
 inline void check_global(const Bounds& b, const void* p, size_t bytes, size_t align, int access) {
@@ -150,6 +164,10 @@ inline void check_global(const Bounds& b, const void* p, size_t bytes, size_t al
     if (__builtin_expect(!ok, 0)) global_access_failed(b, p, bytes, align, write);
     if (access == kAccessAtomic) note_atomic();
     if (b.kind == kRegionScratch) scratch_access(b, p, bytes, access);
+    if (__builtin_expect(bn_emu_preempt != 0, 0) && access != kAccessAtomic) {
+        if (access == kAccessWrite && (b.kind == kRegionOutput || b.kind == kRegionInOut)) output_write(b, p, bytes);
+        preempt_point();
+    }
 }
 
 // Registers a kernel entry point at static-initialisation time (see BN_KERNEL).

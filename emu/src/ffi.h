@@ -26,7 +26,7 @@ struct bn_emu_launch_desc {
     uint32_t cooperative;  // 0 or 1
     uint64_t seed;
     uint32_t max_resident_blocks;
-    uint32_t reserved;
+    uint32_t preempt_one_in;  // 0: off; n: a global load or store yields with probability 1/n
     const void* params;
     size_t params_len;
     const bn_emu_region* regions;
@@ -44,6 +44,10 @@ int bn_emu_parse_seed(const char* text, size_t len, uint64_t* out);
 
 // BN_EMU_SEED parsed by bn_emu_parse_seed, or a fixed seed when unset or invalid.
 uint64_t bn_emu_seed_from_env(void);
+
+// BN_EMU_PREEMPT parsed the same way (the launch's preempt_one_in), 0 when unset,
+// invalid or too large.
+uint32_t bn_emu_preempt_from_env(void);
 
 // Registered kernels: count, and the name of one (not NUL-terminated; static storage).
 size_t bn_emu_kernel_count(void);

@@ -83,11 +83,17 @@ pub struct Options {
     /// Blocks resident (interleaved) at once in a non-cooperative launch; 0 counts as
     /// 1, and at most 65536 threads are kept resident.
     pub max_resident_blocks: u32,
+    /// Global-access preemption: 0 (off), or n for a scheduling point before each
+    /// global load and store with probability 1/n (seeded). Fibers otherwise switch only
+    /// at barriers, collectives, atomics and fences, so a race between plain accesses
+    /// with none of those between them could never show.
+    pub preempt_one_in: u32,
 }
 
 impl Default for Options {
     /// `seed` from the environment variable `BN_EMU_SEED` (decimal, or hex with `0x`)
-    /// if set and valid, else a fixed constant; four resident blocks.
+    /// if set and valid, else a fixed constant; four resident blocks; preemption from
+    /// `BN_EMU_PREEMPT` (same syntax), off when unset.
     fn default() -> Self {
         Options {
             // SAFETY: no arguments. It calls getenv, which races only with a concurrent
@@ -95,6 +101,8 @@ impl Default for Options {
             // (child processes get theirs through Command::env).
             seed: unsafe { bn_emu_seed_from_env() },
             max_resident_blocks: 4,
+            // SAFETY: as above.
+            preempt_one_in: unsafe { bn_emu_preempt_from_env() },
         }
     }
 }
@@ -140,7 +148,7 @@ struct FfiLaunch {
     cooperative: u32,
     seed: u64,
     max_resident_blocks: u32,
-    reserved: u32,
+    preempt_one_in: u32,
     params: *const u8,
     params_len: usize,
     regions: *const FfiRegion,
@@ -155,6 +163,7 @@ extern "C" {
     ) -> i32;
     fn bn_emu_kernel_count() -> usize;
     fn bn_emu_seed_from_env() -> u64;
+    fn bn_emu_preempt_from_env() -> u32;
     #[cfg(test)]
     fn bn_emu_parse_seed(text: *const c_char, len: usize, out: *mut u64) -> i32;
     fn bn_emu_kernel_name(index: usize, len: *mut usize) -> *const c_char;
@@ -208,7 +217,7 @@ pub unsafe fn launch(
         cooperative: u32::from(cfg.cooperative),
         seed: opts.seed,
         max_resident_blocks: opts.max_resident_blocks,
-        reserved: 0,
+        preempt_one_in: opts.preempt_one_in,
         params: params.as_ptr(),
         params_len: params.len(),
         regions: ffi_regions.as_ptr(),
@@ -272,9 +281,43 @@ pub mod driver {
     extern "C" {
         fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
         fn dlerror() -> *const c_char;
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
     }
     const RTLD_NOW: c_int = 2;
+    const RTLD_NOLOAD: c_int = 4;
     const RTLD_GLOBAL: c_int = 0x100;
+
+    /// A driver call that [`fail_call`] can make fail.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Call {
+        /// `cuLaunchKernel`, failing with `CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES`.
+        Launch = 0,
+        /// `cuMemcpyHtoD(Async)`, failing with `CUDA_ERROR_INVALID_VALUE`.
+        CopyHtoD = 1,
+        /// `cuMemAlloc(Async)`, failing with `CUDA_ERROR_OUT_OF_MEMORY`.
+        Alloc = 2,
+    }
+
+    /// Makes the calling thread's call of `call` after the next `skip` ones fail, as a
+    /// real driver's can, before it does anything (fault injection for tests; each
+    /// thread has its own). Fails where the emulated driver is not loaded.
+    pub fn fail_call(call: Call, skip: u32) -> Result<(), String> {
+        // SAFETY: RTLD_NOLOAD only looks up an already loaded library by its SONAME.
+        let h = unsafe { dlopen(c"libcuda.so".as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
+        if h.is_null() {
+            return Err("no libcuda.so is loaded".into());
+        }
+        // SAFETY: `h` is a live handle; the name is NUL-terminated.
+        let f = unsafe { dlsym(h, c"bn_emu_driver_fail_call".as_ptr()) };
+        if f.is_null() {
+            return Err("the loaded libcuda.so is not the emulated driver".into());
+        }
+        // SAFETY: the emulated driver defines bn_emu_driver_fail_call(int, unsigned)
+        // with C linkage (driver/libcuda.cpp).
+        let f: extern "C" fn(c_int, u32) = unsafe { std::mem::transmute(f) };
+        f(call as c_int, skip);
+        Ok(())
+    }
 
     /// The name the emulated driver gives its device (`cuDeviceGetName` in
     /// driver/libcuda.cpp): how a program tells it from a GPU, whether it was loaded by

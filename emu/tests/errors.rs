@@ -396,6 +396,7 @@ fn errors_in_many_blocks_stop_the_launch() {
     let o = Options {
         seed: 3,
         max_resident_blocks: 8,
+        preempt_one_in: 0,
     };
     expect_err(
         run("emu_test_errors", &cfg(100_000, 256), &p, &regions, &o),

@@ -353,6 +353,7 @@ fn concurrent_launches_from_four_threads() {
                             &Options {
                                 seed: iter * 31 + k,
                                 max_resident_blocks: 3,
+                                preempt_one_in: 0,
                             }
                         ),
                         Ok(want),
@@ -511,6 +512,7 @@ fn run_order(grid: u32, block: u32, seed: u64) -> (Vec<u32>, Vec<u32>) {
     let o = Options {
         seed,
         max_resident_blocks: 1,
+        preempt_one_in: 0,
     };
     run("emu_test_order", &cfg(grid, block), &p, &regions, &o).unwrap();
     (y, dx)

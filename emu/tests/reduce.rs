@@ -99,6 +99,7 @@ fn last_block_finalises_across_seeds_and_residency() {
                 let o = Options {
                     seed: seed * 977 + u64::from(grid),
                     max_resident_blocks: resident,
+                    preempt_one_in: 0,
                 };
                 assert_eq!(
                     last_block(&x, grid, 0, &o),

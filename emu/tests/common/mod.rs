@@ -79,6 +79,7 @@ pub fn opts(seed: u64) -> Options {
     Options {
         seed,
         max_resident_blocks: 4,
+        preempt_one_in: 0,
     }
 }
 
