@@ -6,11 +6,14 @@
 //   fwd_stats   per-channel batch statistics, fused with their finalisation: each block
 //               computes Welford (n, mean, m2) of one slice of one channel (nchw) or of a
 //               tile of channels (nhwc); the last block of a channel or tile to finish
-//               merges the slices in a fixed order and writes save_mean, save_invstd,
-//               the running statistics (unbiased variance, momentum) and the workspace
-//               channel data fwd_norm reads. One launch.
+//               merges the slices in a fixed order and writes save_mean, save_invstd
+//               and the workspace channel data fwd_norm reads, the new running
+//               statistics (unbiased variance, momentum) among them. One launch.
 //   fwd_norm    y = (x - mean) * invstd * w + b, with this batch's statistics (from the
-//               workspace) or the running ones (eval).
+//               workspace) or the running ones (eval). In training it also commits the
+//               new running statistics: they change only once both launches of the
+//               forward were accepted, so a forward that fails at its second launch
+//               leaves them as they were.
 //   bwd_reduce  per-channel sum_dy = sum(dy) and dotp = sum(dy * (x - mean)), split and
 //               finalised like fwd_stats: grad_bias = sum_dy, grad_weight = dotp * invstd.
 //   bwd_dx      training: dx = (dy - (x - mean) * dotp * invstd^2 / M - sum_dy / M) * invstd * w
@@ -44,7 +47,8 @@
 //   * without BN_F_INDEX64 every index the kernels form stays below 2^31;
 //   * ws_counters are zero on entry; every launch leaves them zero again.
 //
-// The shift K: Welford runs on x - K with K the channel's first value, so that the mean
+// The shift K: Welford runs on x - K with K the channel's first value (0 if that value
+// is not finite, so that inf - inf cannot turn an inf channel into NaN), so that the mean
 // of a channel far from zero (1e4 with std 1) keeps its low digits; fwd_norm computes
 // (x - K) - mean(x - K), never x - fl(mean).
 
@@ -56,6 +60,16 @@ namespace bn {
 template <class I>
 __device__ __forceinline__ I imin(I a, I b) {
     return a < b ? a : b;
+}
+
+// The channel data fwd_stats leaves in ws_channel, A[5 * C] (CHANNEL_SLOTS in src/launch.rs): the shift, the mean of the
+// shifted values, invstd, and (when updating) the new running mean and variance.
+enum ChannelSlot { kShift = 0, kShiftedMean = 1, kInvstd = 2, kNewRunningMean = 3, kNewRunningVar = 4 };
+
+// The shift of a channel whose first value is v.
+template <class A>
+__device__ __forceinline__ A shift_of(A v) {
+    return is_finite(v) ? v : A(0);
 }
 
 // Loads V consecutive values starting at element i as accumulators (one 16-byte vector
@@ -105,9 +119,9 @@ __device__ __forceinline__ NormCoeffs<A> norm_coeffs(const BnParams& p, I c) {
     if (p.flags & BN_F_BATCH_STATS) {
         const Gmem<const A> ch(p.ws_channel);
         const I C = static_cast<I>(p.c);
-        k.shift = ch.ld(c);
-        k.delta = ch.ld(C + c);
-        invstd = ch.ld(2 * C + c);
+        k.shift = ch.ld(kShift * C + c);
+        k.delta = ch.ld(kShiftedMean * C + c);
+        invstd = ch.ld(kInvstd * C + c);
     } else {
         k.shift = to_acc<A>(Gmem<const P>(p.running_mean).ld(c));
         k.delta = A(0);
@@ -134,11 +148,14 @@ __device__ __forceinline__ BwdStats<A> bwd_stats(const BnParams& p, I c) {
                        acc_rsqrt(to_acc<A>(Gmem<const P>(p.running_var).ld(c)) + static_cast<A>(p.eps))};
 }
 
-// dx = (dy - (x - mean) * proj - grad_mean) * grad_scale; eval: proj = grad_mean = 0.
+// Training: dx = (dy - (x - mean) * proj - grad_mean) * grad_scale.
+// Eval: dx = dy * grad_scale, which never looks at the mean (a non-finite running mean
+// must not make (x - mean) * 0 a NaN; PyTorch's eval dx is finite there).
 template <class A>
 struct DxCoeffs {
     A mean, proj, grad_mean, grad_scale;
     __device__ __forceinline__ A apply(A dy, A x) const { return (dy - (x - mean) * proj - grad_mean) * grad_scale; }
+    __device__ __forceinline__ A apply_eval(A dy) const { return dy * grad_scale; }
 };
 
 template <class P, class A, class I>
@@ -171,17 +188,27 @@ __device__ __forceinline__ void finalize_stats(const BnParams& p, I c, const Wel
     if (p.save_mean) Gmem<A>(p.save_mean).st(c, mean);
     if (p.save_invstd) Gmem<A>(p.save_invstd).st(c, invstd);
     const Gmem<A> ch(p.ws_channel);
-    ch.st(c, shift);
-    ch.st(C + c, w.mean);
-    ch.st(2 * C + c, invstd);
+    ch.st(kShift * C + c, shift);
+    ch.st(kShiftedMean * C + c, w.mean);
+    ch.st(kInvstd * C + c, invstd);
     if (p.flags & BN_F_UPDATE_RUNNING) {
+        // Staged: fwd_norm commits them (commit_running).
         const A momentum = static_cast<A>(p.momentum);
-        const Gmem<P> rm(p.running_mean);
-        const Gmem<P> rv(p.running_var);
+        const Gmem<const P> rm(p.running_mean);
+        const Gmem<const P> rv(p.running_var);
         const A unbiased = var * static_cast<A>(p.bessel);
-        rm.st(c, from_acc<P>(mean * momentum + (A(1) - momentum) * to_acc<A>(rm.ld(c))));
-        rv.st(c, from_acc<P>(unbiased * momentum + (A(1) - momentum) * to_acc<A>(rv.ld(c))));
+        ch.st(kNewRunningMean * C + c, mean * momentum + (A(1) - momentum) * to_acc<A>(rm.ld(c)));
+        ch.st(kNewRunningVar * C + c, unbiased * momentum + (A(1) - momentum) * to_acc<A>(rv.ld(c)));
     }
+}
+
+// fwd_norm's commit of the running statistics fwd_stats staged for channel c.
+template <class P, class A, class I>
+__device__ __forceinline__ void commit_running(const BnParams& p, I c) {
+    const I C = static_cast<I>(p.c);
+    const Gmem<const A> ch(p.ws_channel);
+    Gmem<P>(p.running_mean).st(c, from_acc<P>(ch.ld(kNewRunningMean * C + c)));
+    Gmem<P>(p.running_var).st(c, from_acc<P>(ch.ld(kNewRunningVar * C + c)));
 }
 
 template <class P, class A, class I>
@@ -273,7 +300,7 @@ struct FwdStatsNchw {
         const NchwBlock<I> b(p);
         const I C = static_cast<I>(p.c);
         const Gmem<const T> x(p.x);
-        const A shift = to_acc<A>(x.ld(b.c * static_cast<I>(p.s)));
+        const A shift = shift_of(to_acc<A>(x.ld(b.c * static_cast<I>(p.s))));
         Welford<A> w = welford_empty<A>();
         nchw_slice<V, I>(
             p, x, b.c, b.k, [&](I i) { welford_add(w, to_acc<A>(x.ld(i)) - shift); },
@@ -313,6 +340,7 @@ struct FwdNormNchw {
     __device__ static void run(const BnParams& p) {
         const NchwBlock<I> b(p);
         const NormCoeffs<A> k = norm_coeffs<P, A>(p, b.c);
+        if ((p.flags & BN_F_UPDATE_RUNNING) && b.k == 0 && threadIdx.x == 0) commit_running<P, A>(p, b.c);
         const Gmem<const T> x(p.x);
         const Gmem<T> y(p.y);
         nchw_slice<V, I>(
@@ -388,20 +416,20 @@ struct BwdDxNchw {
         nchw_slice<V, I>(
             p, dy, b.c, b.k,
             [&](I i) {
-                const A xv = need_x ? to_acc<A>(x.ld(i)) : k.mean;
-                dx.st(i, from_acc<T>(k.apply(to_acc<A>(dy.ld(i)), xv)));
+                const A g = to_acc<A>(dy.ld(i));
+                dx.st(i, from_acc<T>(need_x ? k.apply(g, to_acc<A>(x.ld(i))) : k.apply_eval(g)));
             },
             [&](I i) {
                 A gv[V], xv[V];
                 load_acc<V>(dy, i, gv);
                 if (need_x) {
                     load_acc<V>(x, i, xv);
+                    BN_UNROLL
+                    for (int j = 0; j < V; ++j) gv[j] = k.apply(gv[j], xv[j]);
                 } else {
                     BN_UNROLL
-                    for (int j = 0; j < V; ++j) xv[j] = k.mean;
+                    for (int j = 0; j < V; ++j) gv[j] = k.apply_eval(gv[j]);
                 }
-                BN_UNROLL
-                for (int j = 0; j < V; ++j) gv[j] = k.apply(gv[j], xv[j]);
                 store_acc<V>(dx, i, gv);
             });
     }
@@ -507,6 +535,8 @@ struct FwdStatsNhwc {
         }
         if (th.active) {
             load_acc<V>(x, th.c0, shift);  // row 0
+            BN_UNROLL
+            for (int j = 0; j < V; ++j) shift[j] = shift_of(shift[j]);
             A n = A(0);
             nhwc_rows(p, th.c0, th.k, [&](I i) {
                 A v[V];
@@ -566,6 +596,10 @@ struct FwdNormNhwc {
         NormCoeffs<A> k[V];
         BN_UNROLL
         for (int j = 0; j < V; ++j) k[j] = norm_coeffs<P, A>(p, th.c0 + j);
+        if ((p.flags & BN_F_UPDATE_RUNNING) && th.k == 0 && threadIdx.y == 0) {
+            BN_UNROLL
+            for (int j = 0; j < V; ++j) commit_running<P, A>(p, th.c0 + j);
+        }
         const Gmem<const T> x(p.x);
         const Gmem<T> y(p.y);
         nhwc_rows(p, th.c0, th.k, [&](I i) {
@@ -662,12 +696,12 @@ struct BwdDxNhwc {
             load_acc<V>(dy, i, gv);
             if (need_x) {
                 load_acc<V>(x, i, xv);
+                BN_UNROLL
+                for (int j = 0; j < V; ++j) gv[j] = k[j].apply(gv[j], xv[j]);
             } else {
                 BN_UNROLL
-                for (int j = 0; j < V; ++j) xv[j] = k[j].mean;
+                for (int j = 0; j < V; ++j) gv[j] = k[j].apply_eval(gv[j]);
             }
-            BN_UNROLL
-            for (int j = 0; j < V; ++j) gv[j] = k[j].apply(gv[j], xv[j]);
             store_acc<V>(dx, i, gv);
         });
     }

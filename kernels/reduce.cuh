@@ -11,6 +11,13 @@
 //     they are exact in f32;
 //   * every merge runs in a fixed order, so a launch's result does not depend on which
 //     block finishes first.
+//
+// Non-finite values: PyTorch's mean of a channel that holds inf or NaN is what a plain
+// sum gives (inf, -inf, or NaN when both signs or a NaN occur) and its variance is NaN.
+// A Welford state whose mean is not finite stands for exactly that: adding a value or
+// merging a state adds the non-finite means as a sum would (inf + x = inf,
+// inf + -inf = NaN), and m2 becomes NaN. Without that rule one inf turns every later
+// delta into -inf and the mean into NaN.
 #pragma once
 
 #include "common.cuh"
@@ -31,13 +38,19 @@ __device__ __forceinline__ Welford<A> welford_empty() {
     return Welford<A>{A(0), A(0), A(0)};
 }
 
+// Whether v is finite: v - v is 0 for finite v and NaN for inf and NaN.
+template <class A>
+__device__ __forceinline__ bool is_finite(A v) {
+    return v - v == A(0);
+}
+
 // Adds value v; rcp_n must be 1 / (w.n + 1), passed in so that callers that add one
 // value to several channels per step pay for one reciprocal.
 template <class A>
 __device__ __forceinline__ void welford_add(Welford<A>& w, A v, A n_new, A rcp_n) {
     const A delta = v - w.mean;
     w.n = n_new;
-    w.mean += delta * rcp_n;
+    w.mean = is_finite(w.mean) ? w.mean + delta * rcp_n : w.mean + v;
     w.m2 += delta * (v - w.mean);
 }
 
@@ -53,6 +66,10 @@ __device__ __forceinline__ Welford<A> welford_merge(const Welford<A>& a, const W
     if (b.n == A(0)) return a;
     if (a.n == A(0)) return b;
     const A n = a.n + b.n;
+    if (!is_finite(a.mean) || !is_finite(b.mean)) {
+        const A sum = a.mean + b.mean;  // inf, -inf or NaN, as a plain sum
+        return Welford<A>{n, sum, sum * A(0)};
+    }
     const A delta = b.mean - a.mean;
     const A fb = b.n / n;
     return Welford<A>{n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb};

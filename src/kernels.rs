@@ -222,6 +222,17 @@ impl Launcher for CudaLauncher<'_> {
         &self.kernels.info
     }
 
+    fn prepare(&self, kernels: &[KernelId]) -> Result<()> {
+        self.kernels
+            .ctx
+            .bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        for k in kernels {
+            self.kernels.function(k)?;
+        }
+        Ok(())
+    }
+
     fn launch(
         &self,
         kernel: KernelId,

@@ -76,7 +76,7 @@ pub struct BnParams {
     pub ws_counters: u64,
     /// Acc[2 * splits * C] per-split partials.
     pub ws_partials: u64,
-    /// Acc[3 * C] per-channel data for the next kernel.
+    /// Acc[CHANNEL_SLOTS * C] per-channel data for the next kernel.
     pub ws_channel: u64,
     /// Batch size N.
     pub n: i64,
@@ -324,6 +324,11 @@ pub struct WorkspaceLayout {
 
 const WS_ALIGN: usize = 256;
 
+/// Accumulator values per channel that one stage leaves for the next in the scratch
+/// buffer (`ChannelSlot` in kernels/batchnorm.cu): the shift, the shifted mean and invstd
+/// (or the backward's sums), and the staged new running mean and variance.
+pub const CHANNEL_SLOTS: usize = 5;
+
 fn align_up(v: usize, a: usize) -> usize {
     v.div_ceil(a) * a
 }
@@ -482,12 +487,13 @@ pub fn plan_stage(
 
 /// Whether any index the kernels form for this plan can reach 2^31 - 1. Indices stay
 /// below numel plus one split plus one block stride, and the workspace indices below
-/// 2 * splits * C + 3 * C.
+/// 2 * splits * C + CHANNEL_SLOTS * C.
 fn needs_index64(shape: &Shape, plan: &StagePlan) -> bool {
     let limit = i32::MAX as u128;
     let numel = shape.numel() as u128;
     let headroom = plan.chunk as u128 + 2 * BLOCK_THREADS as u128 * 16;
-    let ws = 2 * plan.splits as u128 * shape.c() as u128 + 3 * shape.c() as u128;
+    let ws =
+        2 * plan.splits as u128 * shape.c() as u128 + CHANNEL_SLOTS as u128 * shape.c() as u128;
     numel + headroom > limit || ws > limit
 }
 
@@ -502,7 +508,7 @@ pub fn workspace_layout<'a>(
         counters = counters.max(p.counters());
         partial_count = partial_count.max(2 * p.splits as usize * c);
     }
-    let channel_count = 3 * c;
+    let channel_count = CHANNEL_SLOTS * c;
     let partials = 0;
     let channel = align_up(partials + acc.size() * partial_count, WS_ALIGN);
     let scratch_bytes = align_up(channel + acc.size() * channel_count, WS_ALIGN);

@@ -9,7 +9,7 @@
 //! before calling in, which is why the entry points are `unsafe`.
 
 use crate::dtype::{DType, Float, ParamFor};
-use crate::error::Result;
+use crate::error::{BnError, Result};
 use crate::launch::{
     self, flags, workspace_layout, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Stage,
     StagePlan, Tuning, WorkspaceLayout,
@@ -44,10 +44,27 @@ pub struct Region {
     pub kind: RegionKind,
 }
 
+impl Region {
+    /// No region (an absent buffer): zero bytes.
+    pub const NONE: Region = Region {
+        addr: 0,
+        bytes: 0,
+        name: "",
+        kind: RegionKind::Input,
+    };
+}
+
 /// Something that runs kernels: the CUDA driver, or the CPU emulator in tests.
 pub trait Launcher {
     /// The properties launch planning uses.
     fn device(&self) -> &DeviceInfo;
+    /// Makes ready every kernel an operation is about to launch (looks them up), so
+    /// that a missing kernel fails the operation before its first launch changes
+    /// anything. The default has nothing to do.
+    fn prepare(&self, kernels: &[KernelId]) -> Result<()> {
+        let _ = kernels;
+        Ok(())
+    }
     /// Runs one kernel. `regions` lists every buffer it may touch.
     fn launch(
         &self,
@@ -244,49 +261,75 @@ impl Workspace {
     }
 
     /// The counter and partial regions a reducing stage uses.
-    fn reduction_regions(&self, plan: &StagePlan, acc: DType, c: usize) -> [Region; 2] {
+    fn reduction_regions(&self, plan: &StagePlan, acc: DType, c: usize) -> Result<[Region; 2]> {
         let used = plan.splits > 1;
-        [
+        let partials = (2 * plan.splits as usize).saturating_mul(c);
+        Ok([
             Region {
                 addr: self.counters(),
-                bytes: if used { 4 * plan.counters() as u64 } else { 0 },
+                bytes: if used {
+                    byte_count("workspace counters", plan.counters(), 4)?
+                } else {
+                    0
+                },
                 name: "workspace counters",
                 kind: RegionKind::Counters,
             },
             Region {
                 addr: self.partials(),
                 bytes: if used {
-                    (acc.size() * 2 * plan.splits as usize * c) as u64
+                    byte_count("workspace partials", partials, acc.size())?
                 } else {
                     0
                 },
                 name: "workspace partials",
                 kind: RegionKind::Scratch,
             },
-        ]
+        ])
     }
 
-    fn channel_region(&self, acc: DType, c: usize, kind: RegionKind) -> Region {
-        Region {
+    fn channel_region(&self, acc: DType, c: usize, kind: RegionKind) -> Result<Region> {
+        let name = "workspace channel data";
+        Ok(Region {
             addr: self.channel(),
-            bytes: (acc.size() * 3 * c) as u64,
-            name: "workspace channel data",
+            bytes: byte_count(name, launch::CHANNEL_SLOTS.saturating_mul(c), acc.size())?,
+            name,
             kind,
-        }
+        })
     }
 }
 
-fn region(addr: u64, elems: usize, dtype: DType, name: &'static str, kind: RegionKind) -> Region {
-    Region {
+/// The region of `elems` values of `dtype` at `addr` (none at address 0), or an error
+/// when its byte count cannot be represented.
+fn region(
+    addr: u64,
+    elems: usize,
+    dtype: DType,
+    name: &'static str,
+    kind: RegionKind,
+) -> Result<Region> {
+    Ok(Region {
         addr,
         bytes: if addr == 0 {
             0
         } else {
-            (elems * dtype.size()) as u64
+            byte_count(name, elems, dtype.size())?
         },
         name,
         kind,
-    }
+    })
+}
+
+/// `elems * elem_bytes` as u64, or [`BnError::BufferTooLarge`].
+pub(crate) fn byte_count(name: &'static str, elems: usize, elem_bytes: usize) -> Result<u64> {
+    elems
+        .checked_mul(elem_bytes)
+        .and_then(|b| u64::try_from(b).ok())
+        .ok_or(BnError::BufferTooLarge {
+            name,
+            len: elems,
+            elem_bytes,
+        })
 }
 
 fn base_params(shape: &Shape, plan: &StagePlan) -> BnParams {
@@ -340,17 +383,25 @@ pub unsafe fn forward<T: Float, P: ParamFor<T>>(
         } else {
             0
         };
-    let stat_kind = if a.update_running {
-        RegionKind::InOut
-    } else {
-        RegionKind::Input
+    let input = RegionKind::Input;
+    let x = region(a.x, numel, T::DTYPE, "input", input)?;
+    // fwd_stats reads the running statistics and stages their update; fwd_norm commits
+    // it, so the running statistics change only if both launches are accepted.
+    let running = |kind| -> Result<[Region; 2]> {
+        Ok([
+            region(a.running_mean, c, P::DTYPE, "running_mean", kind)?,
+            region(a.running_var, c, P::DTYPE, "running_var", kind)?,
+        ])
     };
-    let running = [
-        region(a.running_mean, c, P::DTYPE, "running_mean", stat_kind),
-        region(a.running_var, c, P::DTYPE, "running_var", stat_kind),
-    ];
+    let ids: Vec<KernelId> = plans
+        .iter()
+        .flatten()
+        .zip(stages)
+        .map(|(plan, &stage)| kernel::<T, P>(stage, plan))
+        .collect();
+    launcher.prepare(&ids)?;
 
-    for (i, plan) in plans.iter().flatten().enumerate() {
+    for ((i, plan), id) in plans.iter().flatten().enumerate().zip(ids) {
         let mut p = base_params(shape, plan);
         p.flags |= mode;
         p.x = a.x;
@@ -358,7 +409,6 @@ pub unsafe fn forward<T: Float, P: ParamFor<T>>(
         p.running_mean = a.running_mean;
         p.running_var = a.running_var;
         p.ws_channel = ws.channel();
-        let x = region(a.x, numel, T::DTYPE, "input", RegionKind::Input);
         if a.batch_stats && i == 0 {
             p.save_mean = a.save_mean;
             p.save_invstd = a.save_invstd;
@@ -367,55 +417,43 @@ pub unsafe fn forward<T: Float, P: ParamFor<T>>(
             p.momentum = a.momentum;
             let n = shape.per_channel() as f64;
             p.bessel = n / (n - 1.0);
-            let [counters, partials] = ws.reduction_regions(plan, acc, c);
+            let [counters, partials] = ws.reduction_regions(plan, acc, c)?;
+            let [rm, rv] = running(input)?;
             let regions = [
                 x,
-                running[0],
-                running[1],
-                region(a.save_mean, c, acc, "save_mean", RegionKind::Output),
-                region(a.save_invstd, c, acc, "save_invstd", RegionKind::Output),
+                rm,
+                rv,
+                region(a.save_mean, c, acc, "save_mean", RegionKind::Output)?,
+                region(a.save_invstd, c, acc, "save_invstd", RegionKind::Output)?,
                 counters,
                 partials,
-                ws.channel_region(acc, c, RegionKind::Output),
+                ws.channel_region(acc, c, RegionKind::Output)?,
             ];
-            launcher.launch(
-                kernel::<T, P>(Stage::FwdStats, plan),
-                &plan.config,
-                &p,
-                &regions,
-            )?;
+            launcher.launch(id, &plan.config, &p, &regions)?;
         } else {
             p.y = a.y;
             p.weight = a.weight;
             p.bias = a.bias;
-            let input = RegionKind::Input;
+            let none = Region::NONE;
+            let [rm, rv] = match (a.batch_stats, a.update_running) {
+                (false, _) => running(input)?,
+                (true, true) => running(RegionKind::InOut)?,
+                (true, false) => [none, none],
+            };
             let regions = [
                 x,
-                region(a.y, numel, T::DTYPE, "output", RegionKind::Output),
-                region(a.weight, c, P::DTYPE, "weight", input),
-                region(a.bias, c, P::DTYPE, "bias", input),
+                region(a.y, numel, T::DTYPE, "output", RegionKind::Output)?,
+                region(a.weight, c, P::DTYPE, "weight", input)?,
+                region(a.bias, c, P::DTYPE, "bias", input)?,
+                rm,
+                rv,
                 if a.batch_stats {
-                    region(0, 0, acc, "", input)
+                    ws.channel_region(acc, c, input)?
                 } else {
-                    running[0]
-                },
-                if a.batch_stats {
-                    region(0, 0, acc, "", input)
-                } else {
-                    running[1]
-                },
-                if a.batch_stats {
-                    ws.channel_region(acc, c, input)
-                } else {
-                    region(0, 0, acc, "", input)
+                    none
                 },
             ];
-            launcher.launch(
-                kernel::<T, P>(Stage::FwdNorm, plan),
-                &plan.config,
-                &p,
-                &regions,
-            )?;
+            launcher.launch(id, &plan.config, &p, &regions)?;
         }
     }
     Ok(())
@@ -453,20 +491,27 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
             save_invstd,
         } => (
             [
-                region(save_mean, c, acc, "save_mean", input),
-                region(save_invstd, c, acc, "save_invstd", input),
+                region(save_mean, c, acc, "save_mean", input)?,
+                region(save_invstd, c, acc, "save_invstd", input)?,
             ],
             flags::BATCH_STATS,
         ),
         BackwardStats::Running { mean, var, .. } => (
             [
-                region(mean, c, P::DTYPE, "running_mean", input),
-                region(var, c, P::DTYPE, "running_var", input),
+                region(mean, c, P::DTYPE, "running_mean", input)?,
+                region(var, c, P::DTYPE, "running_var", input)?,
             ],
             0,
         ),
     };
-    for (i, plan) in plans.iter().flatten().enumerate() {
+    let ids: Vec<KernelId> = plans
+        .iter()
+        .flatten()
+        .zip(stages)
+        .map(|(plan, &stage)| kernel::<T, P>(stage, plan))
+        .collect();
+    launcher.prepare(&ids)?;
+    for ((i, plan), id) in plans.iter().flatten().enumerate().zip(ids) {
         let mut p = base_params(shape, plan);
         p.flags |= mode;
         p.x = a.x;
@@ -487,15 +532,15 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
                 p.eps = eps;
             }
         }
-        let dy = region(a.dy, numel, T::DTYPE, "grad_output", input);
+        let dy = region(a.dy, numel, T::DTYPE, "grad_output", input)?;
         if reduce && i == 0 {
             p.grad_weight = a.grad_weight;
             p.grad_bias = a.grad_bias;
             p.ws_counters = ws.counters();
             p.ws_partials = ws.partials();
-            let [counters, partials] = ws.reduction_regions(plan, acc, c);
+            let [counters, partials] = ws.reduction_regions(plan, acc, c)?;
             let regions = [
-                region(a.x, numel, T::DTYPE, "input", input),
+                region(a.x, numel, T::DTYPE, "input", input)?,
                 dy,
                 stats_regions[0],
                 stats_regions[1],
@@ -505,43 +550,33 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
                     P::DTYPE,
                     "grad_weight",
                     RegionKind::Output,
-                ),
-                region(a.grad_bias, c, P::DTYPE, "grad_bias", RegionKind::Output),
+                )?,
+                region(a.grad_bias, c, P::DTYPE, "grad_bias", RegionKind::Output)?,
                 counters,
                 partials,
-                ws.channel_region(acc, c, RegionKind::Output),
+                ws.channel_region(acc, c, RegionKind::Output)?,
             ];
-            launcher.launch(
-                kernel::<T, P>(Stage::BwdReduce, plan),
-                &plan.config,
-                &p,
-                &regions,
-            )?;
+            launcher.launch(id, &plan.config, &p, &regions)?;
         } else {
             p.dx = a.dx;
             let regions = [
                 if batch {
-                    region(a.x, numel, T::DTYPE, "input", input)
+                    region(a.x, numel, T::DTYPE, "input", input)?
                 } else {
-                    region(0, 0, acc, "", input)
+                    Region::NONE
                 },
                 dy,
-                region(a.dx, numel, T::DTYPE, "grad_input", RegionKind::Output),
-                region(a.weight, c, P::DTYPE, "weight", input),
+                region(a.dx, numel, T::DTYPE, "grad_input", RegionKind::Output)?,
+                region(a.weight, c, P::DTYPE, "weight", input)?,
                 stats_regions[0],
                 stats_regions[1],
                 if batch {
-                    ws.channel_region(acc, c, input)
+                    ws.channel_region(acc, c, input)?
                 } else {
-                    region(0, 0, acc, "", input)
+                    Region::NONE
                 },
             ];
-            launcher.launch(
-                kernel::<T, P>(Stage::BwdDx, plan),
-                &plan.config,
-                &p,
-                &regions,
-            )?;
+            launcher.launch(id, &plan.config, &p, &regions)?;
         }
     }
     Ok(())

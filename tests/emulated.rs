@@ -105,6 +105,8 @@ struct Emu {
     tuning: Tuning,
     seed: u64,
     resident: u32,
+    /// Global-access preemption (emu::Options::preempt_one_in).
+    preempt: u32,
 }
 
 impl Emu {
@@ -115,6 +117,8 @@ impl Emu {
             // BN_EMU_SEED when set, so that a whole run can be repeated under other seeds
             seed: emu::Options::default().seed,
             resident: 4,
+            // BN_EMU_PREEMPT likewise
+            preempt: emu::Options::default().preempt_one_in,
         }
     }
 
@@ -124,6 +128,7 @@ impl Emu {
             options: emu::Options {
                 seed: self.seed,
                 max_resident_blocks: self.resident,
+                preempt_one_in: self.preempt,
             },
         }
     }
@@ -540,6 +545,44 @@ fn interleavings() {
     }
 }
 
+/// Interleavings that also switch threads at plain global loads and stores (the
+/// emulator's preemption mode), on a representative subset: multi-block splits in both
+/// layouts, vector and scalar paths, several blocks resident. Races between plain
+/// accesses with no barrier, atomic or fence between them can show only here (a lead
+/// thread re-reading the arrival counter after its atomic, say).
+#[test]
+fn preemption_at_global_accesses() {
+    let cases = [&CASES[0], &CASES[3], &CASES[6], &CASES[11]];
+    for seed in 1..=3 {
+        for resident in [2, 8] {
+            let emu = Emu {
+                seed,
+                resident,
+                preempt: 3,
+                ..Emu::new(SMALL, SPLIT)
+            };
+            let runner = EmuRunner::new(emu);
+            for &pair in &[TYPE_PAIRS[0], TYPE_PAIRS[4]] {
+                for (i, case) in cases.iter().enumerate() {
+                    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                        with_types!(pair, |T, P| check_problem(
+                            &runner,
+                            &Problem::<T, P>::new(case, format, seed + i as u64)
+                        ))
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "seed {seed} resident {resident} {pair:?} {:?} {}: {e}",
+                                case.dims,
+                                format.name()
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One workspace across calls of different shapes and ops: the kernels leave the
 /// counters zero (the emulator fails a launch that finds them otherwise).
 #[test]
@@ -627,6 +670,43 @@ fn eval_is_bitwise_equal_across_formats() {
     common::check_eval_bitwise_across_formats::<_, f32, f32>(&runner, &CASES[10]).unwrap();
     common::check_eval_bitwise_across_formats::<_, f16, f16>(&runner, &CASES[10]).unwrap();
     common::check_eval_bitwise_across_formats::<_, f16, f32>(&runner, &CASES[10]).unwrap();
+}
+
+/// Infinities and NaN in training channels and in the running mean, every type pair
+/// and layout, with splits across blocks (PyTorch's answers, see check_non_finite).
+#[test]
+fn non_finite_values() {
+    let runner = split_runner();
+    let mut failures = Vec::new();
+    for &pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let r = with_types!(pair, |T, P| common::check_non_finite::<_, T, P>(
+                &runner, format
+            ));
+            if let Err(e) = r {
+                failures.push(format!("{pair:?} {}: {e}", format.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// eps below f32's range or subnormal in it, every type pair and layout.
+#[test]
+fn tiny_eps() {
+    let runner = split_runner();
+    let mut failures = Vec::new();
+    for &pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let r = with_types!(pair, |T, P| common::check_tiny_eps::<_, T, P>(
+                &runner, format
+            ));
+            if let Err(e) = r {
+                failures.push(format!("{pair:?} {}: {e}", format.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// Values whose f16 sum of squares overflows normalise without inf or NaN and agree with

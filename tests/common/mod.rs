@@ -575,3 +575,202 @@ pub fn check_guards<E: Float>(what: &str, all: &[E], pad: usize, len: usize) -> 
     }
     Ok(())
 }
+
+/// Whether `got` equals `want` to the tolerance of `E`, elementwise, where NaN must
+/// meet NaN and an infinity the same infinity (the non-finite checks compare this way).
+fn same_value<E: Float>(got: E, want: f64) -> bool {
+    let g = got.to_f64();
+    if want.is_nan() || g.is_nan() {
+        return want.is_nan() && g.is_nan();
+    }
+    if want.is_infinite() || g.is_infinite() {
+        return g == want;
+    }
+    (g - want).abs() <= 8.0 * tolerance(E::DTYPE) * (1.0 + want.abs())
+}
+
+fn compare_values<E: Float>(what: &str, got: &[E], want: &[f64]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    match got.iter().zip(want).position(|(g, w)| !same_value(*g, *w)) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}[{i}]: {:?}, expected {} ({})",
+            got[i],
+            want[i],
+            E::DTYPE
+        )),
+    }
+}
+
+/// Infinities and NaN in the input, as PyTorch 2.15 treats them (on the CPU; its CUDA
+/// kernels were written to the same rule): a channel holding +inf (and no NaN or -inf)
+/// has mean +inf, one with both infinities or a NaN has mean NaN, the variance of every
+/// such channel is NaN, so its output is NaN and its running mean inf or NaN; the other
+/// channels are unaffected. An inf as a channel's first value is included (the kernels
+/// shift each channel by its first value). Then the eval backward with a non-finite
+/// running mean, whose dx PyTorch computes as dy * invstd * w, finite.
+pub fn check_non_finite<R: Runner, T: Float, P: ParamFor<T>>(
+    r: &R,
+    format: MemoryFormat,
+) -> Result<(), String> {
+    let case = Case {
+        dims: &[4, 5, 5, 7],
+        data: Data::Normal,
+        affine: true,
+    };
+    let mut p = Problem::<T, P>::new(&case, format, 11);
+    let s = p.shape;
+    let (inf, nan) = (f64::INFINITY, f64::NAN);
+    p.x[s.offset(3, 1, 34)] = T::from_f64(inf); // the channel's last value
+    p.x[s.offset(0, 2, 0)] = T::from_f64(inf); // its first value, and a -inf
+    p.x[s.offset(2, 2, 5)] = T::from_f64(-inf);
+    p.x[s.offset(0, 3, 0)] = T::from_f64(-inf); // the first value alone
+    p.x[s.offset(1, 4, 3)] = T::from_f64(nan);
+    let want_mean = [None, Some(inf), Some(nan), Some(-inf), Some(nan)];
+
+    let out = r.train_forward(&p)?;
+    let x = reference::to_f64(&p.x);
+    let (mean, var) = reference::batch_stats(&x, &s).map_err(|e| e.to_string())?;
+    let invstd = reference::invstd(&var, p.eps);
+    let (w, b) = (p.w64(), p.b64());
+    let y = reference::normalize(&x, &s, &mean, &invstd, w.as_deref(), b.as_deref())
+        .map_err(|e| e.to_string())?;
+    for (ch, want) in want_mean.iter().enumerate() {
+        if let Some(m) = want {
+            let same = if m.is_nan() {
+                mean[ch].is_nan()
+            } else {
+                mean[ch] == *m
+            };
+            if !same || !var[ch].is_nan() {
+                return Err(format!(
+                    "reference channel {ch}: mean {} var {}",
+                    mean[ch], var[ch]
+                ));
+            }
+        }
+    }
+    compare_values("train y", &out.y, &y)?;
+    compare_values("save_mean", &out.save_mean, &mean)?;
+    let m = p.momentum;
+    let count = s.per_channel() as f64;
+    let rm: Vec<f64> = (0..s.c())
+        .map(|c| m * mean[c] + (1.0 - m) * p.running_mean[c].to_f64())
+        .collect();
+    let rv: Vec<f64> = (0..s.c())
+        .map(|c| m * var[c] * count / (count - 1.0) + (1.0 - m) * p.running_var[c].to_f64())
+        .collect();
+    compare_values("running_mean", &out.running_mean, &rm)?;
+    compare_values("running_var", &out.running_var, &rv)?;
+
+    // Eval backward through non-finite running means (of a finite input).
+    let mut q = Problem::<T, P>::new(&case, format, 12);
+    q.running_mean[1] = P::from_f64(inf);
+    q.running_mean[2] = P::from_f64(nan);
+    let g = r.backward(&q, None)?;
+    if let Some(i) = g.dx.iter().position(|v| !v.to_f64().is_finite()) {
+        return Err(format!(
+            "eval dx[{i}] is {:?}: it does not depend on the mean",
+            g.dx[i]
+        ));
+    }
+    let inv0 = reference::invstd(&reference::to_f64(&q.running_var), q.eps);
+    let gref = reference::backward(
+        &reference::to_f64(&q.dy),
+        &reference::to_f64(&q.x),
+        &s,
+        &reference::to_f64(&q.running_mean),
+        &inv0,
+        q.w64().as_deref(),
+        false,
+    )
+    .map_err(|e| e.to_string())?;
+    check_close("eval dx", &g.dx, &gref.input)
+}
+
+/// An eps that f32 cannot hold (1e-300, 1e-46: 0 in f32) or holds only as a subnormal
+/// (1e-40), on constant channels (variance 0) in training and in eval (running variance
+/// 0, running mean the constant): the kernels add eps in the accumulator type, as
+/// PyTorch's CUDA kernels do, so with f32 accumulators invstd is inf and y NaN for the
+/// first two, and y the bias for the third; f64 inputs keep eps and give the bias. The
+/// CPU backend must agree value for value.
+pub fn check_tiny_eps<R: Runner, T: Float, P: ParamFor<T>>(
+    r: &R,
+    format: MemoryFormat,
+) -> Result<(), String> {
+    let case = Case {
+        dims: &[3, 4, 3, 5],
+        data: Data::Constant,
+        affine: true,
+    };
+    for eps in [1e-300, 1e-46, 1e-40] {
+        let mut p = Problem::<T, P>::new(&case, format, 5);
+        p.eps = eps;
+        for c in 0..p.shape.c() {
+            p.running_mean[c] = P::from_f64(1.0 + 0.5 * c as f64);
+            p.running_var[c] = P::from_f64(0.0);
+        }
+        let acc_zero = T::Acc::from_f64(eps) == T::Acc::from_f64(0.0);
+        let cpu = cpu_outputs(&p)?;
+        let out = r.train_forward(&p)?;
+        compare_values(&format!("eps {eps:e}: train y"), &out.y, &cpu.0)?;
+        let y = r.eval_forward(&p)?;
+        compare_values(&format!("eps {eps:e}: eval y"), &y, &cpu.1)?;
+        let bias = p.bias.as_ref().map(|b| b[0].to_f64()).unwrap_or(0.0);
+        let first = out.y[p.shape.offset(0, 0, 0)].to_f64();
+        let expected_nan = acc_zero;
+        if first.is_nan() != expected_nan || (!expected_nan && !same_value(out.y[0], bias)) {
+            return Err(format!(
+                "eps {eps:e} ({}): y of a constant channel is {first}, expected {}",
+                T::DTYPE,
+                if expected_nan {
+                    "NaN".to_string()
+                } else {
+                    bias.to_string()
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU backend's train and eval outputs on a problem (the same arguments as the
+/// runners get).
+fn cpu_outputs<T: Float, P: ParamFor<T>>(
+    p: &Problem<T, P>,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    use cuda_batchnorm::cpu;
+    let run = |training: bool| -> Result<Vec<f64>, String> {
+        let (mut rm, mut rv) = (p.running_mean.clone(), p.running_var.clone());
+        let mut y = vec![T::default(); p.shape.numel()];
+        let zero = T::Acc::from_f64(0.0);
+        let (mut sm, mut si) = (vec![zero; p.shape.c()], vec![zero; p.shape.c()]);
+        cpu::batch_norm(
+            cpu::Forward::<T, P> {
+                input: &p.x,
+                shape: p.shape,
+                running_mean: Some(&mut rm),
+                running_var: Some(&mut rv),
+                weight: p.weight.as_deref(),
+                bias: p.bias.as_deref(),
+                training,
+                momentum: p.momentum,
+                eps: p.eps,
+            },
+            &mut y,
+            training.then_some(cpu::SaveStats {
+                mean: &mut sm,
+                invstd: &mut si,
+            }),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(reference::to_f64(&y))
+    };
+    Ok((run(true)?, run(false)?))
+}
