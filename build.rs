@@ -1,7 +1,9 @@
 //! Compiles every `kernels/*.cu` to PTX with nvcc and embeds the result.
 //!
 //! nvcc is looked up through `NVCC`, then `CUDA_HOME` / `CUDA_PATH`, then `PATH`, then
-//! `/usr/local/cuda`. Without nvcc (or when a kernel fails to compile) the crate still
+//! `/usr/local/cuda`, then the folder `scripts/install-cuda-toolchain` installs into
+//! (`CUDA_BATCHNORM_TOOLCHAIN_DIR`, default `~/.cache/cuda-batchnorm/cuda-13.0`), so that
+//! a new shell after that script still builds the kernels. Without nvcc (or when a kernel fails to compile) the crate still
 //! builds: one warning is printed and every GPU entry point returns
 //! `BnError::PtxUnavailable` carrying the reason. `CUDA_BATCHNORM_REQUIRE_NVCC=1` turns
 //! either case into a build error (CI sets it).
@@ -38,6 +40,9 @@ fn main() {
         "CUDA_PATH",
         "PATH",
         "CUDA_BATCHNORM_REQUIRE_NVCC",
+        "CUDA_BATCHNORM_TOOLCHAIN_DIR",
+        "XDG_CACHE_HOME",
+        "HOME",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -50,7 +55,7 @@ fn main() {
     }
 
     let outcome = find_nvcc()
-        .ok_or_else(|| format!("nvcc was not found (looked at NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda); {HOW_TO_GET_NVCC}"))
+        .ok_or_else(|| format!("nvcc was not found (looked at NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda and the install-cuda-toolchain folder); {HOW_TO_GET_NVCC}"))
         .and_then(|nvcc| {
             check_version(&nvcc);
             compile_all(&nvcc, &sources, &kernel_dir, &out_dir)
@@ -107,7 +112,23 @@ fn find_nvcc() -> Option<PathBuf> {
         }
     }
     let p = PathBuf::from("/usr/local/cuda/bin").join(exe);
+    if p.is_file() {
+        return Some(p);
+    }
+    let p = toolchain_dir()?.join("nvidia/cu13/bin").join(exe);
     p.is_file().then_some(p)
+}
+
+/// Where `scripts/install-cuda-toolchain` puts the pinned toolkit (the same rule as the
+/// script's).
+fn toolchain_dir() -> Option<PathBuf> {
+    if let Some(d) = env::var_os("CUDA_BATCHNORM_TOOLCHAIN_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("cuda-batchnorm/cuda-13.0"))
 }
 
 fn check_version(nvcc: &Path) {

@@ -65,7 +65,14 @@ impl Backend for Cpu {
     }
 
     fn to_host<E: Float>(&self, b: &Vec<E>) -> Result<Vec<E>> {
-        Ok(b.clone())
+        let mut v = host_vec(0, E::default())?;
+        v.try_reserve_exact(b.len())
+            .map_err(|_| BnError::HostAlloc {
+                len: b.len(),
+                elem_bytes: std::mem::size_of::<E>(),
+            })?;
+        v.extend_from_slice(b);
+        Ok(v)
     }
 
     fn copy_from_host<E: Float>(&self, b: &mut Vec<E>, v: &[E]) -> Result<()> {
@@ -99,40 +106,95 @@ impl Backend for Cpu {
 /// Tensors are in `shape`'s memory order; per-channel slices have C values. Slices
 /// shorter than that are an error, never a panic.
 pub mod reference {
+    use super::host_vec;
     use crate::dtype::Float;
     use crate::error::Result;
     use crate::shape::Shape;
     use crate::validate::buffer;
 
-    /// Widens values to f64.
+    /// Widens values to f64 (aborts if host memory runs out; see [`try_to_f64`]).
     pub fn to_f64<T: Float>(v: &[T]) -> Vec<f64> {
         v.iter().map(|x| x.to_f64()).collect()
     }
 
-    /// Per-channel mean and biased variance, two passes.
+    /// Widens values to f64, or [`BnError::HostAlloc`](crate::BnError::HostAlloc) when
+    /// host memory cannot be had.
+    pub fn try_to_f64<T: Float>(v: &[T]) -> Result<Vec<f64>> {
+        let mut out = host_vec(v.len(), 0.0)?;
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = x.to_f64();
+        }
+        Ok(out)
+    }
+
+    /// A sum of f64 values with Neumaier's compensation: the result is the exact sum
+    /// rounded once (to within an ulp or so), whatever the order of magnitudes.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct ExactSum {
+        sum: f64,
+        comp: f64,
+    }
+
+    impl ExactSum {
+        /// Adds one value.
+        pub fn add(&mut self, v: f64) {
+            let t = self.sum + v;
+            // The rounding error of that addition, exactly (TwoSum's cheaper branchy form).
+            self.comp += if self.sum.abs() >= v.abs() {
+                (self.sum - t) + v
+            } else {
+                (v - t) + self.sum
+            };
+            self.sum = t;
+        }
+
+        /// The sum. Non-finite values propagate as in a plain sum (inf, or NaN).
+        pub fn value(&self) -> f64 {
+            if self.sum.is_finite() {
+                self.sum + self.comp
+            } else {
+                self.sum
+            }
+        }
+    }
+
+    /// Per-channel mean and biased variance. The mean is the compensated sum divided
+    /// by the count, corrected by a second pass (the mean of the residuals), so that it
+    /// is the exact mean rounded to f64 in all but contrived cases (a constant channel
+    /// gives exactly its value); the variance is the compensated mean of the squared
+    /// residuals. A channel holding inf or NaN gets PyTorch's answer: the plain sum's
+    /// inf or NaN as its mean, and a NaN variance.
     pub fn batch_stats(x: &[f64], shape: &Shape) -> Result<(Vec<f64>, Vec<f64>)> {
         buffer("input", shape.numel(), x.len(), shape)?;
         let (n, c, s) = (shape.n(), shape.c(), shape.spatial());
         let m = (n * s) as f64;
-        let mut mean = vec![0.0; c];
-        let mut var = vec![0.0; c];
+        let mut mean = host_vec(c, 0.0)?;
+        let mut var = host_vec(c, 0.0)?;
+        let channel =
+            |ch: usize| (0..n).flat_map(move |b| (0..s).map(move |i| x[shape.offset(b, ch, i)]));
         for ch in 0..c {
-            let mut sum = 0.0;
-            for b in 0..n {
-                for i in 0..s {
-                    sum += x[shape.offset(b, ch, i)];
-                }
+            let mut sum = ExactSum::default();
+            channel(ch).for_each(|v| sum.add(v));
+            let mut mu = sum.value() / m;
+            if mu.is_finite() {
+                let mut residual = ExactSum::default();
+                channel(ch).for_each(|v| {
+                    // v - mu and the rounding error of that subtraction (TwoSum), so
+                    // that the residuals are summed exactly.
+                    let d = v - mu;
+                    let back = v - d;
+                    residual.add(d);
+                    residual.add((v - (d + back)) + (back - mu));
+                });
+                mu += residual.value() / m;
             }
-            let mu = sum / m;
-            let mut sq = 0.0;
-            for b in 0..n {
-                for i in 0..s {
-                    let d = x[shape.offset(b, ch, i)] - mu;
-                    sq += d * d;
-                }
-            }
+            let mut sq = ExactSum::default();
+            channel(ch).for_each(|v| {
+                let d = v - mu;
+                sq.add(d * d)
+            });
             mean[ch] = mu;
-            var[ch] = sq / m;
+            var[ch] = sq.value() / m;
         }
         Ok((mean, var))
     }
@@ -157,7 +219,7 @@ pub mod reference {
         buffer("invstd", c, invstd.len(), shape)?;
         buffer("weight", c, weight.map_or(c, <[f64]>::len), shape)?;
         buffer("bias", c, bias.map_or(c, <[f64]>::len), shape)?;
-        let mut y = vec![0.0; shape.numel()];
+        let mut y = host_vec(shape.numel(), 0.0)?;
         for b in 0..shape.n() {
             for ch in 0..c {
                 let w = weight.map_or(1.0, |w| w[ch]);
@@ -202,9 +264,9 @@ pub mod reference {
         buffer("weight", c, weight.map_or(c, <[f64]>::len), shape)?;
         let m = (n * s) as f64;
         let mut g = Grads {
-            input: vec![0.0; shape.numel()],
-            weight: vec![0.0; c],
-            bias: vec![0.0; c],
+            input: host_vec(shape.numel(), 0.0)?,
+            weight: host_vec(c, 0.0)?,
+            bias: host_vec(c, 0.0)?,
         };
         for ch in 0..c {
             let (mut sum_dy, mut dotp) = (0.0, 0.0);
@@ -245,6 +307,13 @@ pub(crate) fn host_vec<E: Float>(len: usize, fill: E) -> Result<Vec<E>> {
     Ok(v)
 }
 
+/// eps as the kernels add it: rounded to the accumulator type (f32, or f64 for f64
+/// inputs), as PyTorch's CUDA kernels do. An eps below f32's range (1e-300, 1e-46) is
+/// then 0, and a constant channel normalises to NaN there as on the GPU.
+fn acc_eps<T: Float>(eps: f64) -> f64 {
+    T::Acc::from_f64(eps).to_f64()
+}
+
 fn round_into<E: Float>(dst: &mut [E], src: &[f64]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = E::from_f64(*s);
@@ -276,23 +345,25 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         ..
     } = args;
     let numel = shape.numel();
-    let x = reference::to_f64(&input[..numel]);
+    let x = reference::try_to_f64(&input[..numel])?;
     let (mean, var) = if batch_stats {
         reference::batch_stats(&x, &shape)?
     } else {
         let rm = running_mean
             .as_deref()
-            .map(|v| reference::to_f64(v))
+            .map(|v| reference::try_to_f64(v))
+            .transpose()?
             .unwrap_or_default();
         let rv = running_var
             .as_deref()
-            .map(|v| reference::to_f64(v))
+            .map(|v| reference::try_to_f64(v))
+            .transpose()?
             .unwrap_or_default();
         (rm, rv)
     };
-    let invstd = reference::invstd(&var, eps);
-    let w = weight.map(reference::to_f64);
-    let b = bias.map(reference::to_f64);
+    let invstd = reference::invstd(&var, acc_eps::<T>(eps));
+    let w = weight.map(reference::try_to_f64).transpose()?;
+    let b = bias.map(reference::try_to_f64).transpose()?;
     let y = reference::normalize(&x, &shape, &mean, &invstd, w.as_deref(), b.as_deref())?;
     round_into(&mut output[..numel], &y);
     if batch_stats {
@@ -344,16 +415,19 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         backend::BackwardStats::Batch {
             save_mean,
             save_invstd,
-        } => (reference::to_f64(save_mean), reference::to_f64(save_invstd)),
+        } => (
+            reference::try_to_f64(save_mean)?,
+            reference::try_to_f64(save_invstd)?,
+        ),
         backend::BackwardStats::Running { mean, var, eps } => (
-            reference::to_f64(mean),
-            reference::invstd(&reference::to_f64(var), eps),
+            reference::try_to_f64(mean)?,
+            reference::invstd(&reference::try_to_f64(var)?, acc_eps::<T>(eps)),
         ),
     };
-    let w = weight.map(reference::to_f64);
+    let w = weight.map(reference::try_to_f64).transpose()?;
     let g = reference::backward(
-        &reference::to_f64(&grad_output[..numel]),
-        &reference::to_f64(&input[..numel]),
+        &reference::try_to_f64(&grad_output[..numel])?,
+        &reference::try_to_f64(&input[..numel])?,
         &shape,
         &mean,
         &invstd,
@@ -426,6 +500,90 @@ mod tests {
             let fd = (loss(&x, &w, &bp) - loss(&x, &w, &bm)) / (2.0 * h);
             assert!((fd - g.bias[ch]).abs() < 1e-6);
         }
+    }
+
+    /// `v * 2^60` as an exact integer (the tests' values lie on that grid, below 2^40).
+    fn scaled(v: f64) -> i128 {
+        let s = v * (1u128 << 60) as f64;
+        assert!(
+            s.fract() == 0.0 && s.abs() < 2f64.powi(110),
+            "{v} is off the grid"
+        );
+        s as i128
+    }
+
+    /// Whether `mean` is the exact mean of `values`, rounded to nearest: |mean - exact|
+    /// at most half an ulp of `mean`, decided in exact integer arithmetic.
+    fn is_rounded_mean(values: &[f64], mean: f64) -> bool {
+        let m = values.len() as i128;
+        let sum: i128 = values.iter().map(|&v| scaled(v)).sum();
+        let err = scaled(mean) * m - sum; // (mean - exact) * m * 2^60
+        let half_ulp = (mean.abs().log2().floor() as i32) - 53; // exponent of ulp / 2
+        let bound = m << (60 + half_ulp);
+        err.abs() <= bound
+    }
+
+    #[test]
+    fn mean_is_exact_to_f64_rounding() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for case in 0..200 {
+            let len = 2 + (next() % 3000) as usize;
+            let centre = 1e4 + (next() % 1000) as f64 * 0.1;
+            let values: Vec<f64> = match case % 3 {
+                // a constant far from zero with a fractional part
+                0 => vec![centre + 0.123_456_789; len],
+                // a narrow spread around it
+                1 => (0..len)
+                    .map(|_| centre + (next() % 1_000_000) as f64 * 1e-6)
+                    .collect(),
+                // magnitudes from 1 to 2^39
+                _ => (0..len)
+                    .map(|_| (1 + next() % (1 << 39)) as f64 / (1 + next() % 7) as f64)
+                    .map(|v| scaled(v.max(1.0)) as f64 / (1u128 << 60) as f64)
+                    .collect(),
+            };
+            let shape = Shape::nc(len, 1).unwrap();
+            let (mean, var) = batch_stats(&values, &shape).unwrap();
+            assert!(
+                is_rounded_mean(&values, mean[0]),
+                "case {case}: mean {}",
+                mean[0]
+            );
+            if case % 3 == 0 {
+                assert_eq!((mean[0], var[0]), (values[0], 0.0), "constant channel");
+                let y = normalize(
+                    &values,
+                    &shape,
+                    &mean,
+                    &invstd(&var, 1e-5),
+                    Some(&[2.0]),
+                    Some(&[0.25]),
+                )
+                .unwrap();
+                assert!(
+                    y.iter().all(|&v| v == 0.25),
+                    "y of a constant channel is the bias"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn non_finite_values_give_pytorchs_statistics() {
+        let shape = Shape::nc(4, 1).unwrap();
+        let (m, v) = batch_stats(&[1.0, f64::INFINITY, 2.0, 3.0], &shape).unwrap();
+        assert_eq!(m[0], f64::INFINITY);
+        assert!(v[0].is_nan());
+        let (m, _) = batch_stats(&[1.0, f64::INFINITY, f64::NEG_INFINITY, 3.0], &shape).unwrap();
+        assert!(m[0].is_nan());
+        let (m, _) = batch_stats(&[f64::NEG_INFINITY, 1.0, 2.0, 3.0], &shape).unwrap();
+        assert_eq!(m[0], f64::NEG_INFINITY);
     }
 
     #[test]
