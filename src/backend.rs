@@ -6,7 +6,7 @@
 //! once, and the modules ([`crate::module::BatchNorm`]) are written once over any
 //! backend.
 
-use crate::dtype::{Float, ParamFor};
+use crate::dtype::{DType, Float, ParamFor};
 use crate::error::Result;
 use crate::shape::Shape;
 use crate::validate::{self, BackwardSpec, ForwardKind, ForwardSpec};
@@ -37,6 +37,12 @@ pub trait Backend: Sized + Send + Sync {
     type Buffer<E: Float>: Send + Sync;
     /// Scratch memory reused across calls.
     type Workspace: Default + Send + Sync;
+
+    /// PyTorch's name for a tensor of `dtype` on this backend (`torch.FloatTensor`,
+    /// `torch.cuda.HalfTensor`, ...), for messages that quote autograd.
+    fn torch_type(dtype: DType) -> String {
+        crate::dtype::torch_tensor_type(dtype, "torch")
+    }
 
     /// A buffer of `len` copies of `fill`.
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<Self::Buffer<E>>;

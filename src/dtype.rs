@@ -152,6 +152,18 @@ impl ParamFor<bf16> for bf16 {}
 impl ParamFor<f16> for f32 {}
 impl ParamFor<bf16> for f32 {}
 
+/// PyTorch's legacy tensor type name of a dtype under a module prefix (`torch` or
+/// `torch.cuda`): `torch.FloatTensor`, `torch.cuda.BFloat16Tensor`, ...
+pub fn torch_tensor_type(dtype: DType, prefix: &str) -> String {
+    let name = match dtype {
+        DType::F32 => "FloatTensor",
+        DType::F64 => "DoubleTensor",
+        DType::F16 => "HalfTensor",
+        DType::BF16 => "BFloat16Tensor",
+    };
+    format!("{prefix}.{name}")
+}
+
 /// The kernel-name suffix of an (input, parameter) pair: `f32`, `f16`, `f16_f32`, ...
 pub fn kernel_tag(input: DType, param: DType) -> String {
     if input == param {

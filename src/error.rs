@@ -42,6 +42,14 @@ pub enum BnError {
         got: usize,
     },
 
+    /// An empty input with a weight or bias of no elements: PyTorch computes an empty
+    /// input's output as `input * weight[0] + bias[0]`, and index 0 does not exist.
+    #[error("select(): index 0 out of range for tensor of size [0] at dimension 0")]
+    EmptyParameter {
+        /// `weight` or `bias`.
+        name: &'static str,
+    },
+
     /// Evaluation with batch statistics needs running statistics to normalise with.
     #[error("{name} must be defined in evaluation mode")]
     MissingRunningStat {
@@ -76,11 +84,17 @@ pub enum BnError {
         value: f64,
     },
 
-    /// A shape PyTorch's batch_norm cannot take at all (fewer than 2 dimensions).
-    #[error("batch_norm expects an input of at least 2 dimensions (N, C, ...), got size {size:?}")]
+    /// An input of rank 0 or 1 given to the functional API, in PyTorch's words for the
+    /// step that fails on it: `tuple index out of range` (rank 0 in training: the batch
+    /// size check reads `size[0]`), else, once every other check has passed,
+    /// `Dimension out of range (expected to be in range of [-1, 0], but got 1)` (rank 1)
+    /// or `Dimension specified as 1 but tensor has no dimensions` (rank 0).
+    #[error("{message}")]
     InputTooFewDims {
-        /// The size given.
-        size: Vec<usize>,
+        /// The input's rank, 0 or 1.
+        rank: usize,
+        /// PyTorch's sentence.
+        message: &'static str,
     },
 
     /// More dimensions than a [`crate::Shape`] holds.
@@ -142,6 +156,18 @@ pub enum BnError {
         elem_bytes: usize,
     },
 
+    /// A buffer whose byte count cannot be represented (a length reported by a
+    /// user's buffer type, times the element size, overflows).
+    #[error("{name} of {len} elements of {elem_bytes} bytes has more bytes than can be addressed")]
+    BufferTooLarge {
+        /// Which argument.
+        name: &'static str,
+        /// Its length in elements.
+        len: usize,
+        /// Bytes per element.
+        elem_bytes: usize,
+    },
+
     /// [`Backend::copy_from_host`](crate::Backend::copy_from_host) given values of
     /// another length than the buffer's.
     #[error("cannot copy {values} values into a buffer of {buffer} elements")]
@@ -165,6 +191,23 @@ pub enum BnError {
         expected: Vec<usize>,
         /// The size given to backward.
         got: Vec<usize>,
+    },
+
+    /// A module's backward after a tensor it reads (weight, running_mean, running_var)
+    /// changed since the forward (`weight_mut`, `load_state_dict`), in autograd's
+    /// words. (PyTorch adds a hint about its anomaly detection, which has no
+    /// counterpart here.)
+    #[error(
+        "one of the variables needed for gradient computation has been modified by an inplace \
+         operation: [{tensor}] is at version {version}; expected version {expected} instead."
+    )]
+    ModifiedInplace {
+        /// The tensor as PyTorch names it, e.g. `torch.FloatTensor [64]`.
+        tensor: String,
+        /// Its version now.
+        version: u64,
+        /// Its version at the forward.
+        expected: u64,
     },
 
     /// A state dict that does not fit the module, in PyTorch's words.

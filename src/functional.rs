@@ -180,6 +180,10 @@ impl Backend for Cuda {
     type Buffer<E: Float> = CudaSlice<E>;
     type Workspace = Workspace;
 
+    fn torch_type(dtype: DType) -> String {
+        crate::dtype::torch_tensor_type(dtype, "torch.cuda")
+    }
+
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<CudaSlice<E>> {
         // cudarc multiplies len by the element size unchecked.
         let elem_bytes = std::mem::size_of::<E>();
@@ -188,6 +192,9 @@ impl Backend for Cuda {
             .is_none_or(|b| b > isize::MAX as usize)
         {
             return Err(BnError::DeviceAllocTooLarge { len, elem_bytes });
+        }
+        if len == 0 {
+            return empty_slice(&self.stream);
         }
         // Zeros (every output a module allocates) are a device memset, not a host
         // vector copied over the bus on each call.
@@ -224,6 +231,9 @@ impl Backend for Cuda {
     }
 
     fn to_host<E: Float>(&self, b: &CudaSlice<E>) -> Result<Vec<E>> {
+        if b.is_empty() {
+            return Ok(Vec::new());
+        }
         self.stream
             .clone_dtoh(b)
             .map_err(BnError::driver("copying a buffer to the host"))
@@ -231,6 +241,9 @@ impl Backend for Cuda {
 
     fn copy_from_host<E: Float>(&self, b: &mut CudaSlice<E>, v: &[E]) -> Result<()> {
         validate::copy_length(b.len(), v.len())?;
+        if v.is_empty() {
+            return Ok(());
+        }
         self.stream
             .memcpy_htod(v, b)
             .map_err(BnError::driver("copying a buffer to the device"))
@@ -254,6 +267,19 @@ impl Backend for Cuda {
     ) -> Result<()> {
         batch_norm_backward(&self.stream, args, grads, workspace)
     }
+}
+
+/// A buffer of no elements. The driver refuses zero-byte allocations, so it owns one
+/// element that it does not count (freed with it).
+fn empty_slice<E: Float>(stream: &Arc<CudaStream>) -> Result<CudaSlice<E>> {
+    let one = stream
+        .alloc_zeros::<E>(1)
+        .map_err(BnError::driver("allocating a buffer"))?;
+    let ptr = one.leak();
+    // SAFETY: `ptr` is a live allocation of this stream's context that nothing else owns
+    // (leaked just above); a slice of length 0 never reads or writes it, and frees it
+    // when dropped.
+    Ok(unsafe { stream.upgrade_device_ptr(ptr, 0) })
 }
 
 fn same_context<T, B: DeviceSlice<T> + ?Sized>(
@@ -517,7 +543,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
     if !run {
         // Empty input: the parameter gradients are zero, as in PyTorch.
         for g in [&mut grad_weight, &mut grad_bias].into_iter().flatten() {
-            let bytes = g.len() * std::mem::size_of::<P>();
+            let bytes = raw::byte_count("grad_weight", g.len(), std::mem::size_of::<P>())? as usize;
             let (p, _guard) = g.device_ptr_mut(stream);
             // SAFETY: p is a live allocation of at least `bytes` bytes in the stream's
             // context (checked above), kept alive by the guard.

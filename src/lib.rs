@@ -32,7 +32,13 @@
 //!   exceeds `isize::MAX`, and host memory that cannot be had are typed errors; nothing
 //!   panics. Modules validate a call before allocating its outputs.
 //! * Backward computes what autograd would for the last forward but writes gradients
-//!   rather than accumulating them.
+//!   rather than accumulating them. A module's backward after its weight or running
+//!   statistics changed since that forward fails with autograd's sentence, without the
+//!   hint about autograd's anomaly detection that PyTorch appends.
+//! * Sizes in messages are written `[1, 10]` where PyTorch writes `torch.Size([1, 10])`.
+//! * eps is added to the variance in the accumulator type (f32, or f64 for f64
+//!   inputs), on every backend, as PyTorch's CUDA kernels add it; PyTorch's CPU
+//!   kernels add it in f64, so an eps that f32 cannot hold (1e-46) differs there.
 //!
 //! # Building
 //!

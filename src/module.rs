@@ -67,10 +67,31 @@ pub struct Gradients<B: Backend, T: Float, P: Float> {
     pub bias: Option<B::Buffer<P>>,
 }
 
+/// Version counters of the tensors a backward reads from the module, as PyTorch's
+/// autograd keeps them: every in-place change (an optimiser's step through
+/// `weight_mut`, `load_state_dict`) counts one. They start at 1, as a fresh PyTorch
+/// module's do after its initialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Versions {
+    weight: u64,
+    running_mean: u64,
+    running_var: u64,
+}
+
+impl Versions {
+    const FRESH: Versions = Versions {
+        weight: 1,
+        running_mean: 1,
+        running_var: 1,
+    };
+}
+
 #[derive(Clone, Copy, Debug)]
 struct LastForward {
     shape: Shape,
     batch_stats: bool,
+    /// The versions the forward saw, which its backward needs unchanged.
+    versions: Versions,
 }
 
 /// `BatchNorm{D}d` on backend `B`, input type `T`, parameter type `P`.
@@ -88,6 +109,7 @@ pub struct BatchNorm<const D: usize, B: Backend, T: Float, P: ParamFor<T> = T> {
     save_invstd: B::Buffer<T::Acc>,
     workspace: B::Workspace,
     last: Option<LastForward>,
+    versions: Versions,
 }
 
 impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P> {
@@ -127,6 +149,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             training: true,
             num_batches_tracked: 0,
             last: None,
+            versions: Versions::FRESH,
         })
     }
 
@@ -179,8 +202,10 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         self.weight.as_ref()
     }
 
-    /// The weight, mutably (for an optimiser).
+    /// The weight, mutably (for an optimiser). Counts as an in-place change: a
+    /// backward of a forward before this call fails, as in PyTorch.
     pub fn weight_mut(&mut self) -> Option<&mut B::Buffer<P>> {
+        self.versions.weight += 1;
         self.weight.as_mut()
     }
 
@@ -189,7 +214,8 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         self.bias.as_ref()
     }
 
-    /// The bias, mutably.
+    /// The bias, mutably. (The backward does not read the bias, so changing it does
+    /// not invalidate the last forward, as in PyTorch.)
     pub fn bias_mut(&mut self) -> Option<&mut B::Buffer<P>> {
         self.bias.as_mut()
     }
@@ -230,7 +256,8 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         shape: &Shape,
         output: &mut B::TensorMut<'_, T>,
     ) -> Result<()> {
-        validate::module_rank(D, shape)?;
+        // Everything is checked before anything is allocated for the call.
+        self.check_forward(input.len(), output.len(), shape)?;
         let batch_stats = self.uses_batch_stats();
         let momentum = self.factor();
         // A module with no per-channel state takes any channel count, as PyTorch's does;
@@ -277,13 +304,14 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         self.last = Some(LastForward {
             shape: *shape,
             batch_stats,
+            versions: self.versions,
         });
         Ok(())
     }
 
     /// Every check of a forward on this input, made before anything is allocated for
     /// it, so that a bad size cannot ask for a huge output first.
-    fn check_forward(&self, input: usize, shape: &Shape) -> Result<()> {
+    fn check_forward(&self, input: usize, output: usize, shape: &Shape) -> Result<()> {
         validate::module_rank(D, shape)?;
         let batch_stats = self.uses_batch_stats();
         validate::forward(&ForwardSpec {
@@ -292,7 +320,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             eps: self.options.eps,
             momentum: self.factor(),
             input,
-            output: shape.numel(),
+            output,
             weight: self.weight.as_ref().map(B::buffer_len),
             bias: self.bias.as_ref().map(B::buffer_len),
             running_mean: self.running_mean.as_ref().map(B::buffer_len),
@@ -306,7 +334,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
 
     /// The forward into a new buffer.
     pub fn forward(&mut self, input: &B::Tensor<'_, T>, shape: &Shape) -> Result<B::Buffer<T>> {
-        self.check_forward(input.len(), shape)?;
+        self.check_forward(input.len(), shape.numel(), shape)?;
         let mut out = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
         self.forward_into(input, shape, B::tensor_mut(&mut out))?;
         Ok(out)
@@ -360,7 +388,9 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             .batch_norm_backward(args, grads, &mut self.workspace)
     }
 
-    /// The last forward, which a backward on `shape` differentiates.
+    /// The last forward, which a backward on `shape` differentiates: the same shape,
+    /// and none of the tensors the backward reads changed since (PyTorch's autograd
+    /// refuses then too; the bias is not read).
     fn last_forward(&self, shape: &Shape) -> Result<LastForward> {
         let last = self.last.ok_or(BnError::Backward(
             "backward needs a forward on this module first",
@@ -370,6 +400,29 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
                 expected: last.shape.dims().to_vec(),
                 got: shape.dims().to_vec(),
             });
+        }
+        // In the order PyTorch's autograd checks its saved tensors (seen in 2.15).
+        let (now, then) = (self.versions, last.versions);
+        for (present, version, expected) in [
+            (
+                self.running_mean.is_some(),
+                now.running_mean,
+                then.running_mean,
+            ),
+            (
+                self.running_var.is_some(),
+                now.running_var,
+                then.running_var,
+            ),
+            (self.weight.is_some(), now.weight, then.weight),
+        ] {
+            if present && version != expected {
+                return Err(BnError::ModifiedInplace {
+                    tensor: format!("{} [{}]", B::torch_type(P::DTYPE), self.num_features),
+                    version,
+                    expected,
+                });
+            }
         }
         Ok(last)
     }
@@ -385,13 +438,16 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         self.last_forward(shape)?;
         let zero = P::from_f64(0.0);
         let mut g_in = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
+        // The parameters' gradients have the parameters' length (an empty input's C
+        // need not be the module's).
+        let c = self.num_features;
         let mut g_w = if self.options.affine {
-            Some(self.backend.alloc(shape.c(), zero)?)
+            Some(self.backend.alloc(c, zero)?)
         } else {
             None
         };
         let mut g_b = if self.options.affine {
-            Some(self.backend.alloc(shape.c(), zero)?)
+            Some(self.backend.alloc(c, zero)?)
         } else {
             None
         };
@@ -479,15 +535,43 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
                 detail: msgs.join("\n\t"),
             });
         }
-        let pairs = [
-            (&mut self.weight, &sd.weight),
-            (&mut self.bias, &sd.bias),
-            (&mut self.running_mean, &sd.running_mean),
-            (&mut self.running_var, &sd.running_var),
-        ];
-        for (dst, src) in pairs {
-            if let (Some(d), Some(s)) = (dst, src) {
-                self.backend.copy_from_host(d, s)?;
+        // Staged: every value goes into a new buffer first, and the module takes them
+        // only once all copies succeeded, so a failed copy changes nothing.
+        let staged =
+            |cur: &Option<B::Buffer<P>>, src: &Option<Vec<P>>| -> Result<Option<B::Buffer<P>>> {
+                match (cur, src) {
+                    (Some(_), Some(v)) => {
+                        let mut b = self.backend.alloc(v.len(), P::from_f64(0.0))?;
+                        self.backend.copy_from_host(&mut b, v)?;
+                        Ok(Some(b))
+                    }
+                    _ => Ok(None),
+                }
+            };
+        let weight = staged(&self.weight, &sd.weight)?;
+        let bias = staged(&self.bias, &sd.bias)?;
+        let running_mean = staged(&self.running_mean, &sd.running_mean)?;
+        let running_var = staged(&self.running_var, &sd.running_var)?;
+        // Like PyTorch's copy_ into each parameter and buffer: one in-place change each.
+        for (dst, new, version) in [
+            (&mut self.weight, weight, Some(&mut self.versions.weight)),
+            (&mut self.bias, bias, None),
+            (
+                &mut self.running_mean,
+                running_mean,
+                Some(&mut self.versions.running_mean),
+            ),
+            (
+                &mut self.running_var,
+                running_var,
+                Some(&mut self.versions.running_var),
+            ),
+        ] {
+            if let Some(b) = new {
+                *dst = Some(b);
+                if let Some(v) = version {
+                    *v += 1;
+                }
             }
         }
         if let (true, Some(n)) = (track, sd.num_batches_tracked) {

@@ -8,6 +8,9 @@
 //!
 //! Every kernel sees the shape as `(N, C, S)` with `S` the product of the dimensions
 //! after C, so any rank from 2 up works; the modules restrict ranks as PyTorch's do.
+//! Shapes of rank 0 and 1 exist too, so that validation can refuse them with the
+//! sentence PyTorch gives for each call (`expected 2D or 3D input (got 1D input)` from
+//! a `BatchNorm1d`, PyTorch's own checks from the functional API); nothing runs on them.
 
 use crate::error::{BnError, Result};
 
@@ -59,15 +62,12 @@ impl std::fmt::Debug for Shape {
 }
 
 impl Shape {
-    /// A shape from PyTorch-order sizes `(N, C, ...)`. Fails for fewer than 2 or more
-    /// than [`MAX_DIMS`] dimensions, or sizes whose product, zeros left out, exceeds
-    /// `isize::MAX` (so an empty shape cannot hide sizes nothing could address).
+    /// A shape from PyTorch-order sizes `(N, C, ...)`, of any rank up to [`MAX_DIMS`]
+    /// (validation refuses ranks below 2 later, in the words of the call that gets
+    /// them). Fails for more than [`MAX_DIMS`] dimensions, or sizes whose product,
+    /// zeros left out, exceeds `isize::MAX` (so an empty shape cannot hide sizes nothing
+    /// could address).
     pub fn new(dims: &[usize], format: MemoryFormat) -> Result<Shape> {
-        if dims.len() < 2 {
-            return Err(BnError::InputTooFewDims {
-                size: dims.to_vec(),
-            });
-        }
         if dims.len() > MAX_DIMS {
             return Err(BnError::InputTooManyDims {
                 max: MAX_DIMS,
@@ -132,19 +132,28 @@ impl Shape {
         Shape { format, ..*self }
     }
 
-    /// Batch size N.
+    /// Batch size N (1 for a rank-0 shape).
     pub fn n(&self) -> usize {
-        self.dims[0]
+        if self.rank == 0 {
+            1
+        } else {
+            self.dims[0]
+        }
     }
 
-    /// Channels C.
+    /// Channels C (0 below rank 2, which is what PyTorch's length checks compare
+    /// against there).
     pub fn c(&self) -> usize {
-        self.dims[1]
+        if self.rank < 2 {
+            0
+        } else {
+            self.dims[1]
+        }
     }
 
-    /// Product of the dimensions after C (1 for `(N, C)`).
+    /// Product of the dimensions after C (1 for `(N, C)` and below).
     pub fn spatial(&self) -> usize {
-        self.dims[2..self.rank].iter().product()
+        self.dims[2.min(self.rank)..self.rank].iter().product()
     }
 
     /// Values per channel, `N * S`.
@@ -201,10 +210,16 @@ mod tests {
 
     #[test]
     fn bad_ranks_and_overflow_are_errors() {
-        assert!(matches!(
-            Shape::new(&[3], MemoryFormat::Contiguous),
-            Err(BnError::InputTooFewDims { .. })
-        ));
+        let one = Shape::new(&[3], MemoryFormat::Contiguous).unwrap();
+        assert_eq!(
+            (one.n(), one.c(), one.spatial(), one.per_channel()),
+            (3, 0, 1, 3)
+        );
+        let zero = Shape::new(&[], MemoryFormat::Contiguous).unwrap();
+        assert_eq!(
+            (zero.numel(), zero.n(), zero.c(), zero.rank()),
+            (1, 1, 0, 0)
+        );
         assert!(matches!(
             Shape::new(&[1; 9], MemoryFormat::Contiguous),
             Err(BnError::InputTooManyDims { max: 8, .. })

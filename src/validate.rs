@@ -3,12 +3,14 @@
 //! The order is PyTorch's (`torch.nn.functional.batch_norm` then ATen's `batch_norm`),
 //! so the first error PyTorch would raise is the one returned, with its sentence:
 //!
-//! 1. training: more than one value per channel;
+//! 1. training: more than one value per channel (a rank-0 input fails here);
 //! 2. eps: positive in training, non-negative in evaluation;
-//! 3. an empty input returns here, with nothing else checked (as in PyTorch);
+//! 3. an empty input returns here, with nothing else checked (as in PyTorch), except a
+//!    weight or bias of no elements, which PyTorch indexes at 0 for an empty input;
 //! 4. running_mean, running_var: length C, or defined in evaluation;
 //! 5. weight, bias: length C;
-//! 6. running_mean and running_var both given or both absent.
+//! 6. running_mean and running_var both given or both absent;
+//! 7. an input of rank 0 or 1 (C counts as 0 in 4 and 5) fails here.
 //!
 //! Then the checks PyTorch has no need for (deviations, documented in the crate docs):
 //! eps and momentum finite, and every buffer at least as long as its shape needs.
@@ -100,10 +102,43 @@ fn check_eps(eps: f64, training: bool) -> Result<()> {
     Ok(())
 }
 
+/// PyTorch's error for an input without a channel dimension, once its other checks
+/// have passed.
+fn no_channel_dim(shape: &Shape) -> Result<()> {
+    match shape.rank() {
+        0 => Err(BnError::InputTooFewDims {
+            rank: 0,
+            message: "Dimension specified as 1 but tensor has no dimensions",
+        }),
+        1 => Err(BnError::InputTooFewDims {
+            rank: 1,
+            message: "Dimension out of range (expected to be in range of [-1, 0], but got 1)",
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// An empty input's weight or bias must have an element 0: PyTorch computes an empty
+/// input's output as `input.clone() * weight[0] + bias[0]`.
+fn empty_affine(weight: Option<usize>, bias: Option<usize>) -> Result<()> {
+    for (name, len) in [("weight", weight), ("bias", bias)] {
+        if len == Some(0) {
+            return Err(BnError::EmptyParameter { name });
+        }
+    }
+    Ok(())
+}
+
 /// Checks a forward call; see the module docs for the order.
 pub fn forward(s: &ForwardSpec) -> Result<ForwardKind> {
     let shape = &s.shape;
     let c = shape.c();
+    if s.training && shape.rank() == 0 {
+        return Err(BnError::InputTooFewDims {
+            rank: 0,
+            message: "tuple index out of range",
+        });
+    }
     if s.training && shape.per_channel() == 1 {
         return Err(BnError::TooFewValues {
             size: shape.dims().to_vec(),
@@ -111,6 +146,7 @@ pub fn forward(s: &ForwardSpec) -> Result<ForwardKind> {
     }
     check_eps(s.eps, s.training)?;
     if shape.numel() == 0 {
+        empty_affine(s.weight, s.bias)?;
         return Ok(ForwardKind::Empty);
     }
     for (name, len) in [
@@ -128,6 +164,7 @@ pub fn forward(s: &ForwardSpec) -> Result<ForwardKind> {
     if s.running_mean.is_some() != s.running_var.is_some() {
         return Err(BnError::RunningStatsPairing);
     }
+    no_channel_dim(shape)?;
     let update_running = s.training && s.running_mean.is_some();
     if update_running && !s.momentum.is_finite() {
         return Err(BnError::NonFinite {
@@ -176,18 +213,20 @@ pub struct BackwardSpec {
 }
 
 /// Checks a backward call. `Ok(false)` means the input is empty: the caller only zeroes
-/// grad_weight and grad_bias.
+/// grad_weight and grad_bias, whatever their length (an empty input's parameter
+/// gradients have the parameters' length, which need not be the input's C).
 pub fn backward(s: &BackwardSpec) -> Result<bool> {
     let shape = &s.shape;
     let c = shape.c();
     if !s.batch_stats {
         check_eps(s.eps, false)?;
     }
-    feature("grad_weight", c, s.grad_weight)?;
-    feature("grad_bias", c, s.grad_bias)?;
     if shape.numel() == 0 {
         return Ok(false);
     }
+    no_channel_dim(shape)?;
+    feature("grad_weight", c, s.grad_weight)?;
+    feature("grad_bias", c, s.grad_bias)?;
     let names = if s.batch_stats {
         ("save_mean", "save_invstd")
     } else {
@@ -258,6 +297,18 @@ mod tests {
             running_var: Some(c),
             save_mean: None,
             save_invstd: None,
+        }
+    }
+
+    impl ForwardSpec {
+        fn with_dims(self, dims: &[usize]) -> ForwardSpec {
+            let shape = Shape::new(dims, MemoryFormat::Contiguous).unwrap();
+            ForwardSpec {
+                shape,
+                input: shape.numel(),
+                output: shape.numel(),
+                ..self
+            }
         }
     }
 
@@ -371,8 +422,104 @@ mod tests {
             ..spec(&[0, 3], true)
         };
         assert!(matches!(forward(&s), Err(BnError::EpsNotPositive { .. })));
-        // zero channels is empty too
-        assert_eq!(forward(&spec(&[2, 0], true)).unwrap(), ForwardKind::Empty);
+        // zero channels is empty too, without affine parameters; with them PyTorch
+        // indexes weight[0] (then bias[0]) and fails
+        let s = ForwardSpec {
+            weight: None,
+            bias: None,
+            ..spec(&[2, 0], true)
+        };
+        assert_eq!(forward(&s).unwrap(), ForwardKind::Empty);
+        assert_eq!(
+            msg(&spec(&[2, 0], true)),
+            "select(): index 0 out of range for tensor of size [0] at dimension 0"
+        );
+        let s = ForwardSpec {
+            weight: None,
+            ..spec(&[2, 0], false)
+        };
+        assert!(matches!(
+            forward(&s),
+            Err(BnError::EmptyParameter { name: "bias" })
+        ));
+        // an empty input with a C of its own keeps non-empty parameters of another
+        let s = ForwardSpec {
+            weight: Some(4),
+            bias: Some(4),
+            ..spec(&[0, 3, 2], true)
+        };
+        assert_eq!(forward(&s).unwrap(), ForwardKind::Empty);
+    }
+
+    #[test]
+    fn ranks_below_two_fail_where_pytorch_fails() {
+        let s1 = |training| ForwardSpec {
+            weight: None,
+            bias: None,
+            running_mean: None,
+            running_var: None,
+            ..spec(&[5], training)
+        };
+        // PyTorch 2.15, F.batch_norm on a (5,) input:
+        assert_eq!(
+            msg(&ForwardSpec {
+                running_mean: Some(5),
+                running_var: Some(5),
+                ..s1(true)
+            }),
+            "running_mean should contain 0 elements not 5"
+        );
+        assert_eq!(
+            msg(&ForwardSpec {
+                weight: Some(5),
+                ..s1(true)
+            }),
+            "weight should contain 0 elements not 5"
+        );
+        assert_eq!(
+            msg(&s1(true)),
+            "Dimension out of range (expected to be in range of [-1, 0], but got 1)"
+        );
+        assert_eq!(
+            msg(&s1(false)),
+            "running_mean must be defined in evaluation mode"
+        );
+        assert_eq!(
+            msg(&ForwardSpec {
+                eps: 0.0,
+                ..s1(true)
+            }),
+            "batch_norm eps must be positive during training, but got 0.0"
+        );
+        assert_eq!(
+            msg(&spec(&[1], true)),
+            "Expected more than 1 value per channel when training, got input size [1]"
+        );
+        assert_eq!(
+            forward(&s1(true).with_dims(&[0])).unwrap(),
+            ForwardKind::Empty
+        );
+        // a (0-d) scalar
+        let s0 = |training| ForwardSpec {
+            running_mean: Some(0),
+            running_var: Some(0),
+            weight: None,
+            bias: None,
+            ..spec(&[], training)
+        };
+        assert_eq!(msg(&s0(true)), "tuple index out of range");
+        assert_eq!(
+            msg(&ForwardSpec {
+                running_mean: Some(1),
+                running_var: Some(1),
+                ..s0(false)
+            }),
+            "running_mean should contain 0 elements not 1"
+        );
+        assert_eq!(
+            msg(&s0(false)),
+            "Dimension specified as 1 but tensor has no dimensions"
+        );
     }
 
     #[test]

@@ -605,3 +605,234 @@ fn sized_workspace_does_not_grow() {
     // a constant input normalises to zero
     assert!(stream.clone_dtoh(&y).unwrap().iter().all(|&v| v == 0.0));
 }
+
+/// Empty batches and zero channels through the modules, every type pair and layout: an
+/// empty output, the counter advanced in training, parameter gradients of the
+/// parameters' length (zeros); a module of no channels builds, and without affine
+/// parameters runs (with them PyTorch fails indexing weight[0], and so does the crate).
+/// No zero-byte allocation reaches the driver (it refuses them).
+#[test]
+fn empty_batches_and_zero_channels() {
+    let Some(Gpu { stream, .. }) = gpu("empty_batches_and_zero_channels") else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for &pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let r = with_types!(pair, |T, P| empty_cases::<T, P>(&stream, format));
+            if let Err(e) = r {
+                failures.push(format!("{pair:?} {}: {e}", format.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+fn empty_cases<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    format: MemoryFormat,
+) -> Result<(), String> {
+    let e = |e: BnError| e.to_string();
+    let cuda = Cuda::new(stream);
+    for input_c in [3, 5] {
+        // a module of 3 channels given (0, C, 4, 4), C its own or not
+        let mut bn =
+            BatchNorm2d::<T, P>::new(cuda.clone(), 3, BatchNormOptions::default()).map_err(e)?;
+        let shape = Shape::new(&[0, input_c, 4, 4], format).map_err(e)?;
+        let x = cuda.alloc(0, T::from_f64(0.0)).map_err(e)?;
+        let y = bn.forward(&x, &shape).map_err(e)?;
+        if !y.is_empty() || bn.num_batches_tracked() != 1 {
+            return Err(format!(
+                "forward: {} values, counter {}",
+                y.len(),
+                bn.num_batches_tracked()
+            ));
+        }
+        let g = bn.backward(&x, &x, &shape).map_err(e)?;
+        let zeros = vec![0.0; 3];
+        for (what, b) in [("weight", &g.weight), ("bias", &g.bias)] {
+            let b = b.as_ref().ok_or(format!("no grad {what}"))?;
+            let host = cuda.to_host(b).map_err(e)?;
+            if cuda_batchnorm::cpu::reference::to_f64(&host) != zeros {
+                return Err(format!("grad {what} {host:?}, expected three zeros"));
+            }
+        }
+        if !g.input.is_empty() {
+            return Err("grad input not empty".into());
+        }
+    }
+    let shape = Shape::new(&[2, 0, 3, 3], format).map_err(e)?;
+    let x = cuda.alloc(0, T::from_f64(0.0)).map_err(e)?;
+    let plain = BatchNormOptions {
+        affine: false,
+        ..Default::default()
+    };
+    let mut bn = BatchNorm2d::<T, P>::new(cuda.clone(), 0, plain).map_err(e)?;
+    let y = bn.forward(&x, &shape).map_err(e)?;
+    let sd = bn.state_dict().map_err(e)?;
+    if !y.is_empty() || sd.num_batches_tracked != Some(1) || sd.running_mean != Some(vec![]) {
+        return Err(format!("C = 0: {} values, {sd:?}", y.len()));
+    }
+    let mut bn = BatchNorm2d::<T, P>::new(cuda, 0, BatchNormOptions::default()).map_err(e)?;
+    let err = bn.forward(&x, &shape).err().map(|x| x.to_string());
+    if err.as_deref()
+        != Some("select(): index 0 out of range for tensor of size [0] at dimension 0")
+        || bn.num_batches_tracked() != 0
+    {
+        return Err(format!("C = 0 with affine parameters: {err:?}"));
+    }
+    Ok(())
+}
+
+/// Infinities and NaN (PyTorch's answers), and eps below f32's range, on the device.
+#[test]
+fn non_finite_values_and_tiny_eps() {
+    let Some(Gpu { stream, .. }) = gpu("non_finite_values_and_tiny_eps") else {
+        return;
+    };
+    let runner = GpuRunner { stream, pad: 16 };
+    let mut failures = Vec::new();
+    for &pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let r = with_types!(pair, |T, P| common::check_non_finite::<_, T, P>(
+                &runner, format
+            )
+            .and_then(|()| common::check_tiny_eps::<_, T, P>(&runner, format)));
+            if let Err(e) = r {
+                failures.push(format!("{pair:?} {}: {e}", format.name()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A forward whose second launch fails, or whose first does, and a load_state_dict whose
+/// third copy fails, return the driver's error and leave the module as it was (the
+/// running statistics are committed by the last launch; loads are staged). The failures
+/// are injected into the emulated driver, so this runs there only.
+#[test]
+fn a_failed_launch_or_copy_changes_nothing() {
+    let Some(gpu) = gpu("a_failed_launch_or_copy_changes_nothing") else {
+        return;
+    };
+    if !gpu.emulated {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping a_failed_launch_or_copy_changes_nothing: it injects failures into the emulated driver"
+        );
+        return;
+    }
+    use cuda_batchnorm_emu::driver::{fail_call, Call};
+    let stream = gpu.stream;
+    let shape = Shape::nchw(4, 6, 5, 5).unwrap();
+    let host: Vec<f32> = (0..shape.numel())
+        .map(|i| ((i * 7) % 11) as f32 - 3.0)
+        .collect();
+    let x = stream.clone_htod(&host).unwrap();
+    let mut bn =
+        BatchNorm2d::<f32>::new(Cuda::new(&stream), 6, BatchNormOptions::default()).unwrap();
+    bn.forward(&x, &shape).unwrap();
+    let before = bn.state_dict().unwrap();
+    for skip in [1, 0] {
+        fail_call(Call::Launch, skip).unwrap();
+        let e = bn.forward(&x, &shape).unwrap_err();
+        assert!(
+            e.to_string().contains("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"),
+            "{e}"
+        );
+        assert_eq!(bn.state_dict().unwrap(), before, "launch {skip} failed");
+    }
+    // The module still works, and its backward still matches its last good forward.
+    bn.forward(&x, &shape).unwrap();
+    bn.backward(&x, &x, &shape).unwrap();
+    let before = bn.state_dict().unwrap();
+    let mut other = before.clone();
+    other.running_mean = Some(vec![5.0; 6]);
+    other.weight = Some(vec![2.0; 6]);
+    other.num_batches_tracked = Some(77);
+    fail_call(Call::CopyHtoD, 2).unwrap();
+    let e = bn.load_state_dict(&other).unwrap_err();
+    assert!(e.to_string().contains("CUDA_ERROR_INVALID_VALUE"), "{e}");
+    assert_eq!(bn.state_dict().unwrap(), before);
+    // Nothing changed, so the last forward is still differentiable.
+    bn.backward(&x, &x, &shape).unwrap();
+    bn.load_state_dict(&other).unwrap();
+    assert_eq!(bn.state_dict().unwrap(), other);
+}
+
+/// A buffer type that reports more elements than bytes can count: a typed error where
+/// the byte count would overflow (a panic in debug builds, a wrap in release).
+#[test]
+fn lengths_whose_bytes_overflow_are_errors() {
+    let Some(Gpu { stream, .. }) = gpu("lengths_whose_bytes_overflow_are_errors") else {
+        return;
+    };
+    use cuda_batchnorm::cudarc::driver::{DevicePtrMut, DeviceSlice, SyncOnDrop};
+    /// A real buffer that claims `len` elements.
+    struct Liar<'a> {
+        inner: &'a mut CudaSlice<f32>,
+        len: usize,
+    }
+    impl DeviceSlice<f32> for Liar<'_> {
+        fn len(&self) -> usize {
+            self.len
+        }
+        fn stream(&self) -> &Arc<CudaStream> {
+            self.inner.stream()
+        }
+    }
+    impl DevicePtrMut<f32> for Liar<'_> {
+        fn device_ptr_mut<'a>(&'a mut self, stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+            self.inner.device_ptr_mut(stream)
+        }
+    }
+    let shape = Shape::nchw(0, 3, 2, 2).unwrap();
+    let empty = Cuda::new(&stream).alloc(0, 0.0f32).unwrap();
+    let mut dx = Cuda::new(&stream).alloc(0, 0.0f32).unwrap();
+    let (mut a, mut b) = (
+        stream.clone_htod(&[1.0f32; 3]).unwrap(),
+        stream.clone_htod(&[1.0f32; 3]).unwrap(),
+    );
+    let mut gw = Liar {
+        inner: &mut a,
+        len: usize::MAX / 2,
+    };
+    let mut gb = Liar {
+        inner: &mut b,
+        len: 3,
+    };
+    let stats = [
+        stream.clone_htod(&[0.0f32; 3]).unwrap(),
+        stream.clone_htod(&[1.0f32; 3]).unwrap(),
+    ];
+    let e = batch_norm_backward(
+        &stream,
+        functional::Backward::<f32, f32> {
+            grad_output: &empty,
+            input: &empty,
+            shape,
+            weight: None,
+            stats: BackwardStats::Batch {
+                save_mean: &stats[0],
+                save_invstd: &stats[1],
+            },
+        },
+        Grads {
+            input: &mut dx,
+            weight: Some(&mut gw),
+            bias: Some(&mut gb),
+        },
+        &mut Workspace::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BnError::BufferTooLarge {
+                name: "grad_weight",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

@@ -304,3 +304,118 @@ fn copy_from_host_checks_the_length() {
     Cpu.copy_from_host(&mut b, &[2.0; 4]).unwrap();
     assert_eq!(b, vec![2.0; 4]);
 }
+
+/// PyTorch 2.15: BatchNorm2d(4) given a (0, 3, 2, 2) input runs, and its weight and bias
+/// gradients have the parameters' 4 values (zeros).
+#[test]
+fn an_empty_input_of_another_channel_count() {
+    let shape = Shape::nchw(0, 3, 2, 2).unwrap();
+    let mut m = BatchNorm2d::<f32>::new(Cpu, 4, BatchNormOptions::default()).unwrap();
+    assert!(m.forward(&[], &shape).unwrap().is_empty());
+    let g = m.backward(&[], &[], &shape).unwrap();
+    assert_eq!(g.weight.unwrap(), vec![0.0; 4]);
+    assert_eq!(g.bias.unwrap(), vec![0.0; 4]);
+}
+
+/// What PyTorch 2.15's autograd does when a module's tensors change between a forward
+/// and its backward (each case checked there): a change to the weight or a running
+/// statistic (an optimiser step, load_state_dict) makes the backward fail with
+/// autograd's sentence and the versions it saw; a change to the bias does not (the
+/// backward does not read it); train() and eval() change nothing, the backward follows
+/// the forward's mode.
+#[test]
+fn backward_after_an_inplace_change() {
+    let shape = Shape::nchw(4, 3, 2, 2).unwrap();
+    let mut rng = Rng::new(3);
+    let x: Vec<f32> = (0..shape.numel()).map(|_| rng.normal() as f32).collect();
+    let dy: Vec<f32> = (0..shape.numel()).map(|_| rng.normal() as f32).collect();
+    let sentence = |v: u64, e: u64| {
+        format!(
+            "one of the variables needed for gradient computation has been modified by an \
+             inplace operation: [torch.FloatTensor [3]] is at version {v}; expected version {e} instead."
+        )
+    };
+    for training in [true, false] {
+        let fresh = || {
+            let mut m = BatchNorm2d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+            if !training {
+                m.eval();
+            }
+            m
+        };
+        // the weight, through weight_mut (an optimiser's step)
+        let mut m = fresh();
+        m.forward(&x, &shape).unwrap();
+        m.weight_mut().unwrap()[0] += 0.5;
+        let e = m.backward(&dy, &x, &shape).err().unwrap();
+        assert_eq!(e.to_string(), sentence(2, 1));
+        // a new forward makes it differentiable again
+        m.forward(&x, &shape).unwrap();
+        m.backward(&dy, &x, &shape).unwrap();
+        // load_state_dict copies into every parameter and buffer
+        let sd = m.state_dict().unwrap();
+        m.load_state_dict(&sd).unwrap();
+        let e = m.backward(&dy, &x, &shape).err().unwrap();
+        // (PyTorch reports the running mean, the first tensor it checks: 2, saw 1)
+        assert_eq!(e.to_string(), sentence(2, 1), "training {training}");
+        // with the weight changed four times, the running mean (changed once, by the
+        // load) is still the one reported: PyTorch checks running_mean, running_var,
+        // then weight
+        let mut m = fresh();
+        m.forward(&x, &shape).unwrap();
+        for _ in 0..3 {
+            m.weight_mut().unwrap()[0] += 1.0;
+        }
+        let mut sd = m.state_dict().unwrap();
+        sd.running_var = Some(vec![2.0; 3]);
+        m.load_state_dict(&sd).unwrap();
+        let e = m.backward(&dy, &x, &shape).err().unwrap();
+        assert_eq!(e.to_string(), sentence(2, 1));
+        // the bias is not read by the backward
+        let mut m = fresh();
+        m.forward(&x, &shape).unwrap();
+        let before = m.backward(&dy, &x, &shape).unwrap();
+        m.bias_mut().unwrap()[1] = 7.0;
+        assert_eq!(m.backward(&dy, &x, &shape).unwrap().input, before.input);
+        // train() / eval() between them change nothing
+        let mut m = fresh();
+        m.forward(&x, &shape).unwrap();
+        let before = m.backward(&dy, &x, &shape).unwrap();
+        if training {
+            m.eval();
+        } else {
+            m.train();
+        }
+        let after = m.backward(&dy, &x, &shape).unwrap();
+        assert_eq!(
+            (after.input, after.weight, after.bias),
+            (before.input, before.weight, before.bias)
+        );
+    }
+    // a module without affine parameters checks its running statistics only
+    let opts = BatchNormOptions {
+        affine: false,
+        ..Default::default()
+    };
+    let mut m = BatchNorm2d::<f32>::new(Cpu, 3, opts).unwrap();
+    m.forward(&x, &shape).unwrap();
+    let sd = m.state_dict().unwrap();
+    m.load_state_dict(&sd).unwrap();
+    assert_eq!(
+        m.backward(&dy, &x, &shape).err().unwrap().to_string(),
+        sentence(2, 1)
+    );
+}
+
+/// A state dict that does not fit changes nothing, versions included.
+#[test]
+fn a_refused_state_dict_changes_no_version() {
+    let shape = Shape::nchw(4, 3, 2, 2).unwrap();
+    let x: Vec<f32> = (0..shape.numel()).map(|i| i as f32 * 0.1).collect();
+    let mut m = BatchNorm2d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    m.forward(&x, &shape).unwrap();
+    let mut sd = m.state_dict().unwrap();
+    sd.running_var = Some(vec![1.0; 4]);
+    assert!(m.load_state_dict(&sd).is_err());
+    m.backward(&x, &x, &shape).unwrap();
+}

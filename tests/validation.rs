@@ -173,10 +173,56 @@ fn deviations_are_typed_errors() {
         e.to_string(),
         "input holds 5 elements but input size [2, 3] needs 6"
     );
-    assert!(matches!(
-        Shape::new(&[3], MemoryFormat::Contiguous),
-        Err(BnError::InputTooFewDims { .. })
-    ));
+}
+
+#[test]
+fn ranks_zero_and_one_get_pytorchs_sentences() {
+    // PyTorch 2.15 on the CPU, nn.BatchNorm{1,2,3}d(5) given a (5,) and a 0-d input.
+    let x = data(5);
+    let err = |r: Result<Vec<f32>, BnError>| r.unwrap_err().to_string();
+    let mut m1 = BatchNorm1d::<f32>::new(Cpu, 5, BatchNormOptions::default()).unwrap();
+    assert_eq!(
+        err(m1.forward(&x, &shape(&[5]))),
+        "expected 2D or 3D input (got 1D input)"
+    );
+    assert_eq!(
+        err(m1.forward(&x[..1], &shape(&[]))),
+        "expected 2D or 3D input (got 0D input)"
+    );
+    let mut m2 = BatchNorm2d::<f32>::new(Cpu, 5, BatchNormOptions::default()).unwrap();
+    assert_eq!(
+        err(m2.forward(&x, &shape(&[5]))),
+        "expected 4D input (got 1D input)"
+    );
+    let mut m3 = BatchNorm3d::<f32>::new(Cpu, 5, BatchNormOptions::default()).unwrap();
+    assert_eq!(
+        err(m3.forward(&x[..1], &shape(&[]))),
+        "expected 5D input (got 0D input)"
+    );
+    // F.batch_norm(torch.randn(5), torch.zeros(5), torch.ones(5), training=True)
+    let (mut rm, mut rv) = (vec![0f32; 5], vec![1f32; 5]);
+    let mut y = vec![0f32; 5];
+    let e = cpu::batch_norm(
+        Forward::<f32, f32> {
+            input: &x,
+            shape: shape(&[5]),
+            running_mean: Some(&mut rm),
+            running_var: Some(&mut rv),
+            weight: None,
+            bias: None,
+            training: true,
+            momentum: 0.1,
+            eps: 1e-5,
+        },
+        &mut y,
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "running_mean should contain 0 elements not 5"
+    );
+    assert_eq!((rm, rv), (vec![0f32; 5], vec![1f32; 5]));
 }
 
 #[test]
