@@ -836,3 +836,58 @@ fn lengths_whose_bytes_overflow_are_errors() {
         "{e}"
     );
 }
+
+/// The sentences of the rank and in-place checks through the CUDA modules and
+/// functional API (the same code as on the CPU; here with device buffers).
+#[test]
+fn pytorch_sentences_on_cuda() {
+    let Some(Gpu { stream, .. }) = gpu("pytorch_sentences_on_cuda") else {
+        return;
+    };
+    use cuda_batchnorm::nn::BatchNorm1d;
+    let cuda = Cuda::new(&stream);
+    let x = stream.clone_htod(&[0.5f32, 1.5, -1.0, 2.0, 0.0]).unwrap();
+    let mut m1 = BatchNorm1d::<f32>::new(cuda.clone(), 5, BatchNormOptions::default()).unwrap();
+    let rank1 = Shape::new(&[5], MemoryFormat::Contiguous).unwrap();
+    assert_eq!(
+        m1.forward(&x, &rank1).err().unwrap().to_string(),
+        "expected 2D or 3D input (got 1D input)"
+    );
+    let mut y = cuda.alloc(5, 0.0f32).unwrap();
+    let (mut rm, mut rv) = (
+        cuda.alloc(5, 0.0f32).unwrap(),
+        cuda.alloc(5, 1.0f32).unwrap(),
+    );
+    let e = batch_norm(
+        &stream,
+        Forward::<f32, f32> {
+            input: &x,
+            shape: rank1,
+            running_mean: Some(&mut rm),
+            running_var: Some(&mut rv),
+            weight: None,
+            bias: None,
+            training: true,
+            momentum: 0.1,
+            eps: 1e-5,
+        },
+        &mut y,
+        None,
+        &mut Workspace::new(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "running_mean should contain 0 elements not 5"
+    );
+    // the in-place check, with the CUDA tensor type's name
+    let shape = Shape::nc(4, 5).unwrap();
+    let x = stream.clone_htod(&[0.25f32; 20]).unwrap();
+    m1.forward(&x, &shape).unwrap();
+    m1.weight_mut().unwrap();
+    assert_eq!(
+        m1.backward(&x, &x, &shape).err().unwrap().to_string(),
+        "one of the variables needed for gradient computation has been modified by an inplace \
+         operation: [torch.cuda.FloatTensor [5]] is at version 2; expected version 1 instead."
+    );
+}
