@@ -46,6 +46,12 @@ pub trait Backend: Sized + Send + Sync {
 
     /// A buffer of `len` copies of `fill`.
     fn alloc<E: Float>(&self, len: usize, fill: E) -> Result<Self::Buffer<E>>;
+    /// A new buffer holding `values`: a host-to-backend upload in one call.
+    fn upload<E: Float>(&self, values: &[E]) -> Result<Self::Buffer<E>> {
+        let mut b = self.alloc(values.len(), E::default())?;
+        self.copy_from_host(&mut b, values)?;
+        Ok(b)
+    }
     /// A buffer's length.
     fn buffer_len<E: Float>(b: &Self::Buffer<E>) -> usize;
     /// A buffer as a read tensor.

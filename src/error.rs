@@ -286,6 +286,17 @@ pub(crate) fn describe(e: &DriverError) -> String {
     }
 }
 
+/// A cudarc driver call's error, for `?` in code that mixes cudarc's calls
+/// (`stream.clone_htod(..)?`) with the crate's.
+impl From<DriverError> for BnError {
+    fn from(source: DriverError) -> BnError {
+        BnError::Driver {
+            op: "a CUDA driver call",
+            source,
+        }
+    }
+}
+
 impl BnError {
     /// Wraps a driver error with what the crate was doing.
     pub(crate) fn driver(op: &'static str) -> impl FnOnce(DriverError) -> BnError {

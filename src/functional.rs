@@ -206,6 +206,16 @@ impl Backend for Cuda {
         r.map_err(BnError::driver("allocating a buffer"))
     }
 
+    fn upload<E: Float>(&self, values: &[E]) -> Result<CudaSlice<E>> {
+        if values.is_empty() {
+            return empty_slice(&self.stream);
+        }
+        // One copy, no fill first.
+        self.stream
+            .clone_htod(values)
+            .map_err(BnError::driver("copying a buffer to the device"))
+    }
+
     fn buffer_len<E: Float>(b: &CudaSlice<E>) -> usize {
         b.len()
     }

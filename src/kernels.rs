@@ -39,12 +39,52 @@ pub fn ptx_unavailable() -> Option<&'static str> {
     }
 }
 
+/// Whether the CUDA driver library can be loaded, found the way cudarc's dynamic
+/// loading finds it (a subset of its candidate names) but without cudarc, so that the
+/// answer does not depend on which linking mode a dependent unified into cudarc: under
+/// dynamic or static linking the library is already loaded (the program could not have
+/// started otherwise) and the probe finds it; under dynamic loading, cudarc would panic
+/// on its first driver call without it. Probed once per process.
+pub fn driver_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(probe_driver_library)
+}
+
+#[cfg(unix)]
+fn probe_driver_library() -> bool {
+    use std::ffi::{c_char, c_int};
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+    }
+    const RTLD_LAZY: c_int = 1;
+    // The names cudarc tries first (and the versioned name drivers install).
+    [c"libcuda.so", c"libcuda.so.1"].iter().any(|name| {
+        // SAFETY: dlopen with a NUL-terminated name only loads a library (running its
+        // initialisers, as cudarc's own loading would); the handle is kept, as cudarc
+        // keeps its own, so nothing is unloaded under a later user.
+        !unsafe { dlopen(name.as_ptr(), RTLD_LAZY) }.is_null()
+    })
+}
+
+#[cfg(windows)]
+fn probe_driver_library() -> bool {
+    extern "system" {
+        fn LoadLibraryA(name: *const std::ffi::c_char) -> *mut c_void;
+    }
+    // SAFETY: LoadLibraryA with a NUL-terminated name only loads the library.
+    !unsafe { LoadLibraryA(c"nvcuda.dll".as_ptr()) }.is_null()
+}
+
+#[cfg(not(any(unix, windows)))]
+fn probe_driver_library() -> bool {
+    false
+}
+
 /// Opens device `ordinal` and returns its primary context. Unlike
 /// `CudaContext::new`, never panics: a machine without libcuda gives
 /// [`BnError::NoDriver`], one without a device [`BnError::NoDevice`].
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
-    // SAFETY: only probes whether the library can be loaded.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_present() {
         return Err(BnError::NoDriver);
     }
     let count = CudaContext::device_count()
@@ -67,8 +107,7 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>> {
 
 /// The driver's CUDA version as `major.minor`.
 pub fn driver_version() -> Option<String> {
-    // SAFETY: only probes whether the library can be loaded.
-    if !unsafe { sys::is_culib_present() } {
+    if !driver_present() {
         return None;
     }
     let mut v: std::ffi::c_int = 0;

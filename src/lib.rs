@@ -66,7 +66,7 @@ pub use cpu::Cpu;
 pub use dtype::{DType, Float, ParamFor};
 pub use error::{BnError, Result};
 pub use functional::{Cuda, Workspace};
-pub use kernels::{driver_version, open_device, ptx_unavailable};
+pub use kernels::{driver_present, driver_version, open_device, ptx_unavailable};
 pub use module::{BatchNorm, BatchNormOptions, Gradients, StateDict};
 pub use shape::{MemoryFormat, Shape};
 

@@ -535,6 +535,13 @@ BN_API int cuDevicePrimaryCtxRelease_v2(int dev) {
     return kSuccess;
 }
 
+// The driver's contexts are the devices' primary contexts, which cuCtxDestroy may not
+// destroy; cudarc references the call (a program linked against the driver needs it).
+BN_API int cuCtxDestroy_v2(void* ctx) {
+    (void)ctx;
+    return kInvalidContext;
+}
+
 BN_API int cuCtxSetCurrent(void* ctx) {
     if (ctx != nullptr && ctx != kContext) return kInvalidContext;
     t_current = ctx;
