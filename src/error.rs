@@ -219,6 +219,11 @@ pub enum BnError {
         detail: String,
     },
 
+    /// A `.safetensors` file that cannot be read, parsed or converted, or a tensor the
+    /// writer cannot store.
+    #[error("{0}")]
+    Weights(String),
+
     /// libcuda could not be loaded: no NVIDIA driver on this machine.
     #[error(
         "no CUDA driver: libcuda could not be loaded (an NVIDIA driver, 580 or newer, is needed)"

@@ -44,10 +44,18 @@ pub fn ptx_unavailable() -> Option<&'static str> {
 /// answer does not depend on which linking mode a dependent unified into cudarc: under
 /// dynamic or static linking the library is already loaded (the program could not have
 /// started otherwise) and the probe finds it; under dynamic loading, cudarc would panic
-/// on its first driver call without it. Probed once per process.
+/// on its first driver call without it. Once found it is remembered; an absent driver
+/// is looked for again at the next call (a test may load an emulated one meanwhile).
 pub fn driver_present() -> bool {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(probe_driver_library)
+    static FOUND: OnceLock<()> = OnceLock::new();
+    if FOUND.get().is_some() {
+        return true;
+    }
+    let found = probe_driver_library();
+    if found {
+        let _ = FOUND.set(());
+    }
+    found
 }
 
 #[cfg(unix)]

@@ -60,6 +60,8 @@ pub mod nn;
 pub mod raw;
 pub mod shape;
 pub mod validate;
+#[cfg(feature = "safetensors")]
+pub mod weights;
 
 pub use backend::Backend;
 pub use cpu::Cpu;
@@ -67,7 +69,7 @@ pub use dtype::{DType, Float, ParamFor};
 pub use error::{BnError, Result};
 pub use functional::{Cuda, Workspace};
 pub use kernels::{driver_present, driver_version, open_device, ptx_unavailable};
-pub use module::{BatchNorm, BatchNormOptions, Gradients, StateDict};
+pub use module::{BatchNorm, BatchNormOptions, Gradients, IncompatibleKeys, StateDict};
 pub use shape::{MemoryFormat, Shape};
 
 pub use cudarc;

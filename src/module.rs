@@ -57,6 +57,16 @@ pub struct StateDict<P> {
     pub num_batches_tracked: Option<i64>,
 }
 
+/// The keys a non-strict load did not match, as PyTorch's `load_state_dict` returns
+/// them (`_IncompatibleKeys`): empty lists when everything matched.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IncompatibleKeys {
+    /// Keys the module has that the source lacks.
+    pub missing_keys: Vec<String>,
+    /// Keys the source has that the module does not.
+    pub unexpected_keys: Vec<String>,
+}
+
 /// Gradients returned by [`BatchNorm::backward`].
 pub struct Gradients<B: Backend, T: Float, P: Float> {
     /// d loss / d input.
@@ -482,50 +492,86 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         })
     }
 
-    /// Loads parameters and buffers. Every key the module has must be present with C
-    /// values (a missing `num_batches_tracked` keeps the current count, as PyTorch
-    /// does), and no other key may be; otherwise nothing is loaded and the error lists
-    /// every problem in PyTorch's words.
+    /// Loads parameters and buffers, as PyTorch's `load_state_dict(sd)` (strict): every
+    /// key the module has must be present with C values (a missing
+    /// `num_batches_tracked` keeps the current count, as PyTorch does for checkpoints
+    /// without it), and no other key may be; otherwise nothing is loaded and the error
+    /// lists every problem in PyTorch's words.
     pub fn load_state_dict(&mut self, sd: &StateDict<P>) -> Result<()> {
+        self.load_state_dict_with(sd, true).map(|_| ())
+    }
+
+    /// `load_state_dict(sd, strict)`: without `strict`, missing and unexpected keys are
+    /// returned rather than refused (a key of the wrong size is still an error), and
+    /// the keys that are there are loaded.
+    pub fn load_state_dict_with(
+        &mut self,
+        sd: &StateDict<P>,
+        strict: bool,
+    ) -> Result<IncompatibleKeys> {
+        let shape = |v: &Option<Vec<P>>| v.as_ref().map(|v| vec![v.len()]);
+        let shapes = [
+            shape(&sd.weight),
+            shape(&sd.bias),
+            shape(&sd.running_mean),
+            shape(&sd.running_var),
+        ];
+        self.load_checked(sd, &shapes, &|name| name.to_string(), Vec::new(), strict)
+    }
+
+    /// The one loader: `shapes` are the stored shapes of weight, bias, running_mean and
+    /// running_var (as the source has them), `key` names a key in messages (a prefix
+    /// for a layer of a larger model), `unexpected` lists further keys the source has
+    /// under the layer's prefix. Checks everything before loading anything.
+    pub(crate) fn load_checked(
+        &mut self,
+        sd: &StateDict<P>,
+        shapes: &[Option<Vec<usize>>; 4],
+        key: &dyn Fn(&str) -> String,
+        unexpected: Vec<String>,
+        strict: bool,
+    ) -> Result<IncompatibleKeys> {
         let c = self.num_features;
         let (affine, track) = (self.options.affine, self.options.track_running_stats);
-        let entries: [(&'static str, bool, Option<usize>); 4] = [
-            ("weight", affine, sd.weight.as_ref().map(Vec::len)),
-            ("bias", affine, sd.bias.as_ref().map(Vec::len)),
-            (
-                "running_mean",
-                track,
-                sd.running_mean.as_ref().map(Vec::len),
-            ),
-            ("running_var", track, sd.running_var.as_ref().map(Vec::len)),
-        ];
-        let mut missing = Vec::new();
-        let mut unexpected = Vec::new();
+        let names = ["weight", "bias", "running_mean", "running_var"];
+        let expected = [affine, affine, track, track];
+        let mut keys = IncompatibleKeys {
+            missing_keys: Vec::new(),
+            unexpected_keys: unexpected,
+        };
         let mut sizes = Vec::new();
-        for (key, expected, got) in entries {
+        for ((name, expected), got) in names.iter().zip(expected).zip(shapes) {
             match (expected, got) {
-                (true, None) => missing.push(format!("\"{key}\"")),
-                (false, Some(_)) => unexpected.push(format!("\"{key}\"")),
-                (true, Some(n)) if n != c => sizes.push(format!(
-                    "size mismatch for {key}: copying a param with shape [{n}] from checkpoint, the shape in current model is [{c}]."
+                (true, None) => keys.missing_keys.push(key(name)),
+                (false, Some(_)) => keys.unexpected_keys.push(key(name)),
+                (true, Some(s)) if s.as_slice() != [c] => sizes.push(format!(
+                    "size mismatch for {}: copying a param with shape {s:?} from checkpoint, the shape in current model is [{c}].",
+                    key(name)
                 )),
                 _ => {}
             }
         }
         if !track && sd.num_batches_tracked.is_some() {
-            unexpected.push("\"num_batches_tracked\"".to_string());
+            keys.unexpected_keys.push(key("num_batches_tracked"));
         }
+        let quoted = |v: &[String]| {
+            v.iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // PyTorch's order: missing, unexpected (strict only), then the size mismatches.
         let mut msgs = Vec::new();
-        if !unexpected.is_empty() {
-            msgs.push(format!(
-                "Unexpected key(s) in state_dict: {}. ",
-                unexpected.join(", ")
-            ));
-        }
-        if !missing.is_empty() {
+        if strict && !keys.missing_keys.is_empty() {
             msgs.push(format!(
                 "Missing key(s) in state_dict: {}. ",
-                missing.join(", ")
+                quoted(&keys.missing_keys)
+            ));
+        }
+        if strict && !keys.unexpected_keys.is_empty() {
+            msgs.push(format!(
+                "Unexpected key(s) in state_dict: {}. ",
+                quoted(&keys.unexpected_keys)
             ));
         }
         msgs.extend(sizes);
@@ -577,6 +623,6 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         if let (true, Some(n)) = (track, sd.num_batches_tracked) {
             self.num_batches_tracked = n;
         }
-        Ok(())
+        Ok(keys)
     }
 }

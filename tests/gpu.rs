@@ -1,9 +1,12 @@
 //! The kernels on a real GPU against the f64 reference, through the safe functional API
 //! and the modules, every output surrounded by sentinels that must survive.
 //!
-//! Without a GPU (or without PTX) each test prints one line and passes; with
-//! `CUDA_BATCHNORM_REQUIRE_GPU=1` (set by .gpu/run) a missing GPU fails them instead.
-//! Tests named `huge_` allocate gigabytes; .gpu/run skips them under compute-sanitizer.
+//! Built without PTX (no nvcc), every test is ignored, and the test runner reports it
+//! so. Built with PTX on a machine without a CUDA driver, they run on the emulated CUDA
+//! driver (below); with `CUDA_BATCHNORM_REQUIRE_GPU=1` (set by .gpu/run) a missing GPU
+//! fails them instead. Tests named `huge_` allocate gigabytes and need a GPU's speed:
+//! they are ignored unless asked for (`--include-ignored`, as .gpu/run does outside
+//! compute-sanitizer).
 
 mod common;
 
@@ -286,6 +289,10 @@ impl Runner for GpuRunner {
 }
 
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn kernels_match_the_reference() {
     let Some(Gpu { stream, .. }) = gpu("kernels_match_the_reference") else {
         return;
@@ -308,6 +315,10 @@ fn kernels_match_the_reference() {
 }
 
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn fixtures_on_the_gpu() {
     let Some(Gpu { stream, .. }) = gpu("fixtures_on_the_gpu") else {
         return;
@@ -329,6 +340,10 @@ fn fixtures_on_the_gpu() {
 }
 
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn eval_is_bitwise_equal_across_formats() {
     let Some(Gpu { stream, .. }) = gpu("eval_is_bitwise_equal_across_formats") else {
         return;
@@ -348,6 +363,7 @@ fn eval_is_bitwise_equal_across_formats() {
 /// squares overflows normalises finitely and agrees with f32; the backward with f32
 /// parameters stays finite.
 #[test]
+#[ignore = "needs a GPU's memory and speed: .gpu/run runs it (--include-ignored)"]
 fn huge_half_overflow() {
     let Some(stream) = hardware_only("huge_half_overflow", gpu("huge_half_overflow")) else {
         return;
@@ -469,6 +485,7 @@ impl common::huge::Device for HugeGpu {
 /// per channel, y and dx at indices beyond 2^31 (tests/common/huge.rs). The emulated
 /// kernels run the same check (tests/emulated.rs, `--ignored`).
 #[test]
+#[ignore = "needs a GPU's memory and speed: .gpu/run runs it (--include-ignored)"]
 fn huge_more_than_2_pow_31_elements() {
     let Some(stream) = hardware_only(
         "huge_more_than_2_pow_31_elements",
@@ -484,6 +501,10 @@ fn huge_more_than_2_pow_31_elements() {
 /// Sizes the device cannot address are typed errors before cudarc computes them, and a
 /// copy of the wrong length leaves the buffer as it was.
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn unaddressable_allocations_and_short_copies_are_errors() {
     let Some(Gpu { stream, .. }) = gpu("unaddressable_allocations_and_short_copies_are_errors")
     else {
@@ -527,6 +548,10 @@ fn unaddressable_allocations_and_short_copies_are_errors() {
 
 /// `infer` shares one module across threads and streams.
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn infer_from_many_threads() {
     let Some(Gpu { stream, .. }) = gpu("infer_from_many_threads") else {
         return;
@@ -578,6 +603,10 @@ fn infer_from_many_threads() {
 
 /// A sized workspace serves every later call on its shape without growing.
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn sized_workspace_does_not_grow() {
     let Some(Gpu { stream, .. }) = gpu("sized_workspace_does_not_grow") else {
         return;
@@ -612,6 +641,10 @@ fn sized_workspace_does_not_grow() {
 /// parameters runs (with them PyTorch fails indexing weight[0], and so does the crate).
 /// No zero-byte allocation reaches the driver (it refuses them).
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn empty_batches_and_zero_channels() {
     let Some(Gpu { stream, .. }) = gpu("empty_batches_and_zero_channels") else {
         return;
@@ -686,6 +719,10 @@ fn empty_cases<T: Float, P: ParamFor<T>>(
 
 /// Infinities and NaN (PyTorch's answers), and eps below f32's range, on the device.
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn non_finite_values_and_tiny_eps() {
     let Some(Gpu { stream, .. }) = gpu("non_finite_values_and_tiny_eps") else {
         return;
@@ -711,6 +748,10 @@ fn non_finite_values_and_tiny_eps() {
 /// running statistics are committed by the last launch; loads are staged). The failures
 /// are injected into the emulated driver, so this runs there only.
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn a_failed_launch_or_copy_changes_nothing() {
     let Some(gpu) = gpu("a_failed_launch_or_copy_changes_nothing") else {
         return;
@@ -763,6 +804,10 @@ fn a_failed_launch_or_copy_changes_nothing() {
 /// A buffer type that reports more elements than bytes can count: a typed error where
 /// the byte count would overflow (a panic in debug builds, a wrap in release).
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn lengths_whose_bytes_overflow_are_errors() {
     let Some(Gpu { stream, .. }) = gpu("lengths_whose_bytes_overflow_are_errors") else {
         return;
@@ -840,6 +885,10 @@ fn lengths_whose_bytes_overflow_are_errors() {
 /// The sentences of the rank and in-place checks through the CUDA modules and
 /// functional API (the same code as on the CPU; here with device buffers).
 #[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
 fn pytorch_sentences_on_cuda() {
     let Some(Gpu { stream, .. }) = gpu("pytorch_sentences_on_cuda") else {
         return;
@@ -890,4 +939,43 @@ fn pytorch_sentences_on_cuda() {
         "one of the variables needed for gradient computation has been modified by an inplace \
          operation: [torch.cuda.FloatTensor [5]] is at version 2; expected version 1 instead."
     );
+}
+
+/// Every BatchNorm layer of the PyTorch CNN fixture, loaded from its `.safetensors`
+/// file into CUDA modules, reproduces PyTorch's eval outputs (tests/weights.rs does the
+/// same on the CPU backend).
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn safetensors_layers_on_the_gpu() {
+    let Some(Gpu { stream, .. }) = gpu("safetensors_layers_on_the_gpu") else {
+        return;
+    };
+    use common::cnn::{self, LAYERS};
+    let (weights, io) = cnn::load();
+    let cuda = Cuda::new(&stream);
+    let mut failures = Vec::new();
+    for prefix in LAYERS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            for r in [
+                cnn::check_layer::<Cuda, f32, f32>(cuda.clone(), &weights, &io, prefix, format),
+                cnn::check_layer::<Cuda, f16, f32>(cuda.clone(), &weights, &io, prefix, format),
+                cnn::check_layer::<Cuda, cuda_batchnorm::half::bf16, cuda_batchnorm::half::bf16>(
+                    cuda.clone(),
+                    &weights,
+                    &io,
+                    prefix,
+                    format,
+                ),
+                cnn::check_layer::<Cuda, f64, f64>(cuda.clone(), &weights, &io, prefix, format),
+            ] {
+                if let Err(e) = r {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

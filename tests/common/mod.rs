@@ -8,6 +8,7 @@
 //! passing.
 #![allow(dead_code)]
 
+pub mod cnn;
 pub mod fixtures;
 pub mod huge;
 
