@@ -178,6 +178,10 @@ pub enum BnError {
         values: usize,
     },
 
+    /// `set_weight` / `set_bias` on a module built with `affine: false`.
+    #[error("the module has no weight or bias (it was built with affine: false)")]
+    NoAffineParameters,
+
     /// A backward call that lacks the statistics its mode needs.
     #[error("{0}")]
     Backward(&'static str),

@@ -2,6 +2,24 @@
 //! messages: handwritten CUDA kernels compiled to PTX at build time and launched
 //! through [`cudarc`].
 //!
+//! ```
+//! use cuda_batchnorm::prelude::*;
+//!
+//! # fn main() -> cuda_batchnorm::Result<()> {
+//! // The CPU backend here; `BatchNorm2d::<f32>::new(Cuda::new(&stream), ..)` on a GPU.
+//! let mut bn = cpu::BatchNorm2d::<f32>::new(Cpu, 3, BatchNormOptions::default())?;
+//! let shape = Shape::nchw(2, 3, 2, 2)?;
+//! let x: Vec<f32> = (0..shape.numel()).map(|i| i as f32).collect();
+//! let y = bn.forward(&x, &shape)?; // training: batch statistics
+//! let mean: f32 = y.iter().sum::<f32>() / y.len() as f32;
+//! assert!(mean.abs() < 1e-6);
+//! let grads = bn.backward(&vec![1.0; shape.numel()], &x, &shape)?;
+//! assert_eq!(grads.bias, Some(vec![8.0; 3])); // grad_bias = sum(dy) per channel
+//! assert_eq!(bn.num_batches_tracked(), 1);
+//! bn.eval(); // running statistics from now on
+//! # Ok(()) }
+//! ```
+//!
 //! # Layers
 //!
 //! * [`nn`]: `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d` modules with parameters,
@@ -74,3 +92,25 @@ pub use shape::{MemoryFormat, Shape};
 
 pub use cudarc;
 pub use half;
+
+/// What most programs use: `use cuda_batchnorm::prelude::*;`. The CUDA modules are
+/// `BatchNorm1d`/`2d`/`3d` here; the CPU backend's are `cpu::BatchNorm2d` and so on.
+pub mod prelude {
+    pub use crate::backend::Backend;
+    pub use crate::cpu::{self, Cpu};
+    pub use crate::dtype::{DType, Float};
+    pub use crate::error::{BnError, Result};
+    pub use crate::functional::{Cuda, Workspace};
+    pub use crate::kernels::{open_device, ptx_unavailable};
+    pub use crate::module::{BatchNormOptions, Gradients, StateDict};
+    pub use crate::nn::{BatchNorm1d, BatchNorm2d, BatchNorm3d};
+    pub use crate::shape::{MemoryFormat, Shape};
+    #[cfg(feature = "safetensors")]
+    pub use crate::weights::{Weights, WeightsWriter};
+    pub use half::{bf16, f16};
+}
+
+// The README's Rust examples compile as written (`cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

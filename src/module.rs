@@ -104,6 +104,32 @@ struct LastForward {
     versions: Versions,
 }
 
+impl<B: Backend, T: Float, P: Float> std::fmt::Debug for Gradients<B, T, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gradients")
+            .field("input", &B::buffer_len(&self.input))
+            .field("weight", &self.weight.as_ref().map(B::buffer_len))
+            .field("bias", &self.bias.as_ref().map(B::buffer_len))
+            .finish()
+    }
+}
+
+impl<const D: usize, B: Backend + std::fmt::Debug, T: Float, P: ParamFor<T>> std::fmt::Debug
+    for BatchNorm<D, B, T, P>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct(self.name())
+            .field("num_features", &self.num_features)
+            .field("input", &T::DTYPE)
+            .field("param", &P::DTYPE)
+            .field("options", &self.options)
+            .field("training", &self.training)
+            .field("num_batches_tracked", &self.num_batches_tracked)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `BatchNorm{D}d` on backend `B`, input type `T`, parameter type `P`.
 pub struct BatchNorm<const D: usize, B: Backend, T: Float, P: ParamFor<T> = T> {
     backend: B,
@@ -217,6 +243,26 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
     pub fn weight_mut(&mut self) -> Option<&mut B::Buffer<P>> {
         self.versions.weight += 1;
         self.weight.as_mut()
+    }
+
+    /// Overwrites the weight with host values (C of them): an in-place change, as
+    /// [`weight_mut`](Self::weight_mut). Fails, changing nothing, for a module without
+    /// affine parameters or values of another length.
+    pub fn set_weight(&mut self, values: &[P]) -> Result<()> {
+        let Some(w) = self.weight.as_mut() else {
+            return Err(BnError::NoAffineParameters);
+        };
+        self.backend.copy_from_host(w, values)?;
+        self.versions.weight += 1;
+        Ok(())
+    }
+
+    /// Overwrites the bias with host values (C of them); as [`set_weight`](Self::set_weight).
+    pub fn set_bias(&mut self, values: &[P]) -> Result<()> {
+        let Some(b) = self.bias.as_mut() else {
+            return Err(BnError::NoAffineParameters);
+        };
+        self.backend.copy_from_host(b, values)
     }
 
     /// The bias, if affine.

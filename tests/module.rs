@@ -1,6 +1,7 @@
-//! Module semantics over several steps in every mode of DESIGN.md's table, on the CPU
-//! backend (the module code is the same for every backend): which statistics normalise,
-//! which buffers move, how the counter advances, momentum None, empty batches.
+//! Module semantics over several steps in every mode of PyTorch's (training,
+//! track_running_stats) table, on the CPU backend (the module code is the same for
+//! every backend): which statistics normalise, which buffers move, how the counter
+//! advances, momentum None, empty batches.
 
 mod common;
 

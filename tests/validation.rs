@@ -1,4 +1,4 @@
-//! Every error of DESIGN.md's table, with PyTorch's sentence, through the public APIs
+//! Every validation error, with PyTorch's sentence, through the public APIs
 //! (the CPU backend and the modules; the CUDA functions share the same validation), and
 //! the promise that a call returning `Err` changes nothing.
 
