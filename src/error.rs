@@ -228,6 +228,10 @@ pub enum BnError {
     #[error("{0}")]
     Weights(String),
 
+    /// Another crate's tensor whose memory layout the kernels cannot take.
+    #[error("{0}")]
+    Layout(String),
+
     /// libcuda could not be loaded: no NVIDIA driver on this machine.
     #[error(
         "no CUDA driver: libcuda could not be loaded (an NVIDIA driver, 580 or newer, is needed)"

@@ -71,6 +71,8 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod functional;
+#[cfg(feature = "candle")]
+pub mod interop;
 pub mod kernels;
 pub mod launch;
 pub mod module;

@@ -125,8 +125,11 @@ std::pair<uint64_t, uint64_t> allocation_of(const State& s, uint64_t addr) {
     return {0, 0};
 }
 
+// The null stream, CU_STREAM_LEGACY (0x1) and CU_STREAM_PER_THREAD (0x2) are always
+// valid (candle computes on the per-thread stream); every stream is synchronous here.
 bool stream_ok(const State& s, void* stream) {
-    return stream == nullptr || s.streams.count(static_cast<Stream*>(stream)) != 0;
+    const uintptr_t h = reinterpret_cast<uintptr_t>(stream);
+    return h <= 2 || s.streams.count(static_cast<Stream*>(stream)) != 0;
 }
 
 int attribute(int attr, int* out) {
@@ -683,6 +686,21 @@ BN_API int cuStreamSynchronize(void* stream) {
 
 BN_API int cuStreamQuery(void* stream) { return cuStreamSynchronize(stream); }
 
+// Stream capture (CUDA graphs) is not emulated: no stream is ever capturing.
+BN_API int cuStreamIsCapturing(void* stream, int* status) {
+    LOCKED;
+    if (status == nullptr) return kInvalidValue;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    return kSuccess;
+}
+
+// One device: no peer copies.
+BN_API int cuMemcpyPeerAsync(uint64_t dst, void* dst_ctx, uint64_t src, void* src_ctx, size_t bytes, void* stream) {
+    (void)dst, (void)dst_ctx, (void)src, (void)src_ctx, (void)bytes, (void)stream;
+    return kNotSupported;
+}
+
 BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
     (void)flags;
     LOCKED;
@@ -736,6 +754,14 @@ BN_API int cuEventElapsedTime(float* ms, void* start, void* end) {
 BN_API int cuEventElapsedTime_v2(float* ms, void* start, void* end) { return cuEventElapsedTime(ms, start, end); }
 
 // ---- modules and launches -------------------------------------------------------------------
+
+// Loading a module from a file: not emulated (the crate embeds its PTX); cudarc
+// references it.
+BN_API int cuModuleLoad(void** module, const char* path) {
+    (void)module;
+    (void)path;
+    return kNotSupported;
+}
 
 BN_API int cuModuleLoadData(void** module, const void* image) {
     LOCKED;
