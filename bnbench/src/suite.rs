@@ -7,7 +7,7 @@
 use cuda_batchnorm::{DType, MemoryFormat, Shape};
 
 /// The suite file, compiled in.
-pub const SUITE_TXT: &str = include_str!("../../../bench/suite.txt");
+pub const SUITE_TXT: &str = include_str!("../../bench/suite.txt");
 
 /// Set names `--set` accepts.
 pub const SET_NAMES: [&str; 5] = ["quick", "resnet50", "bn1d", "hard", "full"];
@@ -463,7 +463,7 @@ mod tests {
     /// flags (skipped with a note where python3 is not installed).
     #[test]
     fn torch_baseline_lists_the_same_rows() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/torch_baseline.py");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/torch_baseline.py");
         let cases: [&[&str]; 7] = [
             &[],
             &["--set", "full"],

@@ -419,7 +419,7 @@ pub(crate) mod tests {
     #[test]
     fn reads_torch_baseline_self_test_output() {
         // Written by `python3 scripts/torch_baseline.py --self-test --json <this file>`.
-        let rep = Report::from_json(include_str!("testdata/torch_selftest.json")).unwrap();
+        let rep = Report::from_json(include_str!("../testdata/torch_selftest.json")).unwrap();
         assert_eq!(rep.impls(), vec!["torch", "torch-native", "torch-compile"]);
         let quick = crate::suite::expand(
             &crate::suite::builtin(),
