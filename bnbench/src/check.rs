@@ -7,8 +7,8 @@
 
 pub use crate::ops::{EPS, MOMENTUM};
 use cuda_batchnorm::cpu::{self, reference};
-use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
 use cuda_batchnorm::half::{bf16, f16};
+use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
 
 use crate::data::{self, Inputs};
 use crate::suite::{dims_label, Op};

@@ -19,7 +19,7 @@ mod timing;
 use std::io::Write as _;
 
 use check::Check;
-use cli::{Command, Options};
+use cli::Options;
 use cuda_batchnorm::DType;
 use json::Value;
 use report::{Report, ResultRow, RowError, OUR_IMPL};
@@ -48,8 +48,9 @@ macro_rules! outln {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = run(&args);
+    // Usage errors exit with status 2, the help with 0 (clap's statuses).
+    let opts = cli::parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let code = run(&opts);
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
@@ -80,15 +81,7 @@ fn writable(flag: &str, path: &str) -> Result<(), String> {
     }
 }
 
-fn run(args: &[String]) -> i32 {
-    let opts = match cli::parse(args) {
-        Ok(Command::Help) => {
-            out!("{}", cli::HELP);
-            return 0;
-        }
-        Ok(Command::Run(o)) => *o,
-        Err(e) => return usage_error(&e),
-    };
+fn run(opts: &Options) -> i32 {
     let rows = suite::expand(&suite::builtin(), &opts.selection);
     if opts.list {
         for r in &rows {
@@ -132,9 +125,9 @@ fn run(args: &[String]) -> i32 {
                 return usage_error("no rows selected");
             }
             match gpu::open(opts.device) {
-                Err(why) => return cpu_fallback(&why, &opts),
+                Err(why) => return cpu_fallback(&why, opts),
                 Ok(mut g) => {
-                    let (rep, ok) = run_gpu(&mut g, &rows, &opts);
+                    let (rep, ok) = run_gpu(&mut g, &rows, opts);
                     if !ok {
                         code = 1;
                     }

@@ -16,13 +16,22 @@ pub const SET_NAMES: [&str; 5] = ["quick", "resnet50", "bn1d", "hard", "full"];
 pub const CUSTOM_SET: &str = "custom";
 
 /// A timed operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Op {
     /// `functional::batch_norm` in training, running statistics updated, statistics saved.
+    #[value(
+        name = "train_fwd",
+        help = "training forward: batch statistics, running statistics updated, statistics saved"
+    )]
     TrainFwd,
     /// `functional::batch_norm_eval`.
+    #[value(name = "eval_fwd", help = "eval forward with the running statistics")]
     EvalFwd,
     /// `functional::batch_norm_backward` with the batch statistics.
+    #[value(
+        name = "backward",
+        help = "training backward through the saved statistics: dx, dweight, dbias"
+    )]
     Backward,
 }
 
@@ -514,10 +523,8 @@ mod tests {
                 "{args:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            let crate::cli::Command::Run(o) = crate::cli::parse(&argv).unwrap() else {
-                panic!()
-            };
+            let o =
+                crate::cli::parse(std::iter::once("bnbench").chain(args.iter().copied())).unwrap();
             let ours: String = expand(&builtin(), &o.selection)
                 .iter()
                 .map(|r| r.list_line() + "\n")
