@@ -8,12 +8,12 @@ mod cli;
 mod compare;
 mod data;
 mod gpu;
-mod json;
 mod metrics;
 mod ops;
 mod plot;
 mod report;
 mod suite;
+mod table;
 mod timing;
 
 use std::io::Write as _;
@@ -21,7 +21,6 @@ use std::io::Write as _;
 use check::Check;
 use cli::Options;
 use cuda_batchnorm::DType;
-use json::Value;
 use report::{Report, ResultRow, RowError, OUR_IMPL};
 use suite::Row;
 
@@ -137,7 +136,10 @@ fn run(opts: &Options) -> i32 {
         }
     };
     if let Some(p) = &opts.json {
-        match std::fs::write(p, ours.to_json()) {
+        match ours
+            .to_json()
+            .and_then(|t| std::fs::write(p, t).map_err(|e| e.to_string()))
+        {
             Ok(()) => eprintln!("bnbench: wrote {p}"),
             Err(e) => {
                 eprintln!("bnbench: --json: cannot write {p}: {e}");
@@ -315,18 +317,18 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         copy_gbps,
         rows: out_rows,
         errors,
-        extra: vec![
-            ("tool".into(), Value::from("bnbench")),
-            ("reps".into(), Value::from(opts.reps)),
-            ("warmup".into(), Value::from(opts.warmup)),
-            ("flush_bytes".into(), Value::from(g.flush_bytes())),
-            ("l2_bytes".into(), Value::from(d.l2_bytes)),
+        extra: serde_json::Map::from_iter([
+            ("tool".to_string(), "bnbench".into()),
+            ("reps".into(), opts.reps.into()),
+            ("warmup".into(), opts.warmup.into()),
+            ("flush_bytes".into(), g.flush_bytes().into()),
+            ("l2_bytes".into(), d.l2_bytes.into()),
             (
                 "compute_capability".into(),
-                Value::from(format!("{}.{}", d.cc.0, d.cc.1)),
+                format!("{}.{}", d.cc.0, d.cc.1).into(),
             ),
-            ("seed".into(), Value::Num(opts.seed as f64)),
-        ],
+            ("seed".into(), opts.seed.into()),
+        ]),
     };
     out!("{}", report.table());
     (report, ok)
