@@ -24,7 +24,7 @@ const ABOUT: &str =
 against the f64 CPU reference, and compares them with PyTorch (scripts/torch_baseline.py).";
 
 const LONG_ABOUT: &str = concat!(
-    "bnbench: times cuda-batchnorm's kernels on a standard shape suite (bench/suite.txt), ",
+    "bnbench: times cuda-batchnorm's kernels on a standard shape suite (bench/suite.toml), ",
     "checks them against the f64 CPU reference, and compares them with PyTorch ",
     "(scripts/torch_baseline.py).\n",
     "\n",

@@ -1,5 +1,5 @@
 //! `bnbench`: checks and times cuda-batchnorm's operations on a standard shape suite
-//! (`bench/suite.txt`), reports time, GB/s and % of the device's copy bandwidth, and
+//! (`bench/suite.toml`), reports time, GB/s and % of the device's copy bandwidth, and
 //! compares with PyTorch (`scripts/torch_baseline.py`). `bnbench --help` lists the
 //! flags; without a GPU it runs the CPU backend's self-check instead.
 
@@ -81,7 +81,11 @@ fn writable(flag: &str, path: &str) -> Result<(), String> {
 }
 
 fn run(opts: &Options) -> i32 {
-    let rows = suite::expand(&suite::builtin(), &opts.selection);
+    let suite = match suite::builtin() {
+        Ok(s) => s,
+        Err(e) => return usage_error(&e),
+    };
+    let rows = suite::expand(&suite, &opts.selection);
     if opts.list {
         for r in &rows {
             outln!("{}", r.list_line());

@@ -551,7 +551,7 @@ pub(crate) mod tests {
         );
         assert_eq!(rep.impls(), vec!["torch", "torch-native", "torch-compile"]);
         let quick = crate::suite::expand(
-            &crate::suite::builtin(),
+            &crate::suite::builtin().unwrap(),
             &crate::suite::Selection {
                 sets: vec!["quick".into()],
                 ..Default::default()
