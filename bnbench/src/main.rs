@@ -166,7 +166,9 @@ fn run(opts: &Options) -> i32 {
         );
     }
     if let Some(p) = &opts.plot {
-        match std::fs::write(p, plot::svg(&ours, theirs.as_ref())) {
+        match plot::svg(&ours, theirs.as_ref())
+            .and_then(|svg| std::fs::write(p, svg).map_err(|e| e.to_string()))
+        {
             Ok(()) => eprintln!("bnbench: wrote {p}"),
             Err(e) => {
                 eprintln!("bnbench: --plot: cannot write {p}: {e}");

@@ -1,36 +1,34 @@
-//! A hand-written SVG of efficiency (% of the copy bandwidth) per suite row, grouped
-//! by op, one horizontal bar per implementation.
+//! An SVG of efficiency (% of the copy bandwidth) per suite row, drawn with plotters'
+//! SVG backend: one chart per op (in suite order), one horizontal bar per
+//! implementation and row, the 100 % line darker.
 
-use std::fmt::Write as _;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::report::Report;
-use crate::suite::Op;
+use crate::suite::{dims_label, Op};
 
-const WIDTH: f64 = 1100.0;
-const LABEL_W: f64 = 250.0;
-const RIGHT_PAD: f64 = 70.0;
-const BAR_H: f64 = 9.0;
-const ROW_GAP: f64 = 7.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+const WIDTH: u32 = 1100;
+const LABEL_W: u32 = 250;
+const RIGHT_PAD: u32 = 70;
+/// Height of one bar, pixels.
+const BAR_H: u32 = 9;
+/// Space between rows, pixels.
+const ROW_GAP: u32 = 7;
+/// Above each chart (its caption) and below it (the axis labels), pixels.
+const CHART_TOP: u32 = 38;
+const CHART_BOTTOM: u32 = 24;
+const FONT: &str = "sans-serif";
+const COLORS: [RGBColor; 8] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
 ];
-
-/// Escapes text for XML content and attribute values.
-pub fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => out.push(' '),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// Where the axis stops growing: bars beyond it (no real efficiency comes near, but a
 /// `--from` file may say anything) are drawn at its end.
@@ -56,11 +54,32 @@ pub fn axis(max_pct: f64) -> (f64, f64) {
     }
 }
 
+/// Chart x units per percent: bars are drawn to 0.1 %.
+const X_UNITS: f64 = 10.0;
+
+/// A bar's label: `12.3%`, in e-notation where that would be long.
+fn pct_label(v: f64) -> String {
+    if v.abs() < 1e5 {
+        format!("{v:.1}%")
+    } else {
+        format!("{v:.2e}%")
+    }
+}
+
+/// Text as it may appear in the SVG: XML 1.0 has no control characters.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 struct Series<'a> {
     name: String,
     report: &'a Report,
     impl_name: String,
 }
+
+type Key = (String, Vec<usize>, String, String);
 
 fn op_rank(op: &str) -> usize {
     Op::parse(op)
@@ -68,9 +87,13 @@ fn op_rank(op: &str) -> usize {
         .unwrap_or(Op::ALL.len())
 }
 
+fn row_label(k: &Key) -> String {
+    printable(&format!("{} {} {}", dims_label(&k.1), k.2, k.3))
+}
+
 /// The SVG document: `ours` (every implementation in it), then every implementation
 /// of `theirs` when given, bars matched by (op, shape, layout, dtype).
-pub fn svg(ours: &Report, theirs: Option<&Report>) -> String {
+pub fn svg(ours: &Report, theirs: Option<&Report>) -> Result<String, String> {
     let mut series: Vec<Series> = ours
         .impls()
         .into_iter()
@@ -95,7 +118,7 @@ pub fn svg(ours: &Report, theirs: Option<&Report>) -> String {
         }
     }
     // Rows: every distinct key of ours, grouped by op in suite order.
-    let mut keys: Vec<(String, Vec<usize>, String, String)> = Vec::new();
+    let mut keys: Vec<Key> = Vec::new();
     for r in &ours.rows {
         let k = r.key();
         if !keys.contains(&k) {
@@ -109,146 +132,191 @@ pub fn svg(ours: &Report, theirs: Option<&Report>) -> String {
         }
     }
     ops.sort_by_key(|o| op_rank(o));
-
-    let value = |s: &Series, key: &(String, Vec<usize>, String, String)| {
+    let value = |s: &Series, key: &Key| {
         s.report
             .rows
             .iter()
             .find(|r| r.impl_name == s.impl_name && &r.key() == key)
             .map(|r| r.pct_copy)
+            .filter(|v| v.is_finite())
     };
     let max_pct = keys
         .iter()
         .flat_map(|k| series.iter().filter_map(move |s| value(s, k)))
-        .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
     let (step, x_max) = axis(max_pct);
-    let plot_w = WIDTH - LABEL_W - RIGHT_PAD;
-    let x_of = |pct: f64| LABEL_W + plot_w * (pct.clamp(0.0, x_max) / x_max);
-    let band = series.len() as f64 * BAR_H + ROW_GAP;
+    let ticks: Vec<f64> = (0..=(x_max / step).round() as usize)
+        .map(|i| i as f64 * step)
+        .collect();
 
-    let title = format!(
+    let band = series.len().max(1) as u32 * BAR_H + ROW_GAP;
+    let legend_rows = series.len().div_ceil(4) as u32;
+    let head = 56 + legend_rows * 18 + 8;
+    let charts: Vec<(String, Vec<&Key>)> = ops
+        .iter()
+        .map(|op| (op.clone(), keys.iter().filter(|k| &k.0 == op).collect()))
+        .collect();
+    let chart_h = |n: usize| CHART_TOP + n as u32 * band + CHART_BOTTOM;
+    let height = head + charts.iter().map(|(_, k)| chart_h(k.len())).sum::<u32>() + 10;
+
+    let title = printable(&format!(
         "Batch norm efficiency, % of device-to-device copy ({:.0} GB/s): {}",
         ours.copy_gbps, ours.device
-    );
-    let legend_rows = series.len().div_ceil(4) as f64;
-    let top = 50.0 + legend_rows * 18.0 + 10.0;
-    let mut body = String::new();
-    let mut y = top;
-    for op in &ops {
-        let op_keys: Vec<_> = keys.iter().filter(|k| &k.0 == op).collect();
-        y += 22.0;
-        let _ = writeln!(
-            body,
-            "<text x=\"10\" y=\"{:.1}\" font-size=\"15\" font-weight=\"bold\">{}</text>",
-            y - 6.0,
-            xml_escape(op)
-        );
-        // Axis for this group: a labelled gridline every `step` %, 100 % darker.
-        let group_h = op_keys.len() as f64 * band;
-        let ticks = (x_max / step).round() as usize;
-        for i in 0..=ticks {
-            let t = i as f64 * step;
-            let x = x_of(t);
-            let stroke = if t == 100.0 { "#888888" } else { "#dddddd" };
-            let _ = writeln!(
-                body,
-                "<line x1=\"{x:.1}\" y1=\"{y:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"{stroke}\"/>",
-                y + group_h
-            );
-            let _ = writeln!(
-                body,
-                "<text x=\"{x:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\" fill=\"#555555\">{t:.0}%</text>",
-                y - 6.0
-            );
+    ));
+    let subtitle = printable(&format!(
+        "{} {}; bars: minimal bytes / median time as % of the copy bandwidth (higher is better)",
+        ours.driver, ours.date
+    ));
+    let mut out = String::new();
+    draw(
+        &mut out,
+        height,
+        Page {
+            title: &title,
+            subtitle: &subtitle,
+            head,
+            series: &series,
+            charts: &charts,
+            band,
+            ticks: &ticks,
+            x_max,
+            value: &value,
+        },
+    )
+    .map_err(|e| format!("cannot draw the plot: {e}"))?;
+    Ok(out)
+}
+
+struct Page<'a> {
+    title: &'a str,
+    subtitle: &'a str,
+    head: u32,
+    series: &'a [Series<'a>],
+    charts: &'a [(String, Vec<&'a Key>)],
+    band: u32,
+    ticks: &'a [f64],
+    x_max: f64,
+    value: &'a dyn Fn(&Series, &Key) -> Option<f64>,
+}
+
+fn draw(out: &mut String, height: u32, p: Page) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::with_string(out, (WIDTH, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, mut rest) = root.split_vertically(p.head);
+    top.draw(&Text::new(
+        p.title.to_string(),
+        (10, 10),
+        (FONT, 20).into_font().style(FontStyle::Bold),
+    ))?;
+    top.draw(&Text::new(
+        p.subtitle.to_string(),
+        (10, 34),
+        (FONT, 13).into_font().color(&RGBColor(0x55, 0x55, 0x55)),
+    ))?;
+    for (i, s) in p.series.iter().enumerate() {
+        let x = 10 + (i % 4) as i32 * 260;
+        let y = 56 + (i / 4) as i32 * 18;
+        top.draw(&Rectangle::new(
+            [(x, y), (x + 14, y + 10)],
+            COLORS[i % COLORS.len()].filled(),
+        ))?;
+        top.draw(&Text::new(
+            printable(&s.name),
+            (x + 20, y - 1),
+            (FONT, 14).into_font(),
+        ))?;
+    }
+    // Chart coordinates: x in tenths of a percent; y in pixels from the chart's bottom,
+    // row i (from the top) the band [(n - i - 1) * band, (n - i) * band].
+    let x_end = (p.x_max * X_UNITS).round() as i64;
+    let band = p.band as i32;
+    let left = Pos::new(HPos::Left, VPos::Center);
+    for (op, keys) in p.charts {
+        let n = keys.len();
+        let (area, next) = rest.split_vertically(CHART_TOP + n as u32 * p.band + CHART_BOTTOM);
+        rest = next;
+        let row_bottom = |i: usize| (n - i - 1) as i32 * band;
+        let centres: Vec<i32> = (0..n).map(|i| row_bottom(i) + band / 2).collect();
+        let label_of = |y: &i32| {
+            centres
+                .iter()
+                .position(|c| c == y)
+                .map_or_else(String::new, |i| row_label(keys[i]))
+        };
+        let ticks: Vec<i64> = p
+            .ticks
+            .iter()
+            .map(|t| (t * X_UNITS).round() as i64)
+            .collect();
+        let mut chart = ChartBuilder::on(&area)
+            .caption(printable(op), (FONT, 18).into_font().style(FontStyle::Bold))
+            .margin_right(RIGHT_PAD)
+            .margin_left(10)
+            .x_label_area_size(CHART_BOTTOM - 4)
+            .y_label_area_size(LABEL_W - 10)
+            .build_cartesian_2d(
+                (0..x_end).with_key_points(ticks),
+                (0..n as i32 * band).with_key_points(centres.clone()),
+            )?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
+            .x_label_formatter(&|v| format!("{:.0}%", *v as f64 / X_UNITS))
+            .y_label_formatter(&label_of)
+            .label_style((FONT, 13))
+            .draw()?;
+        let hundred = (100.0 * X_UNITS) as i64;
+        if hundred <= x_end {
+            chart.draw_series(std::iter::once(PathElement::new(
+                vec![(hundred, 0), (hundred, n as i32 * band)],
+                RGBColor(0x88, 0x88, 0x88),
+            )))?;
         }
-        for k in op_keys {
-            let label = format!("{} {} {}", crate::suite::dims_label(&k.1), k.2, k.3);
-            let _ = writeln!(
-                body,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
-                LABEL_W - 8.0,
-                y + band / 2.0,
-                xml_escape(&label)
-            );
-            for (i, s) in series.iter().enumerate() {
-                let by = y + i as f64 * BAR_H;
-                match value(s, k) {
-                    Some(v) if v.is_finite() => {
-                        let w = x_of(v) - LABEL_W;
-                        let _ = writeln!(
-                            body,
-                            "<rect x=\"{LABEL_W:.1}\" y=\"{by:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{}: {} {:.1}%</title></rect>",
-                            BAR_H - 1.0,
-                            COLORS[i % COLORS.len()],
-                            xml_escape(&s.name),
-                            xml_escape(&label),
-                            v
-                        );
-                        let _ = writeln!(
-                            body,
-                            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" fill=\"#333333\">{v:.1}%</text>",
-                            LABEL_W + w + 3.0,
-                            by + BAR_H - 2.0
-                        );
+        for (i, key) in keys.iter().enumerate() {
+            let top = row_bottom(i) + band - ROW_GAP as i32 / 2;
+            for (j, s) in p.series.iter().enumerate() {
+                let y0 = top - j as i32 * BAR_H as i32;
+                let y1 = y0 - (BAR_H as i32 - 1);
+                let mid = (y0 + y1) / 2;
+                match (p.value)(s, key) {
+                    Some(v) => {
+                        let w = (v.clamp(0.0, p.x_max) * X_UNITS).round() as i64;
+                        chart.draw_series(std::iter::once(Rectangle::new(
+                            [(0, y1), (w, y0)],
+                            COLORS[j % COLORS.len()].filled(),
+                        )))?;
+                        chart.draw_series(std::iter::once(
+                            EmptyElement::at((w, mid))
+                                + Text::new(
+                                    pct_label(v),
+                                    (3, 0),
+                                    (FONT, 10)
+                                        .into_font()
+                                        .color(&RGBColor(0x33, 0x33, 0x33))
+                                        .pos(left),
+                                ),
+                        ))?;
                     }
-                    _ => {
-                        let _ = writeln!(
-                            body,
-                            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"8\" fill=\"#999999\">n/a</text>",
-                            LABEL_W + 3.0,
-                            by + BAR_H - 2.0
-                        );
+                    None => {
+                        chart.draw_series(std::iter::once(
+                            EmptyElement::at((0, mid))
+                                + Text::new(
+                                    "n/a".to_string(),
+                                    (3, 0),
+                                    (FONT, 10)
+                                        .into_font()
+                                        .color(&RGBColor(0x99, 0x99, 0x99))
+                                        .pos(left),
+                                ),
+                        ))?;
                     }
                 }
             }
-            y += band;
         }
-        y += 8.0;
     }
-    let height = y + 20.0;
-
-    let mut out = String::new();
-    let _ = writeln!(out, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
-    let _ = writeln!(
-        out,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH:.0}\" height=\"{height:.0}\" viewBox=\"0 0 {WIDTH:.0} {height:.0}\" font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\">"
-    );
-    let _ = writeln!(out, "<title>{}</title>", xml_escape(&title));
-    let _ = writeln!(
-        out,
-        "<rect x=\"0\" y=\"0\" width=\"{WIDTH:.0}\" height=\"{height:.0}\" fill=\"#ffffff\"/>"
-    );
-    let _ = writeln!(
-        out,
-        "<text x=\"10\" y=\"24\" font-size=\"16\" font-weight=\"bold\">{}</text>",
-        xml_escape(&title)
-    );
-    let _ = writeln!(
-        out,
-        "<text x=\"10\" y=\"42\" font-size=\"11\" fill=\"#555555\">{} {}; bars: minimal bytes / median time as % of the copy bandwidth (higher is better)</text>",
-        xml_escape(&ours.driver),
-        xml_escape(&ours.date)
-    );
-    for (i, s) in series.iter().enumerate() {
-        let lx = 10.0 + (i % 4) as f64 * 260.0;
-        let ly = 52.0 + (i / 4) as f64 * 18.0;
-        let _ = writeln!(
-            out,
-            "<rect x=\"{lx:.1}\" y=\"{ly:.1}\" width=\"14\" height=\"10\" fill=\"{}\"/>",
-            COLORS[i % COLORS.len()]
-        );
-        let _ = writeln!(
-            out,
-            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\">{}</text>",
-            lx + 20.0,
-            ly + 9.5,
-            xml_escape(&s.name)
-        );
-    }
-    out.push_str(&body);
-    out.push_str("</svg>\n");
-    out
+    root.present()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -257,60 +325,29 @@ mod tests {
     use crate::report::tests::{report, row};
     use crate::report::OUR_IMPL;
 
-    /// Checks that every tag is closed in order; returns the element names seen.
-    fn check_well_formed(doc: &str) -> Vec<String> {
-        let mut stack: Vec<String> = Vec::new();
-        let mut seen = Vec::new();
-        let mut rest = doc;
-        while let Some(start) = rest.find('<') {
-            let text = &rest[..start];
-            assert!(!text.contains('>'), "stray `>` in text: {text:?}");
-            let end = rest[start..].find('>').expect("unclosed tag") + start;
-            let tag = &rest[start + 1..end];
-            assert!(!tag.contains('<'), "`<` inside a tag: {tag}");
-            if let Some(decl) = tag.strip_prefix('?') {
-                assert!(decl.ends_with('?'));
-            } else if let Some(name) = tag.strip_prefix('/') {
-                assert_eq!(
-                    stack.pop().as_deref(),
-                    Some(name.trim()),
-                    "mismatched close"
-                );
-            } else {
-                let self_closing = tag.ends_with('/');
-                let name = tag
-                    .trim_end_matches('/')
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .to_string();
-                // Attribute values are quoted and balanced.
-                assert_eq!(
-                    tag.matches('"').count() % 2,
-                    0,
-                    "unbalanced quotes in {tag}"
-                );
-                seen.push(name.clone());
-                if !self_closing {
-                    stack.push(name);
-                }
-            }
-            rest = &rest[end + 1..];
-        }
-        assert!(stack.is_empty(), "unclosed: {stack:?}");
-        // Entities are the five predefined ones.
-        for (i, _) in doc.match_indices('&') {
-            let ent = &doc[i..doc[i..].find(';').map_or(doc.len(), |j| i + j + 1)];
-            assert!(
-                ["&amp;", "&lt;", "&gt;", "&quot;", "&apos;"].contains(&ent),
-                "entity {ent}"
-            );
-        }
-        seen
+    /// Parses the document as XML (failing the test if it is not) and returns the
+    /// trimmed text of every `<text>` element, in document order.
+    fn texts(doc: &str) -> Vec<String> {
+        let xml = roxmltree::Document::parse(doc).unwrap_or_else(|e| panic!("{e}\n{doc}"));
+        assert_eq!(xml.root_element().tag_name().name(), "svg");
+        xml.descendants()
+            .filter(|n| n.has_tag_name("text"))
+            .map(|n| n.text().unwrap_or_default().trim().to_string())
+            .collect()
+    }
+
+    /// The widths of the `<rect>`s filled with `color`, in document order.
+    fn bars(doc: &str, color: RGBColor) -> Vec<f64> {
+        let fill = format!("#{:02X}{:02X}{:02X}", color.0, color.1, color.2);
+        let xml = roxmltree::Document::parse(doc).unwrap();
+        xml.descendants()
+            .filter(|n| n.has_tag_name("rect") && n.attribute("fill") == Some(fill.as_str()))
+            .map(|n| n.attribute("width").unwrap().parse().unwrap())
+            .collect()
     }
 
     #[test]
-    fn svg_is_well_formed_and_labels_every_row() {
+    fn svg_is_valid_and_has_every_row_and_bar() {
         let mut ours = report(vec![
             row(
                 OUR_IMPL,
@@ -338,7 +375,7 @@ mod tests {
                 0.5,
             ),
         ]);
-        ours.device = "GPU <A&B> \"x\"".into();
+        ours.device = "GPU <A&B> \"x\"\u{1}".into();
         let theirs = report(vec![
             row(
                 "torch",
@@ -350,32 +387,40 @@ mod tests {
             ),
             row("torch-native", "eval_fwd", &[2, 2048], "nchw", "bf16", 8.0),
         ]);
-        let doc = svg(&ours, Some(&theirs));
-        let names = check_well_formed(&doc);
-        assert_eq!(names[0], "svg");
-        assert!(doc.starts_with("<?xml"));
-        assert!(doc.contains("GPU &lt;A&amp;B&gt; &quot;x&quot;"));
+        let doc = svg(&ours, Some(&theirs)).unwrap();
+        let t = texts(&doc);
+        assert!(t[0].ends_with(": GPU <A&B> \"x\""), "{t:?}");
         for r in &ours.rows {
-            let label = format!(
-                "{} {} {}",
-                crate::suite::dims_label(&r.shape),
-                r.layout,
-                r.dtype
-            );
-            assert!(doc.contains(&format!(">{label}</text>")), "{label}");
+            let label = format!("{} {} {}", dims_label(&r.shape), r.layout, r.dtype);
+            assert!(t.contains(&label), "{label}: {t:?}");
         }
         for name in [OUR_IMPL, "torch", "torch-native"] {
-            assert!(doc.contains(&format!(">{name}</text>")), "legend {name}");
+            assert!(t.iter().any(|x| x == name), "legend {name}: {t:?}");
         }
-        // Groups in op order; a value beyond 100 % widens the axis.
-        let (t, e, b) = (
-            doc.find(">train_fwd<").unwrap(),
-            doc.find(">eval_fwd<").unwrap(),
-            doc.find(">backward<").unwrap(),
-        );
-        assert!(t < e && e < b);
-        assert!(doc.contains(">200%</text>"));
-        assert!(doc.contains("n/a"));
+        // One chart per op, in suite order.
+        let at = |s: &str| t.iter().position(|x| x == s).unwrap();
+        assert!(at("train_fwd") < at("eval_fwd") && at("eval_fwd") < at("backward"));
+        // pct_copy is 100 / µs here: 1 %, 0.67 %, 25 % and 200 % (which widens the axis
+        // to 200 %, ticks every 20 %).
+        for label in [
+            "1.0%", "0.7%", "25.0%", "200.0%", "0%", "100%", "200%", "n/a",
+        ] {
+            assert!(t.iter().any(|x| x == label), "{label}: {t:?}");
+        }
+        assert!(!t.iter().any(|x| x == "220%"), "{t:?}");
+        // Bars: ours 4 (after the legend's swatch), torch's and torch-native's one each.
+        let b = bars(&doc, COLORS[0]);
+        assert_eq!(b.len(), 1 + 4, "{doc}");
+        assert_eq!(bars(&doc, COLORS[1]).len(), 1 + 1);
+        assert_eq!(bars(&doc, COLORS[2]).len(), 1 + 1);
+        // Widths in proportion to the values (whole pixels): train_fwd's 1 % and 200 %,
+        // eval_fwd's 25 %, backward's 0.67 %.
+        let px = b[2] / 200.0;
+        assert!(b[2] > 700.0, "{b:?}");
+        assert!((b[1] - px).abs() <= 1.0, "{b:?}");
+        assert!((b[3] - 25.0 * px).abs() <= 1.0, "{b:?}");
+        assert!((b[4] - 0.67 * px).abs() <= 1.0, "{b:?}");
+        assert!(!doc.contains("NaN") && !doc.contains("inf"));
     }
 
     #[test]
@@ -388,8 +433,10 @@ mod tests {
             "f64",
             50.0,
         )]);
-        check_well_formed(&svg(&ours, None));
-        check_well_formed(&svg(&report(vec![]), None));
+        let t = texts(&svg(&ours, None).unwrap());
+        assert!(t.contains(&"4x3 nchw f64".to_string()), "{t:?}");
+        let t = texts(&svg(&report(vec![]), None).unwrap());
+        assert!(t[0].starts_with("Batch norm efficiency"), "{t:?}");
     }
 
     #[test]
@@ -407,16 +454,17 @@ mod tests {
     fn svg_of_an_absurd_percentage_is_finite() {
         let mut r = row(OUR_IMPL, "eval_fwd", &[4, 3], "nchw", "f32", 50.0);
         r.pct_copy = 1.7e308;
-        let doc = svg(&report(vec![r]), None);
-        check_well_formed(&doc);
-        assert!(doc.contains(">1000000000%</text>"), "{doc}");
+        let doc = svg(&report(vec![r]), None).unwrap();
+        let t = texts(&doc);
+        assert!(t.contains(&"1000000000%".to_string()), "{t:?}");
+        assert!(t.contains(&"1.70e308%".to_string()), "{t:?}");
+        assert!(!doc.contains("NaN") && !doc.contains("inf"));
     }
 
     #[test]
-    fn escaping() {
-        assert_eq!(
-            xml_escape("a<b>&\"c'\u{1}"),
-            "a&lt;b&gt;&amp;&quot;c&apos; "
-        );
+    fn labels_are_printable() {
+        assert_eq!(printable("a\u{1}b\nc\td"), "a b c d");
+        assert_eq!(pct_label(12.345), "12.3%");
+        assert_eq!(pct_label(123456.0), "1.23e5%");
     }
 }
