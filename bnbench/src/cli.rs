@@ -37,8 +37,15 @@ const LONG_ABOUT: &str = concat!(
     "1 GiB timed the same way. f16/bf16 rows use f32 weight, bias and running statistics.\n",
     "\n",
     "Without a usable GPU (no driver, no device, or a build without PTX) bnbench says why on ",
-    "one line, runs the same checks on the CPU backend for a few small shapes, and exits 0 ",
-    "(1 if a check fails)."
+    "its first line, and on the next that nothing is timed on hardware. It then checks the ",
+    "selected rows and ops instead (--set, --shape, --dtype, --layout, --op; --seed): on the ",
+    "CPU backend against the f64 reference, at the row's size up to 2^20 elements and above ",
+    "that at a reduced size it names, with the backward also against finite differences; ",
+    "and, where the emulated CUDA driver is built (cuda-batchnorm-emu, on Linux), on the ",
+    "kernels themselves through it, at a size the emulator runs in seconds (at most 4096 ",
+    "elements). --json then writes those checks (`checks`, with `timed_on_hardware: false` ",
+    "and no timed rows). It exits 0, or 1 if a check fails or CUDA_BATCHNORM_REQUIRE_GPU=1 ",
+    "is set."
 );
 
 const AFTER_HELP: &str = "\
@@ -191,6 +198,11 @@ struct Args {
     /// This text
     #[arg(short = 'h', long, action = ArgAction::HelpLong)]
     help: Option<bool>,
+
+    /// Internal: the emulated-driver check of a run without a GPU, in a child process
+    /// (request on stdin, records on stdout, both JSON; see `crate::emulated`).
+    #[arg(long = "emulated-child", hide = true)]
+    emulated_child: bool,
 }
 
 /// Parsed flags.
@@ -220,6 +232,8 @@ pub struct Options {
     pub from: Option<String>,
     /// `--list`.
     pub list: bool,
+    /// The hidden `--emulated-child`.
+    pub emulated_child: bool,
 }
 
 fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
@@ -294,6 +308,7 @@ where
         compare: a.compare,
         from: a.from,
         list: a.list,
+        emulated_child: a.emulated_child,
     })
 }
 
@@ -322,7 +337,7 @@ mod tests {
         assert_eq!(o.seed, DEFAULT_SEED);
         assert_eq!(o.device, 0);
         assert_eq!(o.ops, Op::ALL.to_vec());
-        assert!(o.check && !o.list);
+        assert!(o.check && !o.list && !o.emulated_child);
         assert_eq!(
             (o.json, o.plot, o.compare, o.from),
             (None, None, None, None)
@@ -423,6 +438,8 @@ mod tests {
         assert!(text.contains("f32, f16, bf16, f64"), "{text}");
         assert!(text.contains("L2"), "{text}");
         assert!(text.contains("2 bad flags or unreadable files"), "{text}");
+        assert!(text.contains("nothing is timed on hardware"), "{text}");
+        assert!(!text.contains("emulated-child"), "{text}");
     }
 
     #[test]
