@@ -64,9 +64,12 @@ fn main() {
     // Lets the package's tests be ignored, as the test runner reports them, where the
     // build has no kernels to run.
     println!("cargo::rustc-check-cfg=cfg(cuda_batchnorm_ptx)");
-    if outcome.as_ref().is_ok_and(|m| !m.is_empty()) {
+    let built = outcome.as_ref().is_ok_and(|m| !m.is_empty());
+    if built {
         println!("cargo:rustc-cfg=cuda_batchnorm_ptx");
     }
+    // Read by dependents' build scripts as DEP_CUDA_BATCHNORM_PTX.
+    println!("cargo:ptx={}", u8::from(built));
     let generated = match outcome {
         Ok(modules) => render(&modules, None),
         Err(reason) => {

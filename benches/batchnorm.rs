@@ -15,7 +15,7 @@ use cuda_batchnorm::cudarc::driver::CudaStream;
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Shape, Workspace};
 
-#[path = "../src/bin/bnbench/ops.rs"]
+#[path = "../bnbench/src/ops.rs"]
 mod ops;
 
 use ops::OpBuffers;

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Times PyTorch's batch norm on bnbench's suite, the way bnbench times cuda-batchnorm.
 
-Reads bench/suite.txt (the format is documented at its top) and expands it exactly as
-bnbench does, so `--list` prints the same rows in the same order. For each row and op it
+Reads bench/suite.toml with tomllib (Python 3.11+; the format and its expansion rules are
+documented in its comments) and expands it exactly as bnbench does, so `--list` prints
+the same rows in the same order. For each row and op it
 times, per implementation:
 
   torch          F.batch_norm with PyTorch's default backend (cuDNN where PyTorch picks it)
@@ -40,8 +41,13 @@ import statistics
 import sys
 import tempfile
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    sys.exit("torch_baseline: needs Python 3.11 or newer (tomllib reads bench/suite.toml)")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SUITE_PATH = os.path.join(HERE, "..", "bench", "suite.txt")
+SUITE_PATH = os.path.join(HERE, "..", "bench", "suite.toml")
 
 SET_NAMES = ["quick", "resnet50", "bn1d", "hard", "full"]
 LINE_SETS = ["resnet50", "bn1d", "hard"]
@@ -64,82 +70,103 @@ DTYPE_SIZE = {"f32": 4, "f64": 8, "f16": 2, "bf16": 2}
 
 
 # --------------------------------------------------------------------------------------
-# Suite: parsing and expansion (mirrors src/bin/bnbench/suite.rs)
+# Suite: reading and expansion (mirrors bnbench/src/suite.rs)
 
 
 class SuiteError(ValueError):
     pass
 
 
-def parse_dims(text):
-    """'48,96,35,35' -> [48, 96, 35, 35], with bnbench's checks."""
-    try:
-        dims = [int(t.strip()) for t in text.split(",")]
-        if any(d < 0 for d in dims) or any(not t.strip().isdigit() for t in text.split(",")):
-            raise ValueError
-    except ValueError:
-        raise SuiteError(f"`{text}` is not a comma-separated list of sizes") from None
+def check_dims(dims, what):
+    """bnbench's checks of a shape (PyTorch order)."""
     if len(dims) < 2:
-        raise SuiteError(f"shape `{text}` has {len(dims)} dimension(s); batch norm needs (N, C, ...), at least 2")
+        raise SuiteError(f"{what} has {len(dims)} dimension(s); batch norm needs (N, C, ...), at least 2")
     if len(dims) > MAX_DIMS:
-        raise SuiteError(f"shape `{text}` has more than {MAX_DIMS} dimensions")
+        raise SuiteError(f"{what} has more than {MAX_DIMS} dimensions")
     if 0 in dims:
-        raise SuiteError(f"shape `{text}` has a zero size; every size must be at least 1")
+        raise SuiteError(f"{what} has a zero size; every size must be at least 1")
     if dims[0] * math.prod(dims[2:]) < 2:
-        raise SuiteError(f"shape `{text}` has one value per channel; training needs at least 2")
+        raise SuiteError(f"{what} has one value per channel; training needs at least 2")
     if math.prod(dims) > (1 << 63) - 1:
-        raise SuiteError(f"shape `{text}` has more elements than can be addressed")
+        raise SuiteError(f"{what} has more elements than can be addressed")
     return dims
 
 
-def _parse_list(text, what, valid):
-    items = text.split(",")
-    for t in items:
+def parse_dims(text):
+    """'48,96,35,35' -> [48, 96, 35, 35], with bnbench's checks."""
+    if any(not t.strip().isdigit() for t in text.split(",")):
+        raise SuiteError(f"`{text}` is not a comma-separated list of sizes")
+    return check_dims([int(t) for t in text.split(",")], f"shape `{text}`")
+
+
+def _names(value, key, valid):
+    if not isinstance(value, list) or not value:
+        raise SuiteError(f"`{key}` is empty" if value == [] else f"`{key}` must be a list")
+    for t in value:
         if t not in valid:
-            raise SuiteError(f"unknown {what} `{t}`")
-    return items
+            raise SuiteError(f"unknown {key} entry `{t}` (expected {', '.join(valid)})")
+    return list(value)
+
+
+def _sizes(value):
+    if not isinstance(value, list) or any(type(d) is not int or d < 0 for d in value):
+        raise SuiteError(f"shape {value!r} must be a list of non-negative integers")
+    return check_dims(list(value), f"shape {value}")
+
+
+def _keys(table, required, optional, what):
+    if not isinstance(table, dict):
+        raise SuiteError(f"{what} must be a table")
+    for k in table:
+        if k not in required + optional:
+            raise SuiteError(f"{what}: unknown field `{k}`")
+    for k in required:
+        if k not in table:
+            raise SuiteError(f"{what}: missing field `{k}`")
 
 
 def parse_suite(text):
-    """Lines of the suite file as dicts: set, dims, layouts, dtypes, quick (None or (layouts, dtypes))."""
+    """One dict per shape of the suite file, in file order: set, dims, layouts, dtypes,
+    quick (None or (layouts, dtypes))."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(str(e)) from None
+    _keys(doc, ["group"], [], "the suite")
+    if not isinstance(doc["group"], list):
+        raise SuiteError("`group` must be an array of tables ([[group]])")
     lines = []
-    for i, raw in enumerate(text.splitlines()):
-        content = raw.split("#", 1)[0].strip()
-        if not content:
-            continue
-        where = f"suite line {i + 1}"
-        fields = content.split()
-        if not 4 <= len(fields) <= 5:
-            raise SuiteError(f"{where}: expected `<set> <shape> <layouts> <dtypes> [quick]`, got `{content}`")
-        set_name = fields[0]
-        if set_name not in LINE_SETS:
-            raise SuiteError(f"{where}: unknown set `{set_name}`")
+    for i, g in enumerate(doc["group"]):
+        _keys(g, ["set", "layouts", "dtypes", "shapes"], ["quick"], f"group {i + 1}")
+        where = f"group {i + 1} (set `{g['set']}`)"
         try:
-            dims = parse_dims(fields[1])
-            layouts = _parse_list(fields[2], "layout", LAYOUTS)
-            dtypes = _parse_list(fields[3], "dtype", DTYPES)
+            if g["set"] not in LINE_SETS:
+                raise SuiteError(f"unknown set (expected {', '.join(LINE_SETS)})")
+            layouts = _names(g["layouts"], "layouts", LAYOUTS)
+            dtypes = _names(g["dtypes"], "dtypes", DTYPES)
+            if not isinstance(g["shapes"], list) or not g["shapes"]:
+                raise SuiteError("`shapes` is empty")
+            shapes = [_sizes(d) for d in g["shapes"]]
+            for d in shapes:
+                if len(d) == 2 and "nhwc" in layouts:
+                    raise SuiteError(f"shape {d} is rank 2, which takes nchw only")
+            quick = {}
+            for q in g.get("quick", []):
+                _keys(q, ["shape"], ["layouts", "dtypes"], "a quick entry")
+                dims = _sizes(q["shape"])
+                if dims not in shapes:
+                    raise SuiteError(f"quick entry {dims} is not one of the group's shapes")
+                if tuple(dims) in quick:
+                    raise SuiteError(f"quick entry {dims} is given twice")
+                ql = _names(q["layouts"], "layouts", LAYOUTS) if "layouts" in q else list(layouts)
+                qd = _names(q["dtypes"], "dtypes", DTYPES) if "dtypes" in q else list(dtypes)
+                if any(x not in layouts for x in ql) or any(x not in dtypes for x in qd):
+                    raise SuiteError(f"quick entry {dims} names a layout or dtype the group does not have")
+                quick[tuple(dims)] = (ql, qd)
         except SuiteError as e:
             raise SuiteError(f"{where}: {e}") from None
-        if len(dims) == 2 and "nhwc" in layouts:
-            raise SuiteError(f"{where}: a rank-2 shape takes nchw only")
-        quick = None
-        if len(fields) == 5:
-            q = fields[4]
-            if q == "quick":
-                quick = (list(layouts), list(dtypes))
-            else:
-                parts = q.split(":")
-                if len(parts) != 3 or parts[0] != "quick":
-                    raise SuiteError(f"{where}: expected `quick` or `quick:<layouts>:<dtypes>`, got `{q}`")
-                try:
-                    ql = _parse_list(parts[1], "layout", LAYOUTS)
-                    qd = _parse_list(parts[2], "dtype", DTYPES)
-                except SuiteError as e:
-                    raise SuiteError(f"{where}: {e}") from None
-                if any(l not in layouts for l in ql) or any(d not in dtypes for d in qd):
-                    raise SuiteError(f"{where}: `{q}` names a layout or dtype the line does not have")
-                quick = (ql, qd)
-        lines.append({"set": set_name, "dims": dims, "layouts": layouts, "dtypes": dtypes, "quick": quick})
+        for d in shapes:
+            lines.append({"set": g["set"], "dims": d, "layouts": layouts, "dtypes": dtypes, "quick": quick.get(tuple(d))})
     return lines
 
 
@@ -183,7 +210,7 @@ def load_suite():
 
 
 # --------------------------------------------------------------------------------------
-# Bytes per op (mirrors src/bin/bnbench/metrics.rs)
+# Bytes per op (mirrors bnbench/src/metrics.rs)
 
 
 def param_size(dtype):
@@ -278,7 +305,7 @@ def today():
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Time PyTorch's batch norm on bnbench's suite (bench/suite.txt), the way bnbench times cuda-batchnorm.",
+        description="Time PyTorch's batch norm on bnbench's suite (bench/suite.toml), the way bnbench times cuda-batchnorm.",
     )
     p.add_argument("--set", action="append", default=[], help="quick, resnet50, bn1d, hard or full, comma-separated [default: quick, or none with --shape]")
     p.add_argument("--shape", action="append", default=[], help="an extra shape, e.g. 48,96,35,35 (repeatable, rank >= 2); nchw f32 unless --layout/--dtype")
@@ -600,14 +627,20 @@ def self_test(json_path=None):
     rows = expand(lines, [], shapes=[[48, 96, 35, 35], [7, 3]])
     assert [list_line(r) for r in rows] == ["custom    48x96x35x35          nchw  f32", "custom    7x3                  nchw  f32"]
 
-    for bad in ("resnet50 32,64 nchw", "nope 32,64 nchw f32", "bn1d 32,64 nhwc f32", "hard 2,3,4 nchw f8",
-                "hard 2,3,4 nchw f32 quick:nhwc:f32", "bn1d 1,8 nchw f32", "bn1d 32,0 nchw f32"):
+    ok = '[[group]]\nset = "hard"\nlayouts = ["nchw", "nhwc"]\ndtypes = ["f32", "f16"]\nshapes = [[2, 3, 4]]\n'
+    assert parse_suite(ok + 'quick = [{ shape = [2, 3, 4], layouts = ["nhwc"] }]')[0]["quick"] == (["nhwc"], ["f32", "f16"])
+    for change in ('set = "nope"', 'set = "full"', "shapes = [[32]]", "shapes = [[32, 0]]", "shapes = [[1, 8]]",
+                   "shapes = [[-1, 8]]", "shapes = []", "shapes = [[32, 64]]", 'dtypes = ["f8"]', "layouts = []",
+                   "fast = true", "quick = [{ shape = [2, 3, 5] }]", 'quick = [{ shape = [2, 3, 4], dtypes = ["bf16"] }]',
+                   "quick = [{ shape = [2, 3, 4] }, { shape = [2, 3, 4] }]", "[[group]"):
+        key = change.split(" ")[0]
+        body = "".join(l + "\n" for l in ok.splitlines() if not l.startswith(key + " ")) + change + "\n"
         try:
-            parse_suite(bad)
+            parse_suite(body)
         except SuiteError:
             pass
         else:
-            raise AssertionError(f"accepted {bad!r}")
+            raise AssertionError(f"accepted {change!r}")
 
     # Flags.
     a = parse_args(["--set", "resnet50,hard", "--dtype=f16", "--dtype", "bf16,f16", "--layout", "nhwc",

@@ -1,28 +1,42 @@
-//! The benchmark suite: `bench/suite.txt` parsed and expanded into rows.
+//! The benchmark suite: `bench/suite.toml` read (with the toml crate) and expanded into
+//! rows.
 //!
-//! The file format is documented at the top of `bench/suite.txt`;
-//! `scripts/torch_baseline.py` implements the same parsing and expansion, and a test
-//! checks that both list the same rows.
+//! The file and its expansion rules are documented in its comments;
+//! `scripts/torch_baseline.py` reads the same file with Python's `tomllib` and expands it
+//! the same way, and a test checks that both list the same rows for every set.
 
 use cuda_batchnorm::{DType, MemoryFormat, Shape};
+use serde::Deserialize;
 
 /// The suite file, compiled in.
-pub const SUITE_TXT: &str = include_str!("../../../bench/suite.txt");
+pub const SUITE_TOML: &str = include_str!("../../bench/suite.toml");
 
 /// Set names `--set` accepts.
 pub const SET_NAMES: [&str; 5] = ["quick", "resnet50", "bn1d", "hard", "full"];
+
+/// Set names a group of the suite file may have.
+pub const LINE_SETS: [&str; 3] = ["resnet50", "bn1d", "hard"];
 
 /// Set name of rows that come from `--shape`.
 pub const CUSTOM_SET: &str = "custom";
 
 /// A timed operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Op {
     /// `functional::batch_norm` in training, running statistics updated, statistics saved.
+    #[value(
+        name = "train_fwd",
+        help = "training forward: batch statistics, running statistics updated, statistics saved"
+    )]
     TrainFwd,
     /// `functional::batch_norm_eval`.
+    #[value(name = "eval_fwd", help = "eval forward with the running statistics")]
     EvalFwd,
     /// `functional::batch_norm_backward` with the batch statistics.
+    #[value(
+        name = "backward",
+        help = "training backward through the saved statistics: dx, dweight, dbias"
+    )]
     Backward,
 }
 
@@ -45,7 +59,7 @@ impl Op {
     }
 }
 
-/// One line of the suite file.
+/// One shape of the suite file, with its group's lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
     /// Set name.
@@ -109,7 +123,8 @@ pub fn dims_label(dims: &[usize]) -> String {
         .join("x")
 }
 
-/// Parses a comma-separated list of sizes: `48,96,35,35`.
+/// Parses a comma-separated list of sizes (`--shape 48,96,35,35`) and checks it as
+/// [`check_dims`] does.
 pub fn parse_dims(s: &str) -> Result<Vec<usize>, String> {
     let dims: Vec<usize> = s
         .split(',')
@@ -123,21 +138,28 @@ pub fn parse_dims(s: &str) -> Result<Vec<usize>, String> {
                 .ok_or_else(|| format!("`{s}` is not a comma-separated list of sizes"))
         })
         .collect::<Result<_, _>>()?;
+    check_dims(&dims, &format!("shape `{s}`"))?;
+    Ok(dims)
+}
+
+/// Checks sizes in PyTorch order: rank 2 to 8, no zero size, at least two values per
+/// channel, and a tensor the library can describe. `what` names them in the message.
+pub fn check_dims(dims: &[usize], what: &str) -> Result<(), String> {
     if dims.len() < 2 {
         return Err(format!(
-            "shape `{s}` has {} dimension(s); batch norm needs (N, C, ...), at least 2",
+            "{what} has {} dimension(s); batch norm needs (N, C, ...), at least 2",
             dims.len()
         ));
     }
     if dims.len() > cuda_batchnorm::shape::MAX_DIMS {
         return Err(format!(
-            "shape `{s}` has more than {} dimensions",
+            "{what} has more than {} dimensions",
             cuda_batchnorm::shape::MAX_DIMS
         ));
     }
     if dims.contains(&0) {
         return Err(format!(
-            "shape `{s}` has a zero size; every size must be at least 1"
+            "{what} has a zero size; every size must be at least 1"
         ));
     }
     // Saturating: only "fewer than 2" matters here; Shape::new below rejects sizes that
@@ -145,17 +167,11 @@ pub fn parse_dims(s: &str) -> Result<Vec<usize>, String> {
     let per_channel = dims[2..].iter().fold(dims[0], |m, &d| m.saturating_mul(d));
     if per_channel < 2 {
         return Err(format!(
-            "shape `{s}` has one value per channel; training needs at least 2"
+            "{what} has one value per channel; training needs at least 2"
         ));
     }
-    Shape::new(&dims, MemoryFormat::Contiguous).map_err(|e| format!("shape `{s}`: {e}"))?;
-    Ok(dims)
-}
-
-fn parse_list<T>(s: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
-    s.split(',')
-        .map(|t| parse(t).ok_or_else(|| format!("unknown {what} `{t}`")))
-        .collect()
+    Shape::new(dims, MemoryFormat::Contiguous).map_err(|e| format!("{what}: {e}"))?;
+    Ok(())
 }
 
 /// Parses a layout name, `nchw` or `nhwc` only.
@@ -167,66 +183,136 @@ pub fn parse_layout(s: &str) -> Option<MemoryFormat> {
     }
 }
 
-/// Parses the suite file.
+/// `bench/suite.toml` as written (see the comments at its top).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteFile {
+    group: Vec<GroupFile>,
+}
+
+/// One `[[group]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupFile {
+    set: String,
+    layouts: Vec<String>,
+    dtypes: Vec<String>,
+    shapes: Vec<Vec<u64>>,
+    #[serde(default)]
+    quick: Vec<QuickFile>,
+}
+
+/// One entry of a group's `quick`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuickFile {
+    shape: Vec<u64>,
+    layouts: Option<Vec<String>>,
+    dtypes: Option<Vec<String>>,
+}
+
+fn names<T: PartialEq>(
+    list: &[String],
+    key: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    valid: &str,
+) -> Result<Vec<T>, String> {
+    if list.is_empty() {
+        return Err(format!("`{key}` is empty"));
+    }
+    list.iter()
+        .map(|t| parse(t).ok_or_else(|| format!("unknown {key} entry `{t}` (expected {valid})")))
+        .collect()
+}
+
+fn sizes(dims: &[u64]) -> Result<Vec<usize>, String> {
+    let d: Vec<usize> = dims
+        .iter()
+        .map(|&x| usize::try_from(x).map_err(|_| format!("shape {dims:?} has a size too large")))
+        .collect::<Result<_, _>>()?;
+    check_dims(&d, &format!("shape {dims:?}"))?;
+    Ok(d)
+}
+
+/// Parses and checks the suite file: one [`Line`] per shape, in file order.
 pub fn parse(text: &str) -> Result<Vec<Line>, String> {
+    let file: SuiteFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut lines = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
-        let content = raw.split('#').next().unwrap_or("").trim();
-        if content.is_empty() {
-            continue;
-        }
-        let at = |msg: String| format!("suite line {}: {msg}", i + 1);
-        let fields: Vec<&str> = content.split_whitespace().collect();
-        if !(4..=5).contains(&fields.len()) {
+    for (i, g) in file.group.iter().enumerate() {
+        let at = |msg: String| format!("group {} (set `{}`): {msg}", i + 1, g.set);
+        if !LINE_SETS.contains(&g.set.as_str()) {
             return Err(at(format!(
-                "expected `<set> <shape> <layouts> <dtypes> [quick]`, got `{content}`"
+                "unknown set (expected {})",
+                LINE_SETS.join(", ")
             )));
         }
-        let set = fields[0].to_string();
-        if !SET_NAMES.contains(&set.as_str()) || set == "quick" || set == "full" {
-            return Err(at(format!("unknown set `{set}`")));
+        let layouts = names(&g.layouts, "layouts", parse_layout, "nchw, nhwc").map_err(at)?;
+        let dtypes = names(&g.dtypes, "dtypes", DType::parse, "f32, f16, bf16, f64").map_err(at)?;
+        if g.shapes.is_empty() {
+            return Err(at("`shapes` is empty".into()));
         }
-        let dims = parse_dims(fields[1]).map_err(at)?;
-        let layouts = parse_list(fields[2], "layout", parse_layout).map_err(at)?;
-        let dtypes = parse_list(fields[3], "dtype", DType::parse).map_err(at)?;
-        if dims.len() == 2 && layouts.contains(&MemoryFormat::ChannelsLast) {
-            return Err(at("a rank-2 shape takes nchw only".into()));
-        }
-        let quick = match fields.get(4) {
-            None => None,
-            Some(&"quick") => Some((layouts.clone(), dtypes.clone())),
-            Some(q) => {
-                let parts: Vec<&str> = q.split(':').collect();
-                if parts.len() != 3 || parts[0] != "quick" {
-                    return Err(at(format!(
-                        "expected `quick` or `quick:<layouts>:<dtypes>`, got `{q}`"
-                    )));
-                }
-                let ql = parse_list(parts[1], "layout", parse_layout).map_err(at)?;
-                let qd = parse_list(parts[2], "dtype", DType::parse).map_err(at)?;
-                if ql.iter().any(|l| !layouts.contains(l)) || qd.iter().any(|d| !dtypes.contains(d))
-                {
-                    return Err(at(format!(
-                        "`{q}` names a layout or dtype the line does not have"
-                    )));
-                }
-                Some((ql, qd))
+        let shapes: Vec<Vec<usize>> = g
+            .shapes
+            .iter()
+            .map(|d| sizes(d))
+            .collect::<Result<_, _>>()
+            .map_err(at)?;
+        for (d, raw) in shapes.iter().zip(&g.shapes) {
+            if d.len() == 2 && layouts.contains(&MemoryFormat::ChannelsLast) {
+                return Err(at(format!(
+                    "shape {raw:?} is rank 2, which takes nchw only"
+                )));
             }
-        };
-        lines.push(Line {
-            set,
-            dims,
-            layouts,
-            dtypes,
-            quick,
-        });
+        }
+        let mut quick: Vec<(Vec<usize>, Vec<MemoryFormat>, Vec<DType>)> = Vec::new();
+        for q in &g.quick {
+            let dims = sizes(&q.shape).map_err(at)?;
+            if !shapes.contains(&dims) {
+                return Err(at(format!(
+                    "quick entry {:?} is not one of the group's shapes",
+                    q.shape
+                )));
+            }
+            if quick.iter().any(|(d, _, _)| *d == dims) {
+                return Err(at(format!("quick entry {:?} is given twice", q.shape)));
+            }
+            let ql = match &q.layouts {
+                None => layouts.clone(),
+                Some(l) => names(l, "layouts", parse_layout, "nchw, nhwc").map_err(at)?,
+            };
+            let qd = match &q.dtypes {
+                None => dtypes.clone(),
+                Some(d) => names(d, "dtypes", DType::parse, "f32, f16, bf16, f64").map_err(at)?,
+            };
+            if ql.iter().any(|l| !layouts.contains(l)) || qd.iter().any(|d| !dtypes.contains(d)) {
+                return Err(at(format!(
+                    "quick entry {:?} names a layout or dtype the group does not have",
+                    q.shape
+                )));
+            }
+            quick.push((dims, ql, qd));
+        }
+        for dims in shapes {
+            let q = quick
+                .iter()
+                .find(|(d, _, _)| *d == dims)
+                .map(|(_, l, d)| (l.clone(), d.clone()));
+            lines.push(Line {
+                set: g.set.clone(),
+                dims,
+                layouts: layouts.clone(),
+                dtypes: dtypes.clone(),
+                quick: q,
+            });
+        }
     }
     Ok(lines)
 }
 
-/// The suite compiled into the binary.
-pub fn builtin() -> Vec<Line> {
-    parse(SUITE_TXT).expect("bench/suite.txt is checked by the tests")
+/// The suite compiled into the binary (an `Err` only if `bench/suite.toml` is broken,
+/// which the tests rule out).
+pub fn builtin() -> Result<Vec<Line>, String> {
+    parse(SUITE_TOML).map_err(|e| format!("bench/suite.toml: {e}"))
 }
 
 /// What to run: which sets, which extra shapes, and the command line's overrides.
@@ -298,7 +384,7 @@ mod tests {
 
     fn set(name: &str) -> Vec<Row> {
         expand(
-            &builtin(),
+            &builtin().unwrap(),
             &Selection {
                 sets: vec![name.into()],
                 ..Selection::default()
@@ -388,6 +474,48 @@ mod tests {
     }
 
     #[test]
+    fn quick_rows_in_file_order() {
+        let lines: Vec<String> = set("quick").iter().map(Row::list_line).collect();
+        assert_eq!(
+            lines,
+            [
+                "resnet50  32x256x56x56         nchw  f32",
+                "resnet50  32x256x56x56         nchw  f16",
+                "resnet50  32x256x56x56         nhwc  f32",
+                "resnet50  32x256x56x56         nhwc  f16",
+                "resnet50  32x2048x7x7          nhwc  f16",
+                "bn1d      4096x1024            nchw  f32",
+                "bn1d      2x2048               nchw  f32",
+                "hard      32x17x56x56          nchw  f32",
+                "hard      32x17x56x56          nhwc  f32",
+                "hard      8x64x16x56x56        nhwc  f16",
+            ]
+        );
+        // Groups in file order, shapes in order, layouts outer.
+        let full = set("full");
+        assert_eq!(
+            full[0].list_line(),
+            "resnet50  32x64x112x112        nchw  f32"
+        );
+        assert_eq!(
+            full[3].list_line(),
+            "resnet50  32x64x112x112        nhwc  f32"
+        );
+        assert_eq!(
+            full[6].list_line(),
+            "resnet50  32x64x56x56          nchw  f32"
+        );
+        assert_eq!(
+            full[144].list_line(),
+            "bn1d      256x4096             nchw  f32"
+        );
+        assert_eq!(
+            full[212].list_line(),
+            "hard      8x64x16x56x56        nhwc  bf16"
+        );
+    }
+
+    #[test]
     fn quick_is_a_subset_of_full() {
         let full = set("full");
         for r in set("quick") {
@@ -403,7 +531,7 @@ mod tests {
             dtypes: Some(vec![DType::F64]),
             ..Selection::default()
         };
-        let rows = expand(&builtin(), &sel);
+        let rows = expand(&builtin().unwrap(), &sel);
         // Rank-2 rows fall back to nchw; the 3-D row takes nhwc.
         assert_eq!(rows.len(), 9);
         assert!(rows.iter().all(|r| r.dtype == DType::F64));
@@ -421,7 +549,7 @@ mod tests {
             shapes: vec![vec![48, 96, 35, 35], vec![48, 96, 35, 35], vec![7, 3]],
             ..Selection::default()
         };
-        let rows = expand(&builtin(), &sel);
+        let rows = expand(&builtin().unwrap(), &sel);
         assert_eq!(rows.len(), 2);
         assert_eq!(
             rows[0].list_line(),
@@ -432,41 +560,139 @@ mod tests {
             layouts: Some(vec![MemoryFormat::Contiguous, MemoryFormat::ChannelsLast]),
             ..Selection::default()
         };
-        assert_eq!(expand(&builtin(), &sel).len(), 1);
+        assert_eq!(expand(&builtin().unwrap(), &sel).len(), 1);
+    }
+
+    /// A suite file of one group with `body` as its members.
+    fn group(body: &str) -> Result<Vec<Line>, String> {
+        parse(&format!("[[group]]\n{body}\n"))
     }
 
     #[test]
-    fn bad_lines_are_rejected() {
-        for bad in [
-            "resnet50 32,64 nchw",
-            "nope 32,64 nchw f32",
-            "quick 32,64 nchw f32",
-            "bn1d 32 nchw f32",
-            "bn1d 32,0 nchw f32",
-            "bn1d 1,8 nchw f32",
-            "bn1d 32,64 nhwc f32",
-            "hard 2,3,4 nchw f8",
-            "hard 2,3,4 nchw f32 fast",
-            "hard 2,3,4 nchw f32 quick:nhwc:f32",
-            "hard 2,3,4 nchw f32 quick:nchw",
-        ] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
-        let ok = parse("# c\n\nhard 2,3,4 nchw,nhwc f32,f16 quick:nhwc:f16 # tail\n").unwrap();
+    fn bad_groups_are_rejected() {
+        let ok = "set = \"hard\"\nlayouts = [\"nchw\", \"nhwc\"]\ndtypes = [\"f32\", \"f16\"]\nshapes = [[2, 3, 4]]";
+        let lines = group(&format!(
+            "{ok}\nquick = [{{ shape = [2, 3, 4], layouts = [\"nhwc\"], dtypes = [\"f16\"] }}]"
+        ))
+        .unwrap();
         assert_eq!(
-            ok[0].quick,
+            lines[0].quick,
             Some((vec![MemoryFormat::ChannelsLast], vec![DType::F16]))
+        );
+        // A quick entry without lists takes all of the group's.
+        let lines = group(&format!("{ok}\nquick = [{{ shape = [2, 3, 4] }}]")).unwrap();
+        assert_eq!(
+            lines[0].quick,
+            Some((
+                vec![MemoryFormat::Contiguous, MemoryFormat::ChannelsLast],
+                vec![DType::F32, DType::F16]
+            ))
+        );
+        assert_eq!(group(ok).unwrap()[0].quick, None);
+        assert!(group("shapes = [[2, 3]]")
+            .unwrap_err()
+            .contains("missing field `set`"));
+        let cases: [(&str, &str); 17] = [
+            ("set = \"nope\"", "unknown set"),
+            ("set = \"quick\"", "unknown set"),
+            ("set = \"full\"", "unknown set"),
+            ("shapes = [[32]]", "at least 2"),
+            ("shapes = [[32, 0]]", "zero size"),
+            ("shapes = [[1, 8]]", "one value per channel"),
+            ("shapes = [[-1, 8]]", "invalid value"),
+            ("shapes = []", "`shapes` is empty"),
+            ("shapes = [[32, 64]]", "rank 2, which takes nchw only"),
+            ("dtypes = [\"f8\"]", "unknown dtypes entry `f8`"),
+            ("layouts = [\"nwhc\"]", "unknown layouts entry `nwhc`"),
+            ("layouts = []", "`layouts` is empty"),
+            ("fast = true", "unknown field `fast`"),
+            (
+                "quick = [{ shape = [2, 3, 5] }]",
+                "not one of the group's shapes",
+            ),
+            (
+                "quick = [{ shape = [2, 3, 4], dtypes = [\"bf16\"] }]",
+                "does not have",
+            ),
+            (
+                "quick = [{ shape = [2, 3, 4], layouts = [] }]",
+                "`layouts` is empty",
+            ),
+            (
+                "quick = [{ shape = [2, 3, 4] }, { shape = [2, 3, 4] }]",
+                "given twice",
+            ),
+        ];
+        for (change, want) in cases {
+            // The change replaces the member of its name, or is added.
+            let key = change.split(' ').next().unwrap_or_default();
+            let mut body: Vec<&str> = ok
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{key} ")))
+                .collect();
+            body.push(change);
+            let err = group(&body.join("\n")).unwrap_err();
+            assert!(err.contains(want), "{change}: {err}");
+        }
+        assert!(parse("").unwrap_err().contains("missing field `group`"));
+        assert!(parse("[[group]\n").is_err());
+    }
+
+    const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/torch_baseline.py");
+
+    /// Whether python3 with tomllib (3.11+) runs here; prints why not when it does not.
+    fn python_with_tomllib() -> bool {
+        match std::process::Command::new("python3")
+            .args(["-c", "import tomllib"])
+            .output()
+        {
+            Ok(o) if o.status.success() => true,
+            Ok(_) => {
+                eprintln!("skipped: python3 has no tomllib (Python 3.11 or newer needed)");
+                false
+            }
+            Err(e) => {
+                eprintln!("skipped: python3 not runnable ({e})");
+                false
+            }
+        }
+    }
+
+    /// The script's own checks of its suite reading, flags and JSON (no torch, no GPU).
+    #[test]
+    fn torch_baseline_self_test_passes() {
+        if !python_with_tomllib() {
+            return;
+        }
+        let out = std::process::Command::new("python3")
+            .args([SCRIPT, "--self-test"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.starts_with("self-test ok: 213 suite rows"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 
     /// scripts/torch_baseline.py must list the same rows, in the same order, for the same
-    /// flags (skipped with a note where python3 is not installed).
+    /// flags, for every set (skipped with a note where python3 is missing or older than
+    /// 3.11, which has no tomllib).
     #[test]
     fn torch_baseline_lists_the_same_rows() {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/torch_baseline.py");
-        let cases: [&[&str]; 7] = [
+        if !python_with_tomllib() {
+            return;
+        }
+        let script = SCRIPT;
+        let cases: [&[&str]; 12] = [
             &[],
+            &["--set", "quick"],
+            &["--set", "resnet50"],
+            &["--set", "bn1d"],
+            &["--set", "hard"],
             &["--set", "full"],
+            &["--set", "quick,bn1d"],
             &["--set", "resnet50", "--layout", "nhwc", "--dtype", "f16"],
             &[
                 "--set",
@@ -497,28 +723,20 @@ mod tests {
             &["--set", "hard", "--shape", "2,3,4,5,6,7"],
         ];
         for args in cases {
-            let out = match std::process::Command::new("python3")
+            let out = std::process::Command::new("python3")
                 .arg(script)
                 .arg("--list")
                 .args(args)
                 .output()
-            {
-                Ok(o) => o,
-                Err(e) => {
-                    eprintln!("skipped: python3 not runnable ({e})");
-                    return;
-                }
-            };
+                .unwrap();
             assert!(
                 out.status.success(),
                 "{args:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            let crate::cli::Command::Run(o) = crate::cli::parse(&argv).unwrap() else {
-                panic!()
-            };
-            let ours: String = expand(&builtin(), &o.selection)
+            let o =
+                crate::cli::parse(std::iter::once("bnbench").chain(args.iter().copied())).unwrap();
+            let ours: String = expand(&builtin().unwrap(), &o.selection)
                 .iter()
                 .map(|r| r.list_line() + "\n")
                 .collect();

@@ -2,16 +2,19 @@
 //! a sample of channels (all of their values), with the norm-wise relative error
 //! `‖out − ref‖ / ‖ref‖`. NaN or infinity never passes.
 //!
-//! The same checks serve the GPU rows and, without a GPU, the CPU backend
-//! ([`cpu_selfcheck`]), which also runs a finite-difference check of the backward.
+//! The same checks serve the GPU rows and, without a GPU, the selected rows on the CPU
+//! backend ([`cpu_check`], with a finite-difference check of the backward,
+//! [`finite_difference`]) and on the kernels under the emulated driver (`crate::nogpu`),
+//! each outcome kept as a [`CheckRecord`].
 
 pub use crate::ops::{EPS, MOMENTUM};
 use cuda_batchnorm::cpu::{self, reference};
-use cuda_batchnorm::{DType, Float, MemoryFormat, ParamFor, Shape};
-use half::{bf16, f16};
+use cuda_batchnorm::half::{bf16, f16};
+use cuda_batchnorm::{DType, Float, ParamFor, Shape};
+use serde::{Deserialize, Serialize};
 
 use crate::data::{self, Inputs};
-use crate::suite::{dims_label, Op};
+use crate::suite::{Op, Row};
 
 /// Norm-wise tolerance for an input dtype.
 pub fn tolerance(d: DType) -> f64 {
@@ -26,6 +29,13 @@ pub fn tolerance(d: DType) -> f64 {
 /// `‖got − want‖ / ‖want‖` (the absolute norm when `want` is zero); NaN when any value
 /// is not finite or the lengths differ.
 pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    rel_err_over(got, want, 0.0)
+}
+
+/// `‖got − want‖ / max(‖want‖, floor)`: for outputs that are a difference of larger
+/// terms (the training dx), whose error is judged against the size of those terms, as
+/// the arithmetic that computes them can only resolve that much.
+pub fn rel_err_over(got: &[f64], want: &[f64], floor: f64) -> f64 {
     if got.len() != want.len() || got.iter().chain(want).any(|v| !v.is_finite()) {
         return f64::NAN;
     }
@@ -35,7 +45,7 @@ pub fn rel_err(got: &[f64], want: &[f64]) -> f64 {
         .map(|(g, w)| (g - w) * (g - w))
         .sum::<f64>()
         .sqrt();
-    let norm: f64 = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    let norm = want.iter().map(|w| w * w).sum::<f64>().sqrt().max(floor);
     if norm > 0.0 {
         diff / norm
     } else {
@@ -57,16 +67,23 @@ pub struct Check {
 impl Check {
     /// Compares named outputs against their references.
     pub fn of(parts: &[(&'static str, &[f64], &[f64])], tol: f64) -> Check {
+        let floored: Vec<_> = parts.iter().map(|&(n, g, w)| (n, g, w, 0.0)).collect();
+        Check::of_floored(&floored, tol)
+    }
+
+    /// As [`Check::of`], each part with the floor of its error's denominator
+    /// ([`rel_err_over`]).
+    pub fn of_floored(parts: &[(&'static str, &[f64], &[f64], f64)], tol: f64) -> Check {
         let mut c = Check {
             max_rel_err: 0.0,
             tol,
             worst: "",
         };
-        for (name, got, want) in parts {
+        for &(name, got, want, floor) in parts {
             if c.max_rel_err.is_nan() {
                 break; // the first non-finite part decides
             }
-            let e = rel_err(got, want);
+            let e = rel_err_over(got, want, floor);
             if e.is_nan() || e > c.max_rel_err || c.worst.is_empty() {
                 c.max_rel_err = e;
                 c.worst = name;
@@ -241,14 +258,141 @@ pub fn check_backward(
     ) else {
         return Check::unusable(tol);
     };
-    Check::of(
+    // dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w cancels almost
+    // completely when a channel has few values (two values: exactly, but for eps), so its
+    // error is judged against the size of its first term, ‖dy * invstd * w‖.
+    let (n, k, sp) = (s.shape.n(), s.shape.c(), s.shape.spatial());
+    let mut first = 0.0;
+    for b in 0..n {
+        for ch in 0..k {
+            let scale = save_invstd.get(ch).copied().unwrap_or(0.0) * s.weight[ch];
+            for i in 0..sp {
+                let t = s.dy[s.shape.offset(b, ch, i)] * scale;
+                first += t * t;
+            }
+        }
+    }
+    Check::of_floored(
         &[
-            ("dx", &out.dx, &g.input),
-            ("grad_weight", &out.grad_weight, &g.weight),
-            ("grad_bias", &out.grad_bias, &g.bias),
+            ("dx", &out.dx, &g.input, first.sqrt()),
+            ("grad_weight", &out.grad_weight, &g.weight, 0.0),
+            ("grad_bias", &out.grad_bias, &g.bias, 0.0),
         ],
         tol,
     )
+}
+
+/// One check made without a GPU: which row, at which size, on what, and its outcome.
+/// The `checks` member of a no-GPU run's JSON is a list of these.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    /// What was checked: `cpu` (the CPU backend), `emulated` (the kernels under the
+    /// emulated CUDA driver) or `cpu-finite-differences` (the CPU backend's backward,
+    /// f64, against central differences).
+    pub backend: String,
+    /// `train_fwd`, `eval_fwd` or `backward`.
+    pub op: String,
+    /// The row's sizes.
+    pub shape: Vec<usize>,
+    /// `nchw` or `nhwc`.
+    pub layout: String,
+    /// The row's input dtype (`f64` for finite differences).
+    pub dtype: String,
+    /// The sizes actually checked (the row's, or a reduced version of them).
+    pub checked_shape: Vec<usize>,
+    /// `ok`, `failed` or `error` (the op or the reference could not run).
+    pub check: String,
+    /// Largest norm-wise relative error, when finite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rel_err: Option<f64>,
+    /// The tolerance.
+    pub tol: f64,
+    /// The output with the largest error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst: Option<String>,
+    /// What went wrong, for `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CheckRecord {
+    /// The record of `outcome` for `row`'s `op`, checked on `backend` at `checked_shape`.
+    pub fn new(
+        backend: &str,
+        row: &Row,
+        checked_shape: &[usize],
+        op: Op,
+        outcome: Result<&Check, &str>,
+        tol: f64,
+    ) -> CheckRecord {
+        let (check, max_rel_err, worst, error) = match outcome {
+            Ok(c) => (
+                c.status().to_string(),
+                Some(c.max_rel_err).filter(|e| e.is_finite()),
+                Some(c.worst.to_string()).filter(|w| !w.is_empty()),
+                None,
+            ),
+            Err(e) => ("error".to_string(), None, None, Some(e.to_string())),
+        };
+        CheckRecord {
+            backend: backend.into(),
+            op: op.name().into(),
+            shape: row.dims.clone(),
+            layout: row.layout.name().into(),
+            dtype: row.dtype.name().into(),
+            checked_shape: checked_shape.to_vec(),
+            check,
+            max_rel_err,
+            tol,
+            worst,
+            error,
+        }
+    }
+
+    /// Whether it passed.
+    pub fn passed(&self) -> bool {
+        self.check == "ok"
+    }
+}
+
+/// `dims` made small enough for a quick check: more than `max_c` channels become
+/// `max_c` (or one fewer, so that an odd count stays odd and an even one even), then the
+/// largest of N and the spatial sizes is halved (rounding up) until the tensor has at
+/// most `max_numel` elements, always keeping at least 2 values per channel. Sizes
+/// already within both limits come back as they are.
+pub fn reduced_dims(dims: &[usize], max_numel: usize, max_c: usize) -> Vec<usize> {
+    let mut d = dims.to_vec();
+    if d.len() < 2 {
+        return d;
+    }
+    if d[1] > max_c {
+        let c = max_c.max(2);
+        d[1] = if c % 2 == d[1] % 2 { c } else { c - 1 };
+    }
+    let product = |d: &[usize], skip: Option<usize>| {
+        d.iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != skip)
+            .fold(1usize, |a, (_, &b)| a.saturating_mul(b))
+    };
+    while product(&d, None) > max_numel {
+        let Some((i, &v)) = d
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .max_by_key(|(_, v)| **v)
+        else {
+            break;
+        };
+        let smaller = v.div_ceil(2);
+        let mut next = d.clone();
+        next[i] = smaller;
+        if v <= 1 || product(&next, Some(1)) < 2 {
+            break;
+        }
+        d = next;
+    }
+    d
 }
 
 /// Widens a host vector to f64.
@@ -256,9 +400,15 @@ pub fn wide<E: Float>(v: &[E]) -> Vec<f64> {
     reference::to_f64(v)
 }
 
-/// Runs the three ops on the CPU backend for one shape and checks each.
-pub fn cpu_row<T: Float, P: ParamFor<T>>(shape: &Shape, seed: u64) -> Result<[Check; 3], String> {
+/// Runs `ops` on the CPU backend for one shape and checks each, in `ops`' order (the
+/// backward's statistics come from a training forward, run whether or not it is checked).
+pub fn cpu_row<T: Float, P: ParamFor<T>>(
+    shape: &Shape,
+    ops: &[Op],
+    seed: u64,
+) -> Result<Vec<(Op, Check)>, String> {
     let e = |e: cuda_batchnorm::BnError| e.to_string();
+    let mut checks = Vec::new();
     let inputs = Inputs::<T, P>::new(seed, shape);
     let (numel, c) = (shape.numel(), shape.c());
     let chans = data::sample_channels(c);
@@ -301,30 +451,37 @@ pub fn cpu_row<T: Float, P: ParamFor<T>>(shape: &Shape, seed: u64) -> Result<[Ch
         running_mean: data::pick(&wide(&rm), &chans),
         running_var: data::pick(&wide(&rv), &chans),
     };
-    let train = check_train(&sample, &train_out, tol);
+    if ops.contains(&Op::TrainFwd) {
+        checks.push((Op::TrainFwd, check_train(&sample, &train_out, tol)));
+    }
 
     // Eval forward with the initial running statistics.
-    let (mut rm, mut rv) = (inputs.running_mean.clone(), inputs.running_var.clone());
-    let mut y = vec![T::default(); numel];
-    cpu::batch_norm(
-        cpu::Forward {
-            input: &x,
-            shape: *shape,
-            running_mean: Some(&mut rm),
-            running_var: Some(&mut rv),
-            weight: Some(&inputs.weight),
-            bias: Some(&inputs.bias),
-            training: false,
-            momentum: MOMENTUM,
-            eps: EPS,
-        },
-        &mut y,
-        None,
-    )
-    .map_err(e)?;
-    let eval = check_eval(&sample, &host(&y), tol);
+    if ops.contains(&Op::EvalFwd) {
+        let (mut rm, mut rv) = (inputs.running_mean.clone(), inputs.running_var.clone());
+        let mut y = vec![T::default(); numel];
+        cpu::batch_norm(
+            cpu::Forward {
+                input: &x,
+                shape: *shape,
+                running_mean: Some(&mut rm),
+                running_var: Some(&mut rv),
+                weight: Some(&inputs.weight),
+                bias: Some(&inputs.bias),
+                training: false,
+                momentum: MOMENTUM,
+                eps: EPS,
+            },
+            &mut y,
+            None,
+        )
+        .map_err(e)?;
+        checks.push((Op::EvalFwd, check_eval(&sample, &host(&y), tol)));
+    }
 
     // Backward with the training forward's saved statistics.
+    if !ops.contains(&Op::Backward) {
+        return Ok(checks);
+    }
     let mut dx = vec![T::default(); numel];
     let pzero = P::from_f64(0.0);
     let (mut gw, mut gb) = (vec![pzero; c], vec![pzero; c]);
@@ -358,7 +515,23 @@ pub fn cpu_row<T: Float, P: ParamFor<T>>(shape: &Shape, seed: u64) -> Result<[Ch
         &out,
         tol,
     );
-    Ok([train, eval, bwd])
+    checks.push((Op::Backward, bwd));
+    Ok(checks)
+}
+
+/// [`cpu_row`] for a shape and input dtype (f16 and bf16 with f32 parameters).
+pub fn cpu_check(
+    shape: &Shape,
+    dtype: DType,
+    ops: &[Op],
+    seed: u64,
+) -> Result<Vec<(Op, Check)>, String> {
+    match dtype {
+        DType::F32 => cpu_row::<f32, f32>(shape, ops, seed),
+        DType::F64 => cpu_row::<f64, f64>(shape, ops, seed),
+        DType::F16 => cpu_row::<f16, f32>(shape, ops, seed),
+        DType::BF16 => cpu_row::<bf16, f32>(shape, ops, seed),
+    }
 }
 
 /// Compares the CPU backend's backward with central finite differences of
@@ -448,103 +621,10 @@ pub fn finite_difference(shape: &Shape, seed: u64) -> Result<f64, String> {
 /// Tolerance of the finite-difference check.
 pub const FD_TOL: f64 = 1e-6;
 
-/// The CPU backend's self-check for when there is no GPU: a few small shapes, all four
-/// dtypes, both layouts, the three ops, and the finite-difference check. Returns the
-/// table and whether everything passed.
-pub fn cpu_selfcheck(seed: u64) -> (String, bool) {
-    let shapes: [(&[usize], &[MemoryFormat]); 3] = [
-        (
-            &[4, 3, 5, 7],
-            &[MemoryFormat::Contiguous, MemoryFormat::ChannelsLast],
-        ),
-        (
-            &[3, 10, 2, 3, 2],
-            &[MemoryFormat::Contiguous, MemoryFormat::ChannelsLast],
-        ),
-        (&[16, 6], &[MemoryFormat::Contiguous]),
-    ];
-    let mut out = String::new();
-    let mut all_ok = true;
-    out.push_str(&format!(
-        "CPU backend vs the f64 reference (norm-wise relative error, up to {} channels sampled)\n",
-        data::MAX_SAMPLED_CHANNELS
-    ));
-    out.push_str(&format!(
-        "{:<12} {:<6} {:<5} {:>10} {:>10} {:>10} {:>8}  {}\n",
-        "shape",
-        "layout",
-        "dtype",
-        Op::TrainFwd.name(),
-        Op::EvalFwd.name(),
-        Op::Backward.name(),
-        "tol",
-        "check"
-    ));
-    for (dims, formats) in shapes {
-        for &format in formats {
-            let shape = Shape::new(dims, format).expect("fixed shapes are valid");
-            for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
-                let res = match dtype {
-                    DType::F32 => cpu_row::<f32, f32>(&shape, seed),
-                    DType::F64 => cpu_row::<f64, f64>(&shape, seed),
-                    DType::F16 => cpu_row::<f16, f32>(&shape, seed),
-                    DType::BF16 => cpu_row::<bf16, f32>(&shape, seed),
-                };
-                let head = format!(
-                    "{:<12} {:<6} {:<5}",
-                    dims_label(dims),
-                    format.name(),
-                    dtype.name()
-                );
-                match res {
-                    Ok(checks) => {
-                        let ok = checks.iter().all(Check::passed);
-                        all_ok &= ok;
-                        let e: Vec<String> = checks
-                            .iter()
-                            .map(|c| format!("{:.1e}", c.max_rel_err))
-                            .collect();
-                        out.push_str(&format!(
-                            "{head} {:>10} {:>10} {:>10} {:>8.0e}  {}\n",
-                            e[0],
-                            e[1],
-                            e[2],
-                            tolerance(dtype),
-                            if ok { "ok" } else { "FAILED" }
-                        ));
-                    }
-                    Err(msg) => {
-                        all_ok = false;
-                        out.push_str(&format!("{head} error: {msg}\n"));
-                    }
-                }
-            }
-        }
-    }
-    let fd_shape = Shape::new(&[3, 2, 4], MemoryFormat::ChannelsLast).expect("valid");
-    match finite_difference(&fd_shape, seed) {
-        Ok(err) => {
-            let ok = err <= FD_TOL;
-            all_ok &= ok;
-            out.push_str(&format!(
-                "finite differences of the backward ({} nhwc f64, dx dweight dbias): rel err {err:.1e} (tol {FD_TOL:.0e}) {}\n",
-                dims_label(fd_shape.dims()),
-                if ok { "ok" } else { "FAILED" }
-            ));
-        }
-        Err(msg) => {
-            all_ok = false;
-            out.push_str(&format!(
-                "finite differences of the backward: error: {msg}\n"
-            ));
-        }
-    }
-    (out, all_ok)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cuda_batchnorm::MemoryFormat;
 
     #[test]
     fn relative_errors() {
@@ -554,6 +634,12 @@ mod tests {
         assert!(rel_err(&[f64::NAN], &[1.0]).is_nan());
         assert!(rel_err(&[f64::INFINITY], &[1.0]).is_nan());
         assert!(rel_err(&[1.0], &[1.0, 2.0]).is_nan());
+        // a floor above the reference's norm takes its place, one below does nothing
+        assert!((rel_err_over(&[1e-6], &[0.0], 1.0) - 1e-6).abs() < 1e-18);
+        assert_eq!(
+            rel_err_over(&[3.0, 0.0], &[0.0, 4.0], 1.0),
+            rel_err(&[3.0, 0.0], &[0.0, 4.0])
+        );
     }
 
     #[test]
@@ -584,10 +670,97 @@ mod tests {
     }
 
     #[test]
-    fn cpu_backend_passes_its_self_check() {
-        let (table, ok) = cpu_selfcheck(42);
-        assert!(ok, "{table}");
-        assert_eq!(table.matches(" ok\n").count(), 2 * 4 * 2 + 4 + 1, "{table}");
+    fn cpu_backend_passes_in_every_dtype_and_only_the_ops_asked_for() {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let shape = Shape::new(&[4, 3, 5, 7], format).unwrap();
+            for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+                let checks = cpu_check(&shape, dtype, &Op::ALL, 42).unwrap();
+                let ops: Vec<Op> = checks.iter().map(|(o, _)| *o).collect();
+                assert_eq!(ops, Op::ALL);
+                assert!(checks.iter().all(|(_, c)| c.passed()), "{checks:?}");
+                assert!(checks.iter().all(|(_, c)| c.tol == tolerance(dtype)));
+            }
+        }
+        let shape = Shape::nc(16, 6).unwrap();
+        let checks = cpu_check(&shape, DType::F32, &[Op::Backward], 1).unwrap();
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].0, Op::Backward);
+        assert!(checks[0].1.passed());
+    }
+
+    #[test]
+    fn reduced_sizes() {
+        // Within both limits: unchanged.
+        assert_eq!(reduced_dims(&[4, 3, 5, 7], 1000, 64), [4, 3, 5, 7]);
+        // The largest of N and the spatial sizes halves, rounding up, until small enough.
+        assert_eq!(
+            reduced_dims(&[32, 256, 56, 56], 1 << 20, 1 << 16),
+            [16, 256, 14, 14]
+        );
+        assert_eq!(reduced_dims(&[4096, 1024], 1 << 20, 1 << 16), [1024, 1024]);
+        // Channels capped, odd counts staying odd and even ones even.
+        assert_eq!(reduced_dims(&[32, 17, 56, 56], 4096, 32), [4, 17, 7, 7]);
+        assert_eq!(reduced_dims(&[2, 2048], 4096, 32), [2, 32]);
+        assert_eq!(reduced_dims(&[64, 1001, 7, 7], 4096, 32)[1], 31);
+        assert_eq!(reduced_dims(&[3, 4, 5], 1000, 3)[1], 2);
+        // Never fewer than 2 values per channel, even above the limit.
+        assert_eq!(reduced_dims(&[2, 64, 1], 10, 64), [2, 64, 1]);
+        assert_eq!(reduced_dims(&[3, 1000], 10, 1 << 16), [2, 1000]);
+        for dims in [
+            &[16, 2, 112, 112, 112][..],
+            &[20, 6, 65536],
+            &[1, 64, 512, 512],
+            &[215857, 64],
+            &[8, 64, 16, 56, 56],
+        ] {
+            let d = reduced_dims(dims, 4096, 32);
+            assert_eq!(d.len(), dims.len());
+            assert!(d.iter().product::<usize>() <= 4096, "{dims:?} -> {d:?}");
+            let per_channel: usize = d
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 1)
+                .map(|(_, v)| v)
+                .product();
+            assert!(per_channel >= 2, "{dims:?} -> {d:?}");
+            assert!(d.iter().zip(dims).all(|(a, b)| a <= b && *a >= 1));
+        }
+        assert_eq!(reduced_dims(&[7], 1, 1), [7]);
+    }
+
+    #[test]
+    fn check_records() {
+        let row = Row {
+            set: "custom".into(),
+            dims: vec![8, 4],
+            layout: MemoryFormat::Contiguous,
+            dtype: DType::F16,
+        };
+        let c = Check {
+            max_rel_err: 2e-4,
+            tol: 1e-3,
+            worst: "y",
+        };
+        let r = CheckRecord::new("cpu", &row, &[4, 4], Op::EvalFwd, Ok(&c), 1e-3);
+        assert!(r.passed());
+        assert_eq!(
+            (r.op.as_str(), r.dtype.as_str(), r.layout.as_str()),
+            ("eval_fwd", "f16", "nchw")
+        );
+        assert_eq!((r.max_rel_err, r.worst.as_deref()), (Some(2e-4), Some("y")));
+        let bad = Check {
+            max_rel_err: f64::NAN,
+            ..c
+        };
+        let r = CheckRecord::new("cpu", &row, &[4, 4], Op::EvalFwd, Ok(&bad), 1e-3);
+        assert!(!r.passed());
+        assert_eq!((r.check.as_str(), r.max_rel_err), ("failed", None));
+        let r = CheckRecord::new("emulated", &row, &[4, 4], Op::Backward, Err("boom"), 1e-3);
+        assert!(!r.passed());
+        assert_eq!(
+            (r.check.as_str(), r.error.as_deref()),
+            ("error", Some("boom"))
+        );
     }
 
     #[test]

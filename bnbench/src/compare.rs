@@ -5,6 +5,7 @@
 use crate::metrics::geomean;
 use crate::report::{Report, ResultRow, OUR_IMPL};
 use crate::suite::{dims_label, Op};
+use crate::table;
 
 /// One of our rows with each of their implementations' times.
 #[derive(Clone, Debug, PartialEq)]
@@ -155,62 +156,56 @@ pub fn render(
     }
     out.push_str("speedup = their median / ours (above 1: ours is faster)\n\n");
     let cols: Vec<String> = c.impls.iter().map(|i| column_name(i)).collect();
-    let mut header = format!(
-        "{:<10} {:<18} {:<6} {:<5} {:>10}",
-        "op", "shape", "layout", "dtype", "ours µs"
-    );
+
+    let mut header: Vec<String> = ["op", "shape", "layout", "dtype", "ours µs"]
+        .map(String::from)
+        .to_vec();
     for name in &cols {
-        let w = name.len().max(8);
-        header.push_str(&format!(
-            "  {:>w$} {:>8}",
-            format!("{name} µs"),
-            "speedup",
-            w = w + 3
-        ));
+        header.push(format!("{name} µs"));
+        header.push("speedup".into());
     }
-    out.push_str(header.trim_end());
-    out.push('\n');
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    let right: Vec<usize> = (4..header.len()).collect();
+    let mut t = table::new(&header, &right);
     for m in &c.rows {
         let r = &m.ours;
-        let mut line = format!(
-            "{:<10} {:<18} {:<6} {:<5} {:>10.2}",
-            r.op,
+        let mut cells = vec![
+            r.op.clone(),
             dims_label(&r.shape),
-            r.layout,
-            r.dtype,
-            r.median_us
-        );
-        for (name, t) in cols.iter().zip(&m.theirs) {
-            let w = name.len().max(8) + 3;
-            let (tu, s) = match t {
-                Some(t) => (format!("{t:.2}"), fmt_speedup(speedup(r.median_us, *t))),
-                None => ("-".into(), "-".into()),
-            };
-            line.push_str(&format!("  {tu:>w$} {s:>8}"));
+            r.layout.clone(),
+            r.dtype.clone(),
+            format!("{:.2}", r.median_us),
+        ];
+        for theirs in &m.theirs {
+            match theirs {
+                Some(tu) => {
+                    cells.push(format!("{tu:.2}"));
+                    cells.push(fmt_speedup(speedup(r.median_us, *tu)));
+                }
+                None => cells.extend(["-".to_string(), "-".to_string()]),
+            }
         }
-        out.push_str(&line);
-        out.push('\n');
+        t.add_row(cells);
     }
+    out.push_str(&table::render(&t));
+
     out.push_str("\ngeometric mean speedup per group (rows compared)\n");
-    let mut header = format!("{:<24} {:>5}", "group", "rows");
-    for name in &cols {
-        header.push_str(&format!("  {:>w$}", name, w = name.len().max(12)));
-    }
-    out.push_str(&header);
-    out.push('\n');
+    let mut header = vec!["group", "rows"];
+    header.extend(cols.iter().map(String::as_str));
+    let right: Vec<usize> = (1..header.len()).collect();
+    let mut t = table::new(&header, &right);
     for g in &c.groups {
-        let mut line = format!("{:<24} {:>5}", g.name, g.rows);
-        for (name, (s, n)) in cols.iter().zip(&g.speedups) {
-            let cell = if *n > 0 {
+        let mut cells = vec![g.name.clone(), g.rows.to_string()];
+        for (s, n) in &g.speedups {
+            cells.push(if *n > 0 {
                 format!("{} ({n})", fmt_speedup(*s))
             } else {
                 "-".into()
-            };
-            line.push_str(&format!("  {:>w$}", cell, w = name.len().max(12)));
+            });
         }
-        out.push_str(&line);
-        out.push('\n');
+        t.add_row(cells);
     }
+    out.push_str(&table::render(&t));
     out
 }
 
@@ -327,6 +322,37 @@ mod tests {
         for r in &ours.rows {
             assert!(text.contains(&dims_label(&r.shape)));
         }
+        // One line per row and per group, each with a cell per implementation.
+        let line = |start: &str| {
+            text.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no line {start}:\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            line("train_fwd  32x256x56x56"),
+            [
+                "train_fwd",
+                "32x256x56x56",
+                "nchw",
+                "f32",
+                "100.00",
+                "200.00",
+                "2.00x",
+                "50.00",
+                "0.50x"
+            ]
+        );
+        assert_eq!(
+            line("backward"),
+            ["backward", "2x2048", "nchw", "f32", "4.00", "-", "-", "-", "-"]
+        );
+        assert_eq!(
+            line("overall"),
+            ["overall", "4", "2.00x", "(3)", "0.50x", "(1)"]
+        );
+        assert!(text.contains("torch µs") && text.contains("speedup"));
     }
 
     #[test]

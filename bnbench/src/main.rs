@@ -1,27 +1,30 @@
 //! `bnbench`: checks and times cuda-batchnorm's operations on a standard shape suite
-//! (`bench/suite.txt`), reports time, GB/s and % of the device's copy bandwidth, and
+//! (`bench/suite.toml`), reports time, GB/s and % of the device's copy bandwidth, and
 //! compares with PyTorch (`scripts/torch_baseline.py`). `bnbench --help` lists the
-//! flags; without a GPU it runs the CPU backend's self-check instead.
+//! flags. Without a GPU it times nothing and checks the selected rows instead, on the
+//! CPU backend and on the kernels under the emulated CUDA driver (`nogpu`).
 
 mod check;
 mod cli;
 mod compare;
 mod data;
+#[cfg(feature = "emulated")]
+mod emulated;
 mod gpu;
-mod json;
 mod metrics;
+mod nogpu;
 mod ops;
 mod plot;
 mod report;
 mod suite;
+mod table;
 mod timing;
 
 use std::io::Write as _;
 
 use check::Check;
-use cli::{Command, Options};
+use cli::Options;
 use cuda_batchnorm::DType;
-use json::Value;
 use report::{Report, ResultRow, RowError, OUR_IMPL};
 use suite::Row;
 
@@ -48,8 +51,9 @@ macro_rules! outln {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let code = run(&args);
+    // Usage errors exit with status 2, the help with 0 (clap's statuses).
+    let opts = cli::parse(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let code = run(&opts);
     let _ = std::io::stdout().flush();
     std::process::exit(code);
 }
@@ -80,16 +84,18 @@ fn writable(flag: &str, path: &str) -> Result<(), String> {
     }
 }
 
-fn run(args: &[String]) -> i32 {
-    let opts = match cli::parse(args) {
-        Ok(Command::Help) => {
-            out!("{}", cli::HELP);
-            return 0;
-        }
-        Ok(Command::Run(o)) => *o,
+fn run(opts: &Options) -> i32 {
+    if opts.emulated_child {
+        #[cfg(feature = "emulated")]
+        return emulated::child_main();
+        #[cfg(not(feature = "emulated"))]
+        return usage_error("--emulated-child: built without the `emulated` feature");
+    }
+    let suite = match suite::builtin() {
+        Ok(s) => s,
         Err(e) => return usage_error(&e),
     };
-    let rows = suite::expand(&suite::builtin(), &opts.selection);
+    let rows = suite::expand(&suite, &opts.selection);
     if opts.list {
         for r in &rows {
             outln!("{}", r.list_line());
@@ -131,10 +137,10 @@ fn run(args: &[String]) -> i32 {
             if rows.is_empty() {
                 return usage_error("no rows selected");
             }
-            match gpu::open(opts.device) {
-                Err(why) => return cpu_fallback(&why, &opts),
+            match gpu::open(opts.device, true) {
+                Err(why) => return no_gpu(&why, &rows, opts),
                 Ok(mut g) => {
-                    let (rep, ok) = run_gpu(&mut g, &rows, &opts);
+                    let (rep, ok) = run_gpu(&mut g, &rows, opts);
                     if !ok {
                         code = 1;
                     }
@@ -144,12 +150,8 @@ fn run(args: &[String]) -> i32 {
         }
     };
     if let Some(p) = &opts.json {
-        match std::fs::write(p, ours.to_json()) {
-            Ok(()) => eprintln!("bnbench: wrote {p}"),
-            Err(e) => {
-                eprintln!("bnbench: --json: cannot write {p}: {e}");
-                code = code.max(2);
-            }
+        if !write_json(p, &ours) {
+            code = code.max(2);
         }
     }
     if let Some(t) = &theirs {
@@ -167,7 +169,9 @@ fn run(args: &[String]) -> i32 {
         );
     }
     if let Some(p) = &opts.plot {
-        match std::fs::write(p, plot::svg(&ours, theirs.as_ref())) {
+        match plot::svg(&ours, theirs.as_ref())
+            .and_then(|svg| std::fs::write(p, svg).map_err(|e| e.to_string()))
+        {
             Ok(()) => eprintln!("bnbench: wrote {p}"),
             Err(e) => {
                 eprintln!("bnbench: --plot: cannot write {p}: {e}");
@@ -178,27 +182,102 @@ fn run(args: &[String]) -> i32 {
     code
 }
 
-/// No usable GPU: one line saying why, then the CPU backend's self-check.
-fn cpu_fallback(why: &str, opts: &Options) -> i32 {
+/// Writes `report` to `--json`'s file; false (after saying why) if it could not.
+fn write_json(path: &str, report: &Report) -> bool {
+    match report
+        .to_json()
+        .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()))
+    {
+        Ok(()) => {
+            eprintln!("bnbench: wrote {path}");
+            true
+        }
+        Err(e) => {
+            eprintln!("bnbench: --json: cannot write {path}: {e}");
+            false
+        }
+    }
+}
+
+/// No usable GPU: why, that nothing is timed on hardware, then the selected rows and ops
+/// checked on the CPU backend and on the kernels under the emulated driver.
+fn no_gpu(why: &str, rows: &[Row], opts: &Options) -> i32 {
     outln!("bnbench: no GPU run: {why}");
-    if opts.json.is_some() || opts.plot.is_some() || opts.compare.is_some() {
-        eprintln!(
-            "bnbench: nothing was timed, so --json / --plot / --compare have no results to use"
+    let emu_missing = nogpu::emulated_unavailable();
+    if opts.check {
+        outln!(
+            "bnbench: nothing is timed on hardware (no GPU); instead the {} selected row(s) x {} op(s) are checked on the CPU backend against the f64 reference{}",
+            rows.len(),
+            opts.ops.len(),
+            if emu_missing.is_none() {
+                ", and on the kernels under the emulated CUDA driver"
+            } else {
+                ""
+            }
         );
-    }
-    let (table, ok) = check::cpu_selfcheck(opts.seed);
-    out!("{table}");
-    if ok && std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        // A staged GPU run (.gpu/run) must not pass without timing anything.
-        outln!("cpu self-check: ok, but CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run");
-        1
-    } else if ok {
-        outln!("cpu self-check: ok");
-        0
     } else {
-        outln!("cpu self-check: FAILED");
-        1
+        outln!("bnbench: nothing is timed on hardware (no GPU), and --no-check leaves nothing to check");
     }
+    if opts.plot.is_some() || opts.compare.is_some() {
+        eprintln!("bnbench: nothing was timed, so --plot / --compare have no results to use");
+    }
+    let mut records = Vec::new();
+    let mut ok = true;
+    if opts.check {
+        outln!();
+        outln!(
+            "CPU backend vs the f64 reference (norm-wise relative error, up to {} channels sampled; more than {} elements: checked at a reduced size; backward also vs central finite differences, f64, tol {:.0e})",
+            data::MAX_SAMPLED_CHANNELS,
+            nogpu::CPU_MAX_NUMEL,
+            check::FD_TOL
+        );
+        let cpu = nogpu::cpu_records(rows, &opts.ops, opts.seed);
+        out!("{}", nogpu::table(&cpu, nogpu::CPU, &opts.ops));
+        let (cpu_line, cpu_ok) = nogpu::summary(&cpu, &[nogpu::CPU, nogpu::FINITE_DIFFERENCES]);
+        records.extend(cpu);
+        let emu_line = match emu_missing {
+            Some(why) => format!("not run: {why}"),
+            None => match nogpu::emulated_records(rows, &opts.ops, opts.seed) {
+                nogpu::EmulatedOutcome::Checked(emu) => {
+                    outln!();
+                    outln!(
+                        "Kernels under the emulated CUDA driver vs the f64 reference (each op run once, at most {} elements and {} channels)",
+                        nogpu::EMU_MAX_NUMEL,
+                        nogpu::EMU_MAX_C
+                    );
+                    out!("{}", nogpu::table(&emu, nogpu::EMULATED, &opts.ops));
+                    let (line, emu_ok) = nogpu::summary(&emu, &[nogpu::EMULATED]);
+                    ok &= emu_ok;
+                    records.extend(emu);
+                    line
+                }
+                nogpu::EmulatedOutcome::Unavailable(why) => format!("not run: {why}"),
+                nogpu::EmulatedOutcome::Failed(why) => {
+                    ok = false;
+                    format!("FAILED: {why}")
+                }
+            },
+        };
+        ok &= cpu_ok;
+        outln!();
+        outln!("cpu reference check: {cpu_line}");
+        outln!("emulated kernels check: {emu_line}");
+    }
+    let mut code = if ok { 0 } else { 1 };
+    if let Some(p) = &opts.json {
+        let written = nogpu::report(why, opts.seed, &records)
+            .map_err(|e| eprintln!("bnbench: --json: {e}"))
+            .is_ok_and(|r| write_json(p, &r));
+        if !written {
+            code = code.max(2);
+        }
+    }
+    if std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        // A staged GPU run (.gpu/run) must not pass without timing anything.
+        outln!("bnbench: CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run");
+        code = code.max(1);
+    }
+    code
 }
 
 /// The GPU run: copy bandwidth, then every row and op. Returns the report and whether
@@ -209,6 +288,7 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         reps: opts.reps,
         seed: opts.seed,
         check: opts.check,
+        timed: true,
     };
     let d = g.summary.clone();
     outln!(
@@ -220,6 +300,15 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         d.l2_bytes >> 20,
         d.driver
     );
+    // The emulated driver found through LD_LIBRARY_PATH (the .gpu/run dry run) runs this
+    // same path; its times are the emulator's.
+    #[cfg(feature = "emulated")]
+    let hardware = d.name != cuda_batchnorm_emu::driver::DEVICE_NAME;
+    #[cfg(not(feature = "emulated"))]
+    let hardware = true;
+    if !hardware {
+        outln!("bnbench: this is the emulated CUDA driver: the times below are the emulator's, not hardware's");
+    }
     let mut ok = true;
     let mut errors = Vec::new();
     let copy_gbps = match g.copy_bandwidth(&cfg) {
@@ -322,18 +411,19 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         copy_gbps,
         rows: out_rows,
         errors,
-        extra: vec![
-            ("tool".into(), Value::from("bnbench")),
-            ("reps".into(), Value::from(opts.reps)),
-            ("warmup".into(), Value::from(opts.warmup)),
-            ("flush_bytes".into(), Value::from(g.flush_bytes())),
-            ("l2_bytes".into(), Value::from(d.l2_bytes)),
+        extra: serde_json::Map::from_iter([
+            ("tool".to_string(), "bnbench".into()),
+            ("timed_on_hardware".into(), hardware.into()),
+            ("reps".into(), opts.reps.into()),
+            ("warmup".into(), opts.warmup.into()),
+            ("flush_bytes".into(), g.flush_bytes().into()),
+            ("l2_bytes".into(), d.l2_bytes.into()),
             (
                 "compute_capability".into(),
-                Value::from(format!("{}.{}", d.cc.0, d.cc.1)),
+                format!("{}.{}", d.cc.0, d.cc.1).into(),
             ),
-            ("seed".into(), Value::Num(opts.seed as f64)),
-        ],
+            ("seed".into(), opts.seed.into()),
+        ]),
     };
     out!("{}", report.table());
     (report, ok)

@@ -67,6 +67,9 @@ pub struct RunConfig {
     pub seed: u64,
     /// Whether to check.
     pub check: bool,
+    /// Whether to time (otherwise every op runs once and is checked, as on the emulated
+    /// driver of a run without a GPU).
+    pub timed: bool,
 }
 
 /// An open device with its stream, flush buffer and timing events.
@@ -74,7 +77,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     /// What the device is.
     pub summary: DeviceSummary,
-    flush: CudaSlice<u8>,
+    /// The L2 flush buffer; none on a device opened only to check.
+    flush: Option<CudaSlice<u8>>,
     events: Vec<(CudaEvent, CudaEvent)>,
 }
 
@@ -87,8 +91,9 @@ fn bn(e: BnError) -> String {
 }
 
 /// Why there is no GPU run, if there is none: no driver, no device, no PTX, or PTX
-/// the driver refuses. Otherwise the open device.
-pub fn open(ordinal: usize) -> Result<Gpu, String> {
+/// the driver refuses. Otherwise the open device, with its L2 flush buffer when it is
+/// to time.
+pub fn open(ordinal: usize, timed: bool) -> Result<Gpu, String> {
     let ptx = cuda_batchnorm::ptx_unavailable().map(|r| BnError::PtxUnavailable(r).to_string());
     let ctx = match cuda_batchnorm::open_device(ordinal) {
         Ok(ctx) => ctx,
@@ -106,10 +111,16 @@ pub fn open(ordinal: usize) -> Result<Gpu, String> {
     // Loads the kernels: a driver that refuses the PTX says so here.
     Workspace::for_shape(&stream, &Shape::nc(2, 1).map_err(bn)?, DType::F32).map_err(bn)?;
     let summary = summarise(&ctx)?;
-    let flush_bytes = (2 * summary.l2_bytes).max(MIN_FLUSH_BYTES);
-    let flush = stream
-        .alloc_zeros::<u8>(flush_bytes)
-        .map_err(drv("allocating the L2 flush buffer"))?;
+    let flush = if timed {
+        let flush_bytes = (2 * summary.l2_bytes).max(MIN_FLUSH_BYTES);
+        Some(
+            stream
+                .alloc_zeros::<u8>(flush_bytes)
+                .map_err(drv("allocating the L2 flush buffer"))?,
+        )
+    } else {
+        None
+    };
     Ok(Gpu {
         stream,
         summary,
@@ -180,12 +191,15 @@ impl timing::Clock for Events<'_> {
 /// Times `op` (see [`timing::run`]) with CUDA events, creating them as needed.
 fn time(
     stream: &Arc<CudaStream>,
-    flush: &mut CudaSlice<u8>,
+    flush: &mut Option<CudaSlice<u8>>,
     events: &mut Vec<(CudaEvent, CudaEvent)>,
     warmup: usize,
     reps: usize,
     op: impl FnMut() -> Result<(), String>,
 ) -> Result<Timing, String> {
+    let flush = flush
+        .as_mut()
+        .ok_or("internal: a device opened only to check cannot time")?;
     let ctx = stream.context();
     while events.len() < reps {
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -204,7 +218,7 @@ fn time(
 impl Gpu {
     /// Bytes of the L2 flush.
     pub fn flush_bytes(&self) -> usize {
-        self.flush.len()
+        self.flush.as_ref().map_or(0, |f| f.len())
     }
 
     /// Times a device-to-device copy of [`COPY_BYTES`] (less where memory is short, but
@@ -275,7 +289,7 @@ impl Gpu {
         let s = self.stream.clone();
         let inputs = Inputs::<T, P>::new(cfg.seed, &shape);
         let chans = data::sample_channels(shape.c());
-        let sample = cfg.check.then(|| Sample::new(&inputs, &shape, &chans));
+        let sample = (cfg.check || !cfg.timed).then(|| Sample::new(&inputs, &shape, &chans));
         let mut bufs = Buffers::<T, P>::new(&s, &shape, &inputs, ops.contains(&Op::Backward))?;
         let tol = check::tolerance(T::DTYPE);
         let mut results = Vec::new();
@@ -302,14 +316,16 @@ impl Gpu {
                             };
                             res.check = Some(check::check_train(sample, &out, tol));
                         }
-                        res.timing = Some(time(
-                            &s,
-                            &mut self.flush,
-                            &mut self.events,
-                            cfg.warmup,
-                            cfg.reps,
-                            || bufs.train(&s).map_err(bn),
-                        )?);
+                        if cfg.timed {
+                            res.timing = Some(time(
+                                &s,
+                                &mut self.flush,
+                                &mut self.events,
+                                cfg.warmup,
+                                cfg.reps,
+                                || bufs.train(&s).map_err(bn),
+                            )?);
+                        }
                     }
                     Op::EvalFwd => {
                         if let Some(sample) = &sample {
@@ -320,14 +336,16 @@ impl Gpu {
                                 tol,
                             ));
                         }
-                        res.timing = Some(time(
-                            &s,
-                            &mut self.flush,
-                            &mut self.events,
-                            cfg.warmup,
-                            cfg.reps,
-                            || bufs.eval(&s).map_err(bn),
-                        )?);
+                        if cfg.timed {
+                            res.timing = Some(time(
+                                &s,
+                                &mut self.flush,
+                                &mut self.events,
+                                cfg.warmup,
+                                cfg.reps,
+                                || bufs.eval(&s).map_err(bn),
+                            )?);
+                        }
                     }
                     Op::Backward => {
                         // The statistics the backward differentiates through.
@@ -343,14 +361,16 @@ impl Gpu {
                                 (pick(&s, &bufs.sm, &chans)?, pick(&s, &bufs.si, &chans)?);
                             res.check = Some(check::check_backward(sample, &sm, &si, &out, tol));
                         }
-                        res.timing = Some(time(
-                            &s,
-                            &mut self.flush,
-                            &mut self.events,
-                            cfg.warmup,
-                            cfg.reps,
-                            || bufs.backward(&s).map_err(bn),
-                        )?);
+                        if cfg.timed {
+                            res.timing = Some(time(
+                                &s,
+                                &mut self.flush,
+                                &mut self.events,
+                                cfg.warmup,
+                                cfg.reps,
+                                || bufs.backward(&s).map_err(bn),
+                            )?);
+                        }
                     }
                 }
                 Ok(())

@@ -197,7 +197,7 @@ pub fn pick<E: Copy>(v: &[E], chans: &[usize]) -> Vec<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use half::f16;
+    use cuda_batchnorm::half::f16;
 
     #[test]
     fn rng_is_seeded_and_never_zero() {

@@ -1,0 +1,354 @@
+//! A run without a GPU: nothing is timed on hardware, so the selected rows and ops are
+//! checked instead, on the CPU backend against the f64 reference (with the backward also
+//! against finite differences) and, where the emulated CUDA driver is available, on the
+//! kernels themselves through it (`crate::emulated`). Rows too large for a quick check
+//! are checked at a reduced size ([`check::reduced_dims`]), and the tables say which.
+
+use cuda_batchnorm::{DType, Shape};
+
+use crate::check::{self, Check, CheckRecord};
+use crate::report::Report;
+use crate::suite::{dims_label, Op, Row};
+use crate::table;
+
+/// Largest tensor the CPU check takes at its own size, in elements.
+pub const CPU_MAX_NUMEL: usize = 1 << 20;
+/// Most channels of a CPU check.
+pub const CPU_MAX_C: usize = 1 << 16;
+/// Largest tensor the emulated kernels are checked on, in elements: the emulator runs
+/// every CUDA thread as a fiber, so this keeps a row to a fraction of a second.
+pub const EMU_MAX_NUMEL: usize = 4096;
+/// Most channels of an emulated check.
+pub const EMU_MAX_C: usize = 32;
+/// Largest tensor of the finite-difference check (two forwards per element).
+pub const FD_MAX_NUMEL: usize = 60;
+/// Most channels of the finite-difference check.
+pub const FD_MAX_C: usize = 3;
+
+/// Backend names in [`CheckRecord::backend`].
+pub const CPU: &str = "cpu";
+/// The finite-difference check of the CPU backend's backward.
+pub const FINITE_DIFFERENCES: &str = "cpu-finite-differences";
+/// The kernels under the emulated CUDA driver.
+pub const EMULATED: &str = "emulated";
+
+/// How the check of the kernels under the emulated driver went.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "emulated"), allow(dead_code))]
+pub enum EmulatedOutcome {
+    /// It ran; these are its checks.
+    Checked(Vec<CheckRecord>),
+    /// It could not run here (a build without the `emulated` feature or without PTX, no
+    /// emulated driver on this platform, a child process that could not start): why.
+    Unavailable(String),
+    /// It started but ended without an answer (a crash in the emulator, say): a failure.
+    Failed(String),
+}
+
+/// Why the kernels cannot be checked under the emulated driver here, if they cannot.
+pub fn emulated_unavailable() -> Option<String> {
+    #[cfg(feature = "emulated")]
+    return crate::emulated::unavailable();
+    #[cfg(not(feature = "emulated"))]
+    return Some("bnbench was built without its `emulated` feature".into());
+}
+
+/// Checks `rows` x `ops` on the kernels under the emulated driver, each at
+/// [`emulated_dims`].
+pub fn emulated_records(rows: &[Row], ops: &[Op], seed: u64) -> EmulatedOutcome {
+    #[cfg(feature = "emulated")]
+    return crate::emulated::check(rows, ops, seed);
+    #[cfg(not(feature = "emulated"))]
+    {
+        let _ = (rows, ops, seed);
+        EmulatedOutcome::Unavailable("bnbench was built without its `emulated` feature".into())
+    }
+}
+
+/// Checks `rows` x `ops` on the CPU backend, and the backward (when in `ops`) against
+/// finite differences.
+pub fn cpu_records(rows: &[Row], ops: &[Op], seed: u64) -> Vec<CheckRecord> {
+    let mut out = Vec::new();
+    for row in rows {
+        let dims = check::reduced_dims(&row.dims, CPU_MAX_NUMEL, CPU_MAX_C);
+        let tol = check::tolerance(row.dtype);
+        let outcome = Shape::new(&dims, row.layout)
+            .map_err(|e| e.to_string())
+            .and_then(|shape| check::cpu_check(&shape, row.dtype, ops, seed));
+        match outcome {
+            Ok(checks) => out.extend(
+                checks
+                    .iter()
+                    .map(|(op, c)| CheckRecord::new(CPU, row, &dims, *op, Ok(c), tol)),
+            ),
+            Err(e) => out.extend(
+                ops.iter()
+                    .map(|&op| CheckRecord::new(CPU, row, &dims, op, Err(&e), tol)),
+            ),
+        }
+        if ops.contains(&Op::Backward) {
+            let fd_dims = check::reduced_dims(&row.dims, FD_MAX_NUMEL, FD_MAX_C);
+            let fd_row = Row {
+                dtype: DType::F64,
+                ..row.clone()
+            };
+            let fd = Shape::new(&fd_dims, row.layout)
+                .map_err(|e| e.to_string())
+                .and_then(|s| check::finite_difference(&s, seed))
+                .map(|err| Check {
+                    max_rel_err: err,
+                    tol: check::FD_TOL,
+                    worst: "dx, grad_weight, grad_bias",
+                });
+            out.push(CheckRecord::new(
+                FINITE_DIFFERENCES,
+                &fd_row,
+                &fd_dims,
+                Op::Backward,
+                fd.as_ref().map_err(String::as_str),
+                check::FD_TOL,
+            ));
+        }
+    }
+    out
+}
+
+/// The sizes the emulated kernels are checked at for `row`.
+#[cfg_attr(not(feature = "emulated"), allow(dead_code))]
+pub fn emulated_dims(row: &Row) -> Vec<usize> {
+    check::reduced_dims(&row.dims, EMU_MAX_NUMEL, EMU_MAX_C)
+}
+
+fn cell(r: Option<&CheckRecord>) -> String {
+    match r {
+        None => "-".into(),
+        Some(r) if r.error.is_some() => "error".into(),
+        Some(r) => r
+            .max_rel_err
+            .map_or("non-finite".into(), |e| format!("{e:.1e}")),
+    }
+}
+
+/// The table of one backend's records (with the finite differences beside the CPU's),
+/// one line per row, then a line per error.
+pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
+    let mine: Vec<&CheckRecord> = records.iter().filter(|r| r.backend == backend).collect();
+    let fd: Vec<&CheckRecord> = records
+        .iter()
+        .filter(|r| backend == CPU && r.backend == FINITE_DIFFERENCES)
+        .collect();
+    let mut header = vec!["shape", "layout", "dtype", "checked at"];
+    header.extend(ops.iter().map(|o| o.name()));
+    header.push("tol");
+    if !fd.is_empty() {
+        header.push("finite diff");
+    }
+    header.push("check");
+    let right: Vec<usize> = (4..header.len() - 1).collect();
+    let mut t = table::new(&header, &right);
+    let mut rows: Vec<(&Vec<usize>, &str, &str)> = Vec::new();
+    for r in &mine {
+        let key = (&r.shape, r.layout.as_str(), r.dtype.as_str());
+        if !rows.contains(&key) {
+            rows.push(key);
+        }
+    }
+    let mut errors = String::new();
+    for (shape, layout, dtype) in rows {
+        let of_row = |r: &&&CheckRecord| &r.shape == shape && r.layout == layout;
+        let ours: Vec<&CheckRecord> = mine
+            .iter()
+            .filter(of_row)
+            .filter(|r| r.dtype == dtype)
+            .copied()
+            .collect();
+        let fd_rec = fd.iter().find(of_row).copied();
+        let checked = ours.first().map_or(shape, |r| &r.checked_shape);
+        let at = if checked == shape {
+            "same".to_string()
+        } else {
+            dims_label(checked)
+        };
+        let mut cells = vec![dims_label(shape), layout.into(), dtype.into(), at];
+        for op in ops {
+            cells.push(cell(ours.iter().find(|r| r.op == op.name()).copied()));
+        }
+        cells.push(
+            ours.first()
+                .map_or("-".into(), |r| format!("{:.0e}", r.tol)),
+        );
+        if !fd.is_empty() {
+            cells.push(match fd_rec {
+                Some(r) => format!("{} at {}", cell(Some(r)), dims_label(&r.checked_shape)),
+                None => "-".into(),
+            });
+        }
+        let ok = ours.iter().chain(fd_rec.as_ref()).all(|r| r.passed());
+        cells.push(if ok { "ok" } else { "FAILED" }.into());
+        t.add_row(cells);
+        for r in ours.iter().chain(fd_rec.as_ref()) {
+            if let Some(e) = &r.error {
+                errors.push_str(&format!(
+                    "error: {} {} {} {}: {e}\n",
+                    r.op,
+                    dims_label(shape),
+                    layout,
+                    r.dtype
+                ));
+            }
+        }
+    }
+    table::render(&t) + &errors
+}
+
+/// `ok (10 rows x 3 ops)` or `FAILED (2 of 30 checks)`, and whether every check passed.
+pub fn summary(records: &[CheckRecord], backends: &[&str]) -> (String, bool) {
+    let mine: Vec<&CheckRecord> = records
+        .iter()
+        .filter(|r| backends.contains(&r.backend.as_str()))
+        .collect();
+    let failed = mine.iter().filter(|r| !r.passed()).count();
+    if failed == 0 {
+        (format!("ok ({} checks)", mine.len()), true)
+    } else {
+        (format!("FAILED ({failed} of {} checks)", mine.len()), false)
+    }
+}
+
+/// The JSON of a run without a GPU: the standard members (device `none`, no rows), marked
+/// `timed_on_hardware: false`, with why and every check made.
+pub fn report(why: &str, seed: u64, records: &[CheckRecord]) -> Result<Report, String> {
+    let checks = serde_json::to_value(records).map_err(|e| e.to_string())?;
+    Ok(Report {
+        device: "none".into(),
+        driver: cuda_batchnorm::driver_version()
+            .map_or_else(|| "none".into(), |v| format!("CUDA {v}")),
+        date: crate::report::today(),
+        copy_gbps: 0.0,
+        extra: serde_json::Map::from_iter([
+            ("tool".to_string(), "bnbench".into()),
+            ("timed_on_hardware".into(), false.into()),
+            ("no_gpu".into(), why.into()),
+            ("seed".into(), seed.into()),
+            ("checks".into(), checks),
+        ]),
+        rows: Vec::new(),
+        errors: Vec::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{expand, Selection};
+    use cuda_batchnorm::MemoryFormat;
+
+    fn rows(shapes: &[&[usize]], layouts: &[MemoryFormat], dtypes: &[DType]) -> Vec<Row> {
+        expand(
+            &[],
+            &Selection {
+                sets: Vec::new(),
+                shapes: shapes.iter().map(|s| s.to_vec()).collect(),
+                layouts: Some(layouts.to_vec()),
+                dtypes: Some(dtypes.to_vec()),
+            },
+        )
+    }
+
+    const ALL_DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::BF16, DType::F64];
+    const BOTH: [MemoryFormat; 2] = [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast];
+
+    #[test]
+    fn cpu_backend_passes_on_the_rows_given() {
+        // The shapes of the former fixed self-check: all four dtypes, both layouts.
+        let rows = rows(
+            &[&[4, 3, 5, 7], &[3, 10, 2, 3, 2], &[16, 6]],
+            &BOTH,
+            &ALL_DTYPES,
+        );
+        assert_eq!(rows.len(), 2 * 4 * 2 + 4);
+        let recs = cpu_records(&rows, &Op::ALL, 42);
+        assert_eq!(recs.len(), rows.len() * 4);
+        assert!(recs.iter().all(CheckRecord::passed), "{recs:#?}");
+        assert!(recs
+            .iter()
+            .all(|r| r.checked_shape == r.shape || r.backend == FINITE_DIFFERENCES));
+        let text = table(&recs, CPU, &Op::ALL);
+        assert_eq!(text.lines().count(), 2 + rows.len(), "{text}");
+        assert_eq!(text.matches(" ok\n").count(), rows.len(), "{text}");
+        assert!(text.contains("finite diff"), "{text}");
+        let (line, ok) = summary(&recs, &[CPU, FINITE_DIFFERENCES]);
+        assert!(ok);
+        assert_eq!(line, format!("ok ({} checks)", rows.len() * 4));
+    }
+
+    #[test]
+    fn only_the_selected_ops_and_large_rows_reduced() {
+        let rows = rows(
+            &[&[32, 256, 56, 56]],
+            &[MemoryFormat::ChannelsLast],
+            &[DType::F16],
+        );
+        let recs = cpu_records(&rows, &[Op::EvalFwd], 7);
+        assert_eq!(recs.len(), 1, "{recs:#?}");
+        let r = &recs[0];
+        assert_eq!((r.op.as_str(), r.backend.as_str()), ("eval_fwd", CPU));
+        assert_eq!(r.shape, [32, 256, 56, 56]);
+        assert_eq!(r.checked_shape, [16, 256, 14, 14]);
+        assert!(r.passed(), "{r:?}");
+        let text = table(&recs, CPU, &[Op::EvalFwd]);
+        assert!(text.contains("16x256x14x14"), "{text}");
+        assert!(
+            !text.contains("train_fwd") && !text.contains("finite"),
+            "{text}"
+        );
+        // The backward alone: its check and the finite differences, at a tiny size.
+        let recs = cpu_records(&rows, &[Op::Backward], 7);
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[1].backend, FINITE_DIFFERENCES);
+        assert_eq!(recs[1].dtype, "f64");
+        assert!(recs[1].checked_shape.iter().product::<usize>() <= FD_MAX_NUMEL);
+        assert!(recs.iter().all(CheckRecord::passed), "{recs:#?}");
+    }
+
+    #[test]
+    fn failures_and_errors_are_shown() {
+        let rows = rows(&[&[4, 3, 5]], &[MemoryFormat::Contiguous], &[DType::F32]);
+        let mut recs = cpu_records(&rows, &Op::ALL, 1);
+        recs[0].check = "failed".into();
+        recs[0].max_rel_err = Some(0.5);
+        recs[1].check = "error".into();
+        recs[1].error = Some("boom".into());
+        let text = table(&recs, CPU, &Op::ALL);
+        assert!(text.contains("5.0e-1") && text.contains("FAILED"), "{text}");
+        assert!(
+            text.contains("error: eval_fwd 4x3x5 nchw f32: boom"),
+            "{text}"
+        );
+        let (line, ok) = summary(&recs, &[CPU]);
+        assert!(!ok);
+        assert_eq!(line, "FAILED (2 of 3 checks)");
+    }
+
+    #[test]
+    fn the_report_is_a_valid_result_file() {
+        let rows = rows(&[&[4, 3, 5]], &[MemoryFormat::Contiguous], &[DType::F32]);
+        let recs = cpu_records(&rows, &Op::ALL, 1);
+        let rep = report("no CUDA driver", 1, &recs).unwrap();
+        let text = rep.to_json().unwrap();
+        let back = Report::from_json(&text).unwrap();
+        assert!(back.rows.is_empty());
+        assert_eq!(back.device, "none");
+        assert_eq!(back.extra["timed_on_hardware"], false);
+        assert_eq!(back.extra["no_gpu"], "no CUDA driver");
+        let checks: Vec<CheckRecord> =
+            serde_json::from_value(back.extra["checks"].clone()).unwrap();
+        assert_eq!(checks, recs);
+        // One line per check.
+        assert_eq!(
+            text.matches("\n    {\"backend\": ").count(),
+            recs.len(),
+            "{text}"
+        );
+    }
+}

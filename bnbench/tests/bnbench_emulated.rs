@@ -1,0 +1,358 @@
+//! `bnbench`'s GPU path (device query, copy roofline, L2 flush, checks, CUDA-event
+//! timing, JSON) run end to end on the emulated CUDA driver: the binary is started with
+//! `LD_LIBRARY_PATH` pointing at the emulator's `libcuda.so`, so cudarc loads it as it
+//! would load NVIDIA's. The timings are the emulator's and mean nothing; the test checks
+//! that every row ran, was checked against the reference and passed.
+//!
+//! The same driver told to have no device (`BN_EMU_DRIVER_DEVICES=0`) or to be too old
+//! for the PTX (`BN_EMU_DRIVER_VERSION`) gives the runs without a GPU: bnbench explains
+//! why, times nothing, and checks the selected rows on the CPU backend and on the
+//! kernels under the emulated driver (in a child process that does not inherit those
+//! two settings).
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, ExitStatus};
+
+/// Why the test cannot run here, if it cannot.
+fn unavailable() -> Option<String> {
+    if std::env::var("CUDA_BATCHNORM_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        return Some("CUDA_BATCHNORM_REQUIRE_GPU=1 asks for real hardware".into());
+    }
+    if let Some(reason) = cuda_batchnorm::ptx_unavailable() {
+        return Some(format!("built without PTX: {reason}"));
+    }
+    if cuda_batchnorm_emu::driver::library().is_none() {
+        return Some("the emulated driver is built on Linux only".into());
+    }
+    None
+}
+
+/// The folder holding the emulated driver, or None (after printing why) to skip.
+fn driver_dir(test: &str) -> Option<&'static Path> {
+    if let Some(why) = unavailable() {
+        let _ = writeln!(std::io::stderr(), "skipping {test}: {why}");
+        return None;
+    }
+    Path::new(cuda_batchnorm_emu::driver::library()?).parent()
+}
+
+/// Rows for the runs without a GPU: both layouts, a float and a half type, an odd C, all
+/// three ops. (Not the default quick set: its 2x2048 f32 backward does not meet the f32
+/// tolerance on the kernels, whose f32 arithmetic cannot resolve a dx that is almost
+/// zero with 2 values per channel; that run is the last test's.)
+const SMALL_ROWS: [&str; 8] = [
+    "--shape",
+    "4,8,6,6",
+    "--shape",
+    "3,17,5",
+    "--layout",
+    "nchw,nhwc",
+    "--dtype",
+    "f32,f16",
+];
+
+const NO_ARGS: [&str; 0] = [];
+
+/// Runs bnbench on the emulated driver in `dir` with `env` set; returns its exit status,
+/// stdout and stderr.
+fn bnbench<S: AsRef<OsStr>>(
+    dir: &Path,
+    env: &[(&str, &str)],
+    args: impl IntoIterator<Item = S>,
+) -> (ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bnbench"))
+        .env("LD_LIBRARY_PATH", dir)
+        .envs(env.iter().copied())
+        .args(args)
+        .output()
+        .expect("start bnbench");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_runs_its_gpu_path_on_the_emulated_driver() {
+    let Some(dir) = driver_dir("bnbench_runs_its_gpu_path_on_the_emulated_driver") else {
+        return;
+    };
+    let json = std::env::temp_dir().join(format!("bnbench-emulated-{}.json", std::process::id()));
+    let args = [
+        "--shape", "4,8,6,6", "--shape", "3,17,5", "--layout", "nhwc", "--dtype", "f16",
+        "--warmup", "1", "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    assert!(
+        status.success(),
+        "bnbench failed: {status}\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("emulated device"),
+        "bnbench did not run on the emulated driver:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("the times below are the emulator's, not hardware's"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    // 2 shapes x 3 ops, each checked and timed.
+    assert_eq!(
+        text.matches("\"impl\": \"cuda-batchnorm\"").count(),
+        6,
+        "{text}"
+    );
+    assert_eq!(text.matches("\"check\": \"ok\"").count(), 6, "{text}");
+    assert!(!text.contains("\"median_us\": null"), "{text}");
+    assert!(text.contains("\"timed_on_hardware\": false"), "{text}");
+}
+
+/// What a run without a GPU prints after its first line: that nothing was timed on
+/// hardware, then both checks passing (the CPU backend, the emulated kernels).
+fn assert_checked_without_gpu(stdout: &str) {
+    let second = stdout.lines().nth(1).unwrap_or_default();
+    assert!(
+        second.starts_with("bnbench: nothing is timed on hardware (no GPU)")
+            && second.contains("on the kernels under the emulated CUDA driver"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\ncpu reference check: ok ("), "{stdout}");
+    assert!(
+        stdout.contains("\nemulated kernels check: ok ("),
+        "{stdout}"
+    );
+}
+
+/// A driver older than the PTX (CUDA 12.8 cannot JIT PTX ISA 9.0): bnbench says why
+/// there is no GPU run, naming the driver's version, and runs the CPU self-check.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_explains_a_driver_too_old_for_the_ptx() {
+    let Some(dir) = driver_dir("bnbench_explains_a_driver_too_old_for_the_ptx") else {
+        return;
+    };
+    let (status, stdout, _) = bnbench(dir, &[("BN_EMU_DRIVER_VERSION", "12080")], SMALL_ROWS);
+    assert!(status.success(), "{status}\n{stdout}");
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("bnbench: no GPU run: the CUDA driver refused the embedded PTX")
+            && first.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
+            && first.contains("this driver reports CUDA 12.8"),
+        "{stdout}"
+    );
+    assert_checked_without_gpu(&stdout);
+}
+
+/// A driver that is installed but sees no GPU (a container without one): bnbench names
+/// the driver's error, runs the checks and exits 0; under
+/// CUDA_BATCHNORM_REQUIRE_GPU=1 the same run fails. An ordinal past the last device is
+/// reported the same way.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_explains_a_driver_without_a_device() {
+    let Some(dir) = driver_dir("bnbench_explains_a_driver_without_a_device") else {
+        return;
+    };
+    let hidden = [("BN_EMU_DRIVER_DEVICES", "0")];
+    let (status, stdout, _) = bnbench(dir, &hidden, SMALL_ROWS);
+    assert!(status.success(), "{status}\n{stdout}");
+    assert_eq!(
+        stdout.lines().next().unwrap_or_default(),
+        "bnbench: no GPU run: no CUDA device: the driver found none \
+         (CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected)",
+        "{stdout}"
+    );
+    assert_checked_without_gpu(&stdout);
+
+    let required = [hidden[0], ("CUDA_BATCHNORM_REQUIRE_GPU", "1")];
+    let (status, stdout, _) = bnbench(dir, &required, SMALL_ROWS);
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert_checked_without_gpu(&stdout);
+    assert!(
+        stdout.contains("CUDA_BATCHNORM_REQUIRE_GPU=1 and there was no GPU run"),
+        "{stdout}"
+    );
+
+    let args = ["--device", "1"].into_iter().chain(SMALL_ROWS);
+    let (status, stdout, _) = bnbench(dir, &[], args);
+    assert!(status.success(), "{status}\n{stdout}");
+    assert_eq!(
+        stdout.lines().next().unwrap_or_default(),
+        "bnbench: no GPU run: no CUDA device: device 1 asked for, 1 present",
+        "{stdout}"
+    );
+}
+
+/// Without a GPU, bnbench checks exactly the rows and ops it was asked for (a row too
+/// large for a quick check at a reduced size, which the output names), and `--json`
+/// writes what it did, marked as not timed on hardware.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_without_a_gpu_checks_the_rows_asked_for_and_writes_them() {
+    let Some(dir) = driver_dir("bnbench_without_a_gpu_checks_the_rows_asked_for_and_writes_them")
+    else {
+        return;
+    };
+    let json = std::env::temp_dir().join(format!("bnbench-nogpu-{}.json", std::process::id()));
+    let args = [
+        "--shape",
+        "64,32,64,64",
+        "--layout",
+        "nhwc",
+        "--dtype",
+        "bf16",
+        "--op",
+        "eval_fwd,backward",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[("BN_EMU_DRIVER_DEVICES", "0")], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert_checked_without_gpu(&stdout);
+    // One row each in the CPU and the emulated table, both at a reduced size, with the
+    // two ops asked for and no train_fwd column.
+    let row_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("64x32x64x64"))
+        .collect();
+    assert_eq!(row_lines.len(), 2, "{stdout}");
+    assert!(row_lines
+        .iter()
+        .all(|l| l.contains(" nhwc ") && l.contains(" bf16 ")));
+    assert!(row_lines[0].contains(" 32x32x32x32 "), "{stdout}");
+    assert!(row_lines[1].contains(" 8x32x4x4 "), "{stdout}");
+    assert!(!stdout.contains("train_fwd"), "{stdout}");
+    assert!(stdout.contains("eval_fwd") && stdout.contains("backward"));
+
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["timed_on_hardware"], false, "{text}");
+    assert_eq!(v["rows"], serde_json::json!([]), "{text}");
+    assert_eq!(v["device"], "none");
+    assert!(v["copy_gbps"].is_number() && v["date"].is_string() && v["driver"].is_string());
+    assert!(v["no_gpu"]
+        .as_str()
+        .unwrap()
+        .contains("CUDA_ERROR_NO_DEVICE"));
+    let checks = v["checks"].as_array().unwrap();
+    let of = |backend: &str| -> Vec<&str> {
+        checks
+            .iter()
+            .filter(|c| c["backend"] == backend)
+            .map(|c| c["op"].as_str().unwrap())
+            .collect()
+    };
+    assert_eq!(of("cpu"), ["eval_fwd", "backward"], "{text}");
+    assert_eq!(of("cpu-finite-differences"), ["backward"], "{text}");
+    assert_eq!(of("emulated"), ["eval_fwd", "backward"], "{text}");
+    for c in checks {
+        assert_eq!(c["check"], "ok", "{c}");
+        assert_eq!(c["shape"], serde_json::json!([64, 32, 64, 64]));
+        assert_eq!(c["layout"], "nhwc");
+        assert_ne!(c["checked_shape"], c["shape"]);
+    }
+
+    // --no-check: nothing to check, said so, and still a valid file.
+    let args = ["--shape", "4,3,5", "--no-check", "--json"];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, _) = bnbench(dir, &[("BN_EMU_DRIVER_DEVICES", "0")], args);
+    assert!(status.success(), "{status}\n{stdout}");
+    assert!(
+        stdout.contains("--no-check leaves nothing to check"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["checks"], serde_json::json!([]), "{text}");
+    assert_eq!(v["timed_on_hardware"], false, "{text}");
+}
+
+/// The default run without a GPU is the quick set: every row in both tables, and the
+/// exit status agrees with the summary lines.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_without_a_gpu_checks_the_quick_set_by_default() {
+    let Some(dir) = driver_dir("bnbench_without_a_gpu_checks_the_quick_set_by_default") else {
+        return;
+    };
+    let (status, stdout, _) = bnbench(dir, &[("BN_EMU_DRIVER_DEVICES", "0")], NO_ARGS);
+    assert!(
+        stdout
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .contains("the 10 selected row(s) x 3 op(s) are checked"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\ncpu reference check: ok (40 checks)"),
+        "{stdout}"
+    );
+    let emulated_ok = stdout.contains("\nemulated kernels check: ok (30 checks)");
+    assert!(
+        emulated_ok || stdout.contains("\nemulated kernels check: FAILED ("),
+        "{stdout}"
+    );
+    assert_eq!(status.success(), emulated_ok, "{status}\n{stdout}");
+    assert_eq!(stdout.matches("\n32x256x56x56 ").count(), 2 * 4, "{stdout}");
+}
+
+/// The hidden child mode refuses a request it cannot read, with exit status 2 and no
+/// panic.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn the_emulated_child_refuses_a_bad_request() {
+    if !Path::new(env!("CARGO_BIN_EXE_bnbench")).exists() {
+        // A test binary copied to another machine (.gpu/run) without bnbench beside it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping the_emulated_child_refuses_a_bad_request: no bnbench binary here"
+        );
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bnbench"))
+        .arg("--emulated-child")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start bnbench");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"seed\": 1, \"ops\": [\"fwd\"]}")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad request"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
