@@ -437,8 +437,10 @@ pub fn plan_stage(
         }
         Layout::Nhwc => {
             let rows = per_channel;
-            let vec =
-                !tuning.force_scalar && align.all_aligned && c % vec_width == 0 && vec_width > 1;
+            let vec = !tuning.force_scalar
+                && align.all_aligned
+                && c.is_multiple_of(vec_width)
+                && vec_width > 1;
             let width = if vec { vec_width } else { 1 };
             let units = c.div_ceil(width);
             let tile_x = units.next_power_of_two().min(32) as u32;

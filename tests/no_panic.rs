@@ -48,7 +48,7 @@ fn dims(r: &mut Rng) -> Vec<usize> {
 }
 
 fn format(r: &mut Rng) -> MemoryFormat {
-    if r.next_u64() % 2 == 0 {
+    if r.next_u64().is_multiple_of(2) {
         MemoryFormat::Contiguous
     } else {
         MemoryFormat::ChannelsLast
@@ -88,7 +88,7 @@ fn data(r: &mut Rng, want: usize) -> Vec<f32> {
 
 /// An optional buffer: absent one time in three.
 fn maybe(r: &mut Rng, want: usize) -> Option<Vec<f32>> {
-    (r.next_u64() % 3 != 0).then(|| data(r, want))
+    (!r.next_u64().is_multiple_of(3)).then(|| data(r, want))
 }
 
 /// Runs `f`, turning a panic into a failure that names the case.
@@ -142,10 +142,10 @@ fn shapes_and_planning_never_panic() {
         let tuning = Tuning {
             blocks_per_sm: [0, 1, 4, u32::MAX][(r.next_u64() % 4) as usize],
             min_values_per_block: [0, 1, 8192, usize::MAX][(r.next_u64() % 4) as usize],
-            force_index64: r.next_u64() % 2 == 0,
-            force_scalar: r.next_u64() % 2 == 0,
+            force_index64: r.next_u64().is_multiple_of(2),
+            force_scalar: r.next_u64().is_multiple_of(2),
         };
-        let align = if r.next_u64() % 2 == 0 {
+        let align = if r.next_u64().is_multiple_of(2) {
             Alignment::ALIGNED
         } else {
             Alignment::of(&[r.next_u64(), r.next_u64()])
@@ -184,9 +184,9 @@ fn cpu_functional_calls_never_panic() {
         let (mut rm, mut rv) = (maybe(&mut r, c), maybe(&mut r, c));
         let mut sm = data(&mut r, c);
         let mut si = data(&mut r, c);
-        let training = r.next_u64() % 2 == 0;
+        let training = r.next_u64().is_multiple_of(2);
         let (momentum, eps) = (odd_f64(&mut r), odd_f64(&mut r));
-        let with_save = r.next_u64() % 2 == 0;
+        let with_save = r.next_u64().is_multiple_of(2);
         let fwd = no_panic("cpu::batch_norm", case, || {
             let args = cpu::Forward::<f32, f32> {
                 input: &x,
@@ -211,7 +211,7 @@ fn cpu_functional_calls_never_panic() {
         let mut dx = data(&mut r, shape.numel());
         let mut gw = maybe(&mut r, c);
         let mut gb = maybe(&mut r, c);
-        let batch = r.next_u64() % 2 == 0;
+        let batch = r.next_u64().is_multiple_of(2);
         let bwd = no_panic("cpu::batch_norm_backward", case, || {
             let stats = if batch {
                 BackwardStats::Batch {
@@ -265,9 +265,9 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
     let features = [0, 1, 3, 5, 1 << 40, usize::MAX][(r.next_u64() % 6) as usize];
     let options = BatchNormOptions {
         eps: odd_f64(r),
-        momentum: (r.next_u64() % 4 != 0).then(|| odd_f64(r)),
-        affine: r.next_u64() % 2 == 0,
-        track_running_stats: r.next_u64() % 2 == 0,
+        momentum: (!r.next_u64().is_multiple_of(4)).then(|| odd_f64(r)),
+        affine: r.next_u64().is_multiple_of(2),
+        track_running_stats: r.next_u64().is_multiple_of(2),
     };
     let Ok(mut m) = no_panic("BatchNorm::new", case, || {
         Module::<D>::new(Cpu, features, options)
@@ -275,7 +275,7 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
         return;
     };
     for step in 0..3 {
-        if r.next_u64() % 3 == 0 {
+        if r.next_u64().is_multiple_of(3) {
             m.eval();
         } else {
             m.train();
@@ -296,7 +296,10 @@ fn module_case<const D: usize>(r: &mut Rng, case: u64, ok: &mut [usize; 3]) {
             bias: maybe(r, features),
             running_mean: maybe(r, features),
             running_var: maybe(r, features),
-            num_batches_tracked: (r.next_u64() % 2 == 0).then_some(r.next_u64() as i64),
+            num_batches_tracked: r
+                .next_u64()
+                .is_multiple_of(2)
+                .then_some(r.next_u64() as i64),
         };
         // Runs one module call, counts its success, and checks that a failure left the
         // module as it was.
