@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// PTX targets, lowest first; the module loader picks the highest one the device runs.
-/// CUDA 13 compiles for compute capability 7.5 and newer.
-const TARGETS: &[(&str, u32)] = &[("compute_75", 75)];
+/// CUDA 13 compiles for compute capability 7.5 and newer; compute_90 gives Hopper (and
+/// newer) native bf16 conversions and the L2 eviction hints (kernels/stream.cuh).
+const TARGETS: &[(&str, u32)] = &[("compute_75", 75), ("compute_90", 90)];
 
 /// The toolkit the embedded PTX is pinned to: CUDA 13.0 emits PTX ISA 9.0, which drivers
 /// from 580 load. A newer toolkit emits PTX that such drivers refuse.
@@ -41,6 +42,8 @@ fn main() {
         "PATH",
         "CUDA_BATCHNORM_REQUIRE_NVCC",
         "CUDA_BATCHNORM_TOOLCHAIN_DIR",
+        "CUDA_BATCHNORM_LINEINFO",
+        "CUDA_BATCHNORM_PTX_CACHE",
         "XDG_CACHE_HOME",
         "HOME",
     ] {
@@ -169,42 +172,123 @@ fn compile_all(
     if sources.is_empty() {
         return Err(format!("no kernels/*.cu files in {}", include.display()));
     }
-    let mut built = Vec::new();
-    for src in sources {
-        let stem = src
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("kernels")
-            .to_string();
-        for &(arch, min_cc) in TARGETS {
-            let path = out_dir.join(format!("{stem}.{arch}.ptx"));
-            let out = Command::new(nvcc)
-                .arg("--ptx")
-                .arg(format!("-arch={arch}"))
-                .args(["-std=c++17", "-O3", "-lineinfo"])
-                .arg("-I")
-                .arg(include)
-                .arg("-o")
-                .arg(&path)
-                .arg(src)
-                .output()
-                .map_err(|e| format!("could not run {}: {e}; {HOW_TO_GET_NVCC}", nvcc.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "nvcc failed on {} for {arch}:\n{}{}",
-                    src.display(),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
-            built.push(Built {
-                module: stem.clone(),
-                min_cc,
-                path,
-            });
-        }
+    // Source lines in the PTX (for ncu's source view) double its size, and every test
+    // binary and bnbench embeds it: only on request.
+    let lineinfo = env::var("CUDA_BATCHNORM_LINEINFO").is_ok_and(|v| v == "1");
+    let mut flags = vec!["-std=c++17", "-O3"];
+    if lineinfo {
+        flags.push("-lineinfo");
     }
-    Ok(built)
+    let cache = env::var_os("CUDA_BATCHNORM_PTX_CACHE").map(PathBuf::from);
+    // What a compile's output depends on besides its arch: every file in kernels/ (the
+    // headers included), nvcc's version and the flags.
+    let key = cache.as_ref().map(|_| inputs_hash(nvcc, include, &flags));
+    let jobs: Vec<(PathBuf, String, &str, u32)> = sources
+        .iter()
+        .flat_map(|src| {
+            let stem = src
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("kernels")
+                .to_string();
+            TARGETS
+                .iter()
+                .map(move |&(arch, min_cc)| (src.clone(), stem.clone(), arch, min_cc))
+        })
+        .collect();
+    // The compiles are independent: run them side by side (nvcc is single-threaded).
+    let results: Vec<Result<Built, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(src, stem, arch, min_cc)| {
+                let (flags, cache, key) = (&flags, &cache, &key);
+                scope.spawn(move || {
+                    let path = out_dir.join(format!("{stem}.{arch}.ptx"));
+                    let cached = cache
+                        .as_ref()
+                        .zip(key.as_ref())
+                        .map(|(dir, key)| dir.join(format!("{stem}.{arch}.{key}.ptx")));
+                    if let Some(c) = cached.as_ref().filter(|c| c.is_file()) {
+                        fs::copy(c, &path).map_err(|e| format!("copying {}: {e}", c.display()))?;
+                    } else {
+                        nvcc_ptx(nvcc, src, arch, flags, include, &path)?;
+                        if let Some(c) = &cached {
+                            // A cache that cannot be written only costs the next build time.
+                            let _ = fs::create_dir_all(c.parent().unwrap_or(Path::new(".")))
+                                .and_then(|_| fs::copy(&path, c));
+                        }
+                    }
+                    Ok(Built {
+                        module: stem.clone(),
+                        min_cc: *min_cc,
+                        path,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("an nvcc job panicked".into()))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+fn nvcc_ptx(
+    nvcc: &Path,
+    src: &Path,
+    arch: &str,
+    flags: &[&str],
+    include: &Path,
+    path: &Path,
+) -> Result<(), String> {
+    let out = Command::new(nvcc)
+        .arg("--ptx")
+        .arg(format!("-arch={arch}"))
+        .args(flags)
+        .arg("-I")
+        .arg(include)
+        .arg("-o")
+        .arg(path)
+        .arg(src)
+        .output()
+        .map_err(|e| format!("could not run {}: {e}; {HOW_TO_GET_NVCC}", nvcc.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "nvcc failed on {} for {arch}:\n{}{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// A hash of every file in `kernels` (names and contents), nvcc's `--version` and the
+/// flags, as hex: the PTX cache's key.
+fn inputs_hash(nvcc: &Path, kernels: &Path, flags: &[&str]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut files: Vec<PathBuf> = fs::read_dir(kernels)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    for f in files {
+        f.file_name().hash(&mut h);
+        fs::read(&f).unwrap_or_default().hash(&mut h);
+    }
+    if let Ok(out) = Command::new(nvcc).arg("--version").output() {
+        out.stdout.hash(&mut h);
+    }
+    flags.hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 fn render(modules: &[Built], unavailable: Option<&str>) -> String {

@@ -30,7 +30,7 @@ struct BnParams {
     uint64_t grad_weight;   // P[C]
     uint64_t grad_bias;     // P[C]
     uint64_t ws_counters;   // u32[counters]: zero between launches
-    uint64_t ws_partials;   // A[2 * splits * C]: per-split partial results
+    uint64_t ws_partials;   // A[3 * splits * C]: per-split partial results
     uint64_t ws_channel;    // A[5 * C]: per-channel results one kernel leaves for the next
 
     int64_t n;              // batch size N

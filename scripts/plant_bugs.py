@@ -49,14 +49,14 @@ BUGS = {
         "wrong shuffle offset for the mean in the warp merge",
     ),
     "finalise": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "s_last[0] = prev == group_size - 1u ? 1 : 0;",
         "s_last[0] = prev == 0u ? 1 : 0;",
         True,
         "the first block to arrive finalises instead of the last (does not wait for the others)",
     ),
     "reset": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "        if (lead) counters.st(counter, 0u);\n",
         "",
         True,
@@ -70,28 +70,28 @@ BUGS = {
         "removed __syncthreads() in the nhwc tree merge across rows",
     ),
     "fence": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
         "    BN_SHARED(int, s_last, 1);\n",
         True,
         "removed __threadfence() before counting the block in (a memory-ordering bug)",
     ),
     "blockfence": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
         "    BN_SHARED(int, s_last, 1);\n    __threadfence_block();\n",
         True,
         "a block-scope fence where a device-scope __threadfence() is needed before the count",
     ),
     "readfence": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "    if (last) {\n        __threadfence();\n",
         "    if (last) {\n",
         True,
         "removed the last block's __threadfence() between seeing the count and reading partials",
     ),
     "reread": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "        const unsigned prev = atomicAdd(counters.at(counter), 1u);\n"
         "        s_last[0] = prev == group_size - 1u ? 1 : 0;",
         "        atomicAdd(counters.at(counter), 1u);\n"
@@ -101,7 +101,7 @@ BUGS = {
         "(two blocks can both see the full count and finalise)",
     ),
     "nofences": (
-        "kernels/batchnorm.cu",
+        "kernels/stages.cuh",
         "    BN_SHARED(int, s_last, 1);\n    __threadfence();\n",
         "    BN_SHARED(int, s_last, 1);\n",
         True,

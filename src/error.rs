@@ -214,6 +214,16 @@ pub enum BnError {
         expected: u64,
     },
 
+    /// A kernel family asked for (`Tuning::variant`, bnbench's `--variant`) that cannot
+    /// take this call.
+    #[error("the {variant} kernels cannot run this call: {reason}")]
+    VariantUnavailable {
+        /// The family.
+        variant: &'static str,
+        /// Why.
+        reason: String,
+    },
+
     /// A state dict that does not fit the module, in PyTorch's words.
     #[error("Error(s) in loading state_dict for {module}:\n\t{detail}")]
     StateDict {

@@ -110,7 +110,8 @@ pub fn workspace_size(
     input: DType,
 ) -> Result<WorkspaceSize> {
     let kernels = Kernels::for_context(stream.context())?;
-    raw::workspace_size(shape, input, kernels.device(), &Tuning::default())
+    let launcher = CudaLauncher::new(stream, &kernels);
+    raw::workspace_size(&launcher, shape, input, &Tuning::default())
 }
 
 /// The CUDA backend: a stream, on whose context every buffer of a call must live.
@@ -342,10 +343,9 @@ fn prepare(
 ) -> Result<(Arc<Kernels>, Tuning)> {
     let kernels = Kernels::for_context(stream.context())?;
     let tuning = Tuning::default();
-    workspace.reserve(
-        stream,
-        raw::workspace_size(shape, input, kernels.device(), &tuning)?,
-    )?;
+    let launcher = CudaLauncher::new(stream, &kernels);
+    let size = raw::workspace_size(&launcher, shape, input, &tuning)?;
+    workspace.reserve(stream, size)?;
     Ok((kernels, tuning))
 }
 

@@ -5,6 +5,7 @@
 //! of a context (module handles and function table, `Result`-returning), and
 //! [`CudaLauncher`], the [`Launcher`] the safe functional layer runs through.
 
+use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -12,14 +13,13 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::dtype::KERNEL_PAIRS;
 use crate::error::{describe, BnError, Result};
-use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Layout, Stage};
+use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Variant};
 use crate::raw::{Launcher, Region};
 
 /// One embedded PTX module.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct PtxModule {
-    /// The `.cu` file it came from.
-    #[allow(dead_code)]
+    /// The `.cu` file it came from (a family's [`Variant::module`]).
     pub name: &'static str,
     /// Lowest compute capability it targets, as 10 * major + minor.
     pub min_cc: u32,
@@ -125,43 +125,42 @@ pub fn driver_version() -> Option<String> {
     (r == sys::CUresult::CUDA_SUCCESS).then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
 }
 
-/// Number of kernel entry points the table holds: 4 stages x 2 layouts x 6 type pairs.
-const TABLE: usize = Stage::ALL.len() * 2 * KERNEL_PAIRS.len();
-
-fn table_index(id: &KernelId) -> Option<usize> {
-    let stage = Stage::ALL.iter().position(|s| *s == id.stage)?;
-    let layout = match id.layout {
-        Layout::Nchw => 0,
-        Layout::Nhwc => 1,
-    };
-    let pair = KERNEL_PAIRS
-        .iter()
-        .position(|&p| p == (id.input, id.param))?;
-    Some((stage * 2 + layout) * KERNEL_PAIRS.len() + pair)
-}
-
 /// The kernels of one CUDA context.
 pub struct Kernels {
     ctx: Arc<CudaContext>,
-    module: sys::CUmodule,
     info: DeviceInfo,
-    functions: [OnceLock<usize>; TABLE],
+    /// The device's compute capability as 10 * major + minor.
+    cc: u32,
+    /// Module handles by PTX module name (kernels/<name>.cu), loaded on first use (a
+    /// module that fails to load is tried again at the next use).
+    modules: Mutex<HashMap<&'static str, usize>>,
+    functions: Mutex<HashMap<KernelId, usize>>,
 }
 
 // SAFETY: a CUmodule and the CUfunctions looked up in it are driver handles that may be
 // used from any thread once the owning context is current there; every use below binds
-// `ctx` first, and the handles are only written once (OnceLock).
+// `ctx` first, and the maps holding them are behind mutexes.
 unsafe impl Send for Kernels {}
 // SAFETY: as above; shared use only reads the handles.
 unsafe impl Sync for Kernels {}
 
 // Every context's kernels, loaded once. They stay loaded for the life of the process,
 // as the primary contexts they belong to do (an entry keeps its context alive), so
-// `Kernels` never unloads its module.
+// `Kernels` never unloads its modules.
 static LOADED: Mutex<Vec<Arc<Kernels>>> = Mutex::new(Vec::new());
 
+/// The embedded module `name` for a device of compute capability `cc`: the newest PTX
+/// target it runs (compute_90 on Hopper, compute_75 before).
+pub(crate) fn module_for(name: &str, cc: u32) -> Option<&'static PtxModule> {
+    PTX_MODULES
+        .iter()
+        .filter(|m| m.name == name && m.min_cc <= cc)
+        .max_by_key(|m| m.min_cc)
+}
+
 impl Kernels {
-    /// The kernels of `ctx`, loading the PTX into it on first use.
+    /// The kernels of `ctx`, reading its device's properties on first use (modules load
+    /// when a kernel of theirs is first asked for).
     pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
         if let Some(reason) = ptx_unavailable() {
             return Err(BnError::PtxUnavailable(reason));
@@ -170,18 +169,20 @@ impl Kernels {
         if let Some(k) = loaded.iter().find(|k| k.ctx.cu_ctx() == ctx.cu_ctx()) {
             return Ok(k.clone());
         }
-        let k = Arc::new(Kernels::load(ctx)?);
+        let k = Arc::new(Kernels::open(ctx)?);
+        // The baseline is what every call can fall back to: load it now, so that a
+        // driver that refuses the PTX says so at the first call.
+        k.module(Variant::Baseline.module())?;
         loaded.push(k.clone());
         Ok(k)
     }
 
-    fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    fn open(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         ctx.bind_to_thread()
             .map_err(BnError::driver("binding the context"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(BnError::driver("reading the compute capability"))?;
-        let cc = (major * 10 + minor) as u32;
         let attr = |a| {
             ctx.attribute(a)
                 .map_err(BnError::driver("reading device attributes"))
@@ -192,41 +193,24 @@ impl Kernels {
             compute_capability: (major as u32, minor as u32),
             l2_bytes: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64,
         };
-        // The newest PTX target the device runs.
-        let module = PTX_MODULES
-            .iter()
-            .filter(|m| m.min_cc <= cc)
-            .max_by_key(|m| m.min_cc)
-            .ok_or(BnError::PtxUnavailable(
-                "no embedded PTX targets this device's compute capability",
-            ))?;
-        let image = CString::new(module.ptx)
-            .map_err(|_| BnError::PtxUnavailable("embedded PTX contains a NUL byte"))?;
-        // SAFETY: `image` is a NUL-terminated PTX string that outlives the call; the
-        // context is bound to this thread.
-        let handle = unsafe { result::module::load_data(image.as_ptr().cast::<c_void>()) }
-            .map_err(|source| {
-                use sys::cudaError_enum as E;
-                match source.0 {
-                    E::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
-                    | E::CUDA_ERROR_INVALID_PTX
-                    | E::CUDA_ERROR_NO_BINARY_FOR_GPU
-                    | E::CUDA_ERROR_JIT_COMPILER_NOT_FOUND => BnError::PtxRejected {
-                        source,
-                        driver_version: driver_version().unwrap_or_else(|| "unknown".into()),
-                    },
-                    _ => BnError::Driver {
-                        op: "loading the kernels' PTX",
-                        source,
-                    },
-                }
-            })?;
         Ok(Kernels {
             ctx: ctx.clone(),
-            module: handle,
             info,
-            functions: std::array::from_fn(|_| OnceLock::new()),
+            cc: (major * 10 + minor) as u32,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The handle of module `name`, loading it on first use. The context must be bound.
+    fn module(&self, name: &'static str) -> Result<sys::CUmodule> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&h) = modules.get(name) {
+            return Ok(h as sys::CUmodule);
+        }
+        let h = load_module(name, self.cc)?;
+        modules.insert(name, h as usize);
+        Ok(h)
     }
 
     /// The device's properties.
@@ -234,21 +218,62 @@ impl Kernels {
         &self.info
     }
 
+    /// The entry point `id`, looked up once. The context must be bound.
     fn function(&self, id: &KernelId) -> Result<sys::CUfunction> {
-        let idx = table_index(id).ok_or(BnError::UnsupportedTypes {
-            input: id.input.name(),
-            param: id.param.name(),
-        })?;
-        if let Some(&f) = self.functions[idx].get() {
+        if !KERNEL_PAIRS.contains(&(id.input, id.param)) {
+            return Err(BnError::UnsupportedTypes {
+                input: id.input.name(),
+                param: id.param.name(),
+            });
+        }
+        if let Some(&f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
             return Ok(f as sys::CUfunction);
         }
+        let module = self.module(id.variant.module())?;
         let name = CString::new(id.name()).expect("kernel names have no NUL");
         // SAFETY: the module is loaded in self.ctx, which the caller has bound.
-        let f = unsafe { result::module::get_function(self.module, name) }.map_err(
-            BnError::driver("looking up a kernel (the embedded PTX lacks it)"),
-        )?;
-        Ok(*self.functions[idx].get_or_init(|| f as usize) as sys::CUfunction)
+        let f = unsafe { result::module::get_function(module, name) }.map_err(BnError::driver(
+            "looking up a kernel (the embedded PTX lacks it)",
+        ))?;
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(*functions.entry(*id).or_insert(f as usize) as sys::CUfunction)
     }
+}
+
+/// Loads the newest embedded PTX of module `name` that a device of compute capability
+/// `cc` runs into the bound context.
+fn load_module(name: &'static str, cc: u32) -> Result<sys::CUmodule> {
+    let module = module_for(name, cc).ok_or(BnError::PtxUnavailable(
+        "no embedded PTX of this kernel family targets this device's compute capability",
+    ))?;
+    let image = CString::new(module.ptx)
+        .map_err(|_| BnError::PtxUnavailable("embedded PTX contains a NUL byte"))?;
+    // SAFETY: `image` is a NUL-terminated PTX string that outlives the call; the caller
+    // has bound the context.
+    let handle = unsafe { result::module::load_data(image.as_ptr().cast::<c_void>()) }.map_err(
+        |source| {
+            use sys::cudaError_enum as E;
+            match source.0 {
+                E::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+                | E::CUDA_ERROR_INVALID_PTX
+                | E::CUDA_ERROR_NO_BINARY_FOR_GPU
+                | E::CUDA_ERROR_JIT_COMPILER_NOT_FOUND => BnError::PtxRejected {
+                    source,
+                    driver_version: driver_version().unwrap_or_else(|| "unknown".into()),
+                },
+                _ => BnError::Driver {
+                    op: "loading the kernels' PTX",
+                    source,
+                },
+            }
+        },
+    )?;
+    Ok(handle)
 }
 
 /// Launches kernels on one stream through the driver.
@@ -280,6 +305,30 @@ impl Launcher for CudaLauncher<'_> {
         Ok(())
     }
 
+    fn resident_blocks(
+        &self,
+        kernel: &KernelId,
+        block_threads: u32,
+        shared_bytes: u32,
+    ) -> Result<u32> {
+        self.kernels
+            .ctx
+            .bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        let f = self.kernels.function(kernel)?;
+        let threads = i32::try_from(block_threads).unwrap_or(i32::MAX);
+        // SAFETY: `f` is a live function of the bound context's loaded module.
+        let n = unsafe {
+            result::occupancy::max_active_block_per_multiprocessor(
+                f,
+                threads,
+                shared_bytes as usize,
+            )
+        }
+        .map_err(BnError::driver("reading a kernel's occupancy"))?;
+        Ok(n.max(0) as u32)
+    }
+
     fn launch(
         &self,
         kernel: KernelId,
@@ -295,11 +344,18 @@ impl Launcher for CudaLauncher<'_> {
         let mut p = *params;
         let mut args = [(&mut p as *mut BnParams).cast::<c_void>()];
         // SAFETY: `f` takes exactly one BnParams by value (every entry point does), `args`
-        // points at one that lives until cuLaunchKernel has copied it, the stream belongs
+        // points at one that lives until the launch call has copied it, the stream belongs
         // to the bound context, and the raw layer's contract makes every address in it
-        // valid for the launch.
+        // valid for the launch. A cooperative plan sizes its grid from the occupancy the
+        // driver reported for `f`, so every block can be resident (the driver refuses the
+        // launch otherwise).
         unsafe {
-            result::launch_kernel(
+            let launch = if config.cooperative {
+                result::launch_cooperative_kernel
+            } else {
+                result::launch_kernel
+            };
+            launch(
                 f,
                 config.grid,
                 config.block,
@@ -315,47 +371,55 @@ impl Launcher for CudaLauncher<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::DType;
-
-    #[test]
-    fn table_indices_are_a_bijection() {
-        let mut seen = [false; TABLE];
-        for stage in Stage::ALL {
-            for layout in [Layout::Nchw, Layout::Nhwc] {
-                for (input, param) in KERNEL_PAIRS {
-                    let i = table_index(&KernelId {
-                        stage,
-                        layout,
-                        input,
-                        param,
-                    })
-                    .unwrap();
-                    assert!(!seen[i]);
-                    seen[i] = true;
-                }
-            }
-        }
-        assert!(seen.iter().all(|&s| s));
-        let bad = KernelId {
-            stage: Stage::FwdNorm,
-            layout: Layout::Nchw,
-            input: DType::F16,
-            param: DType::F64,
-        };
-        assert!(table_index(&bad).is_none());
-    }
+    use crate::launch::{Layout, Stage};
 
     #[test]
     fn embedded_ptx_has_every_entry_point() {
+        let ilp_stages = [
+            Stage::FwdStats,
+            Stage::FwdNorm,
+            Stage::BwdReduce,
+            Stage::BwdDx,
+            Stage::BwdDxEval,
+        ];
         for m in PTX_MODULES {
-            for stage in Stage::ALL {
+            let (variant, stages, widths): (_, &[Stage], &[bool]) = match m.name {
+                "batchnorm" => (Variant::Baseline, &Stage::ALL, &[false]),
+                "ilp" => (Variant::Ilp, &ilp_stages, &[false, true]),
+                other => panic!("a PTX module no family claims: {other}"),
+            };
+            for &stage in stages {
                 for layout in [Layout::Nchw, Layout::Nhwc] {
-                    for tag in ["f32", "f64", "f16", "bf16", "f16_f32", "bf16_f32"] {
-                        let name = format!(".entry bn_{}_{}_{}(", stage.name(), layout.name(), tag);
-                        assert!(m.ptx.contains(&name), "{} lacks {name}", m.name);
+                    for (input, param) in KERNEL_PAIRS {
+                        for &index64 in widths {
+                            let id = KernelId {
+                                variant,
+                                index64,
+                                stage,
+                                layout,
+                                input,
+                                param,
+                            };
+                            let entry = format!(".entry {}(", id.name());
+                            assert!(m.ptx.contains(&entry), "{} lacks {entry}", m.name);
+                        }
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn each_family_has_a_module_for_each_target() {
+        if PTX_MODULES.is_empty() {
+            return;
+        }
+        for v in [Variant::Baseline, Variant::Ilp] {
+            assert_eq!(module_for(v.module(), 75).map(|m| m.min_cc), Some(75));
+            assert_eq!(module_for(v.module(), 86).map(|m| m.min_cc), Some(75));
+            assert_eq!(module_for(v.module(), 90).map(|m| m.min_cc), Some(90));
+            assert_eq!(module_for(v.module(), 100).map(|m| m.min_cc), Some(90));
+            assert!(module_for(v.module(), 70).is_none());
         }
     }
 }

@@ -74,7 +74,7 @@ pub struct BnParams {
     pub grad_bias: u64,
     /// u32 counters, zero between launches.
     pub ws_counters: u64,
-    /// Acc[2 * splits * C] per-split partials.
+    /// Acc[PARTIAL_VALUES * splits * C] per-split partials.
     pub ws_partials: u64,
     /// Acc[CHANNEL_SLOTS * C] per-channel data for the next kernel.
     pub ws_channel: u64,
@@ -152,6 +152,8 @@ pub struct Tuning {
     pub force_index64: bool,
     /// Never use 16-byte accesses.
     pub force_scalar: bool,
+    /// The kernel family to run; `None` chooses (a tuning table, else the predictions).
+    pub variant: Option<Variant>,
 }
 
 impl Default for Tuning {
@@ -161,6 +163,62 @@ impl Default for Tuning {
             min_values_per_block: 8192,
             force_index64: false,
             force_scalar: false,
+            variant: None,
+        }
+    }
+}
+
+/// A kernel family: each is a complete set of entry points for the stages it covers,
+/// one PTX module per `kernels/<module>.cu`. bnbench times them side by side; the
+/// planner chooses among those that can take a call ([`choose_variant`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// The foundation's kernels (batchnorm.cu): every shape, alignment and index width,
+    /// variants chosen by runtime flags.
+    Baseline,
+    /// The streaming rewrite (ilp.cu): 64 bytes in flight per thread, no division per
+    /// element, one entry point per case, occupancy-sized grids in whole waves; nchw
+    /// needs S a multiple of the vector width, nhwc C one; aligned tensors.
+    Ilp,
+    /// Small planes and odd channel counts (flat.cu): nchw with S < 256, nhwc with C not
+    /// a multiple of the vector width, still with 16-byte loads.
+    Flat,
+    /// One cooperative launch per training forward or backward (persistent.cu), for
+    /// tensors whose slabs fit on chip: x (and dy) read once.
+    Persistent,
+}
+
+impl Variant {
+    /// Every family.
+    pub const ALL: [Variant; 4] = [
+        Variant::Baseline,
+        Variant::Ilp,
+        Variant::Flat,
+        Variant::Persistent,
+    ];
+
+    /// `baseline`, `ilp`, `flat`, `persistent`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::Ilp => "ilp",
+            Variant::Flat => "flat",
+            Variant::Persistent => "persistent",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Variant> {
+        Variant::ALL.into_iter().find(|v| v.name() == s)
+    }
+
+    /// The kernels/*.cu file (and PTX module) of the family.
+    pub const fn module(self) -> &'static str {
+        match self {
+            Variant::Baseline => "batchnorm",
+            Variant::Ilp => "ilp",
+            Variant::Flat => "flat",
+            Variant::Persistent => "persistent",
         }
     }
 }
@@ -203,17 +261,34 @@ pub enum Stage {
     FwdNorm,
     /// sum_dy and dotp, grad_weight and grad_bias.
     BwdReduce,
-    /// The input gradient.
+    /// The input gradient (training formula; the baseline's also does eval's).
     BwdDx,
+    /// The eval input gradient, `dy * invstd * w` (families other than the baseline).
+    BwdDxEval,
+    /// Statistics and normalisation in one cooperative launch (persistent).
+    FwdFused,
+    /// The backward's sums and dx in one cooperative launch (persistent).
+    BwdFused,
 }
 
 impl Stage {
-    /// Every stage.
+    /// The baseline's stages (one entry point per stage and layout).
     pub const ALL: [Stage; 4] = [
         Stage::FwdStats,
         Stage::FwdNorm,
         Stage::BwdReduce,
         Stage::BwdDx,
+    ];
+
+    /// Every stage of every family.
+    pub const EVERY: [Stage; 7] = [
+        Stage::FwdStats,
+        Stage::FwdNorm,
+        Stage::BwdReduce,
+        Stage::BwdDx,
+        Stage::BwdDxEval,
+        Stage::FwdFused,
+        Stage::BwdFused,
     ];
 
     /// The stage's part of a kernel name.
@@ -223,18 +298,30 @@ impl Stage {
             Stage::FwdNorm => "fwd_norm",
             Stage::BwdReduce => "bwd_reduce",
             Stage::BwdDx => "bwd_dx",
+            Stage::BwdDxEval => "bwd_dx_eval",
+            Stage::FwdFused => "fwd_train",
+            Stage::BwdFused => "bwd_train",
         }
     }
 
-    /// Whether blocks coordinate through workspace counters.
+    /// Whether blocks coordinate through workspace counters (or, fused, through the
+    /// grid barrier and the workspace's partials).
     pub const fn reduces(self) -> bool {
-        matches!(self, Stage::FwdStats | Stage::BwdReduce)
+        matches!(
+            self,
+            Stage::FwdStats | Stage::BwdReduce | Stage::FwdFused | Stage::BwdFused
+        )
     }
 }
 
 /// Identifies one kernel entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelId {
+    /// Family.
+    pub variant: Variant,
+    /// 64-bit index arithmetic (an entry point of its own, except in the baseline,
+    /// where it is a runtime flag).
+    pub index64: bool,
     /// Stage.
     pub stage: Stage,
     /// Layout.
@@ -246,14 +333,19 @@ pub struct KernelId {
 }
 
 impl KernelId {
-    /// The entry point's name: `bn_<stage>_<layout>_<tag>`.
+    /// The entry point's name: `bn_<stage>_<layout>_<tag>` in the baseline,
+    /// `bn_<family>_<stage>_<layout>_<tag>[_i64]` otherwise.
     pub fn name(&self) -> String {
-        format!(
-            "bn_{}_{}_{}",
-            self.stage.name(),
-            self.layout.name(),
-            kernel_tag(self.input, self.param)
-        )
+        let tag = kernel_tag(self.input, self.param);
+        let (stage, layout) = (self.stage.name(), self.layout.name());
+        match self.variant {
+            Variant::Baseline => format!("bn_{stage}_{layout}_{tag}"),
+            v => format!(
+                "bn_{}_{stage}_{layout}_{tag}{}",
+                v.name(),
+                if self.index64 { "_i64" } else { "" }
+            ),
+        }
     }
 }
 
@@ -266,6 +358,8 @@ pub struct LaunchConfig {
     pub block: (u32, u32, u32),
     /// Dynamic shared memory bytes.
     pub shared_bytes: u32,
+    /// A cooperative launch (every block resident at once; a grid barrier inside).
+    pub cooperative: bool,
 }
 
 /// How one stage's launch cuts the work.
@@ -323,6 +417,10 @@ pub struct WorkspaceLayout {
 }
 
 const WS_ALIGN: usize = 256;
+
+/// Accumulator values per split and channel in the partials: a Welford state's count,
+/// mean and m2 (the baseline stores two of them, the sums of the backward two).
+pub const PARTIAL_VALUES: usize = 3;
 
 /// Accumulator values per channel that one stage leaves for the next in the scratch
 /// buffer (`ChannelSlot` in kernels/batchnorm.cu): the shift, the shifted mean and invstd
@@ -426,6 +524,7 @@ pub fn plan_stage(
                     grid: (blocks as u32, 1, 1),
                     block: (BLOCK_THREADS, 1, 1),
                     shared_bytes: 0,
+                    cooperative: false,
                 },
                 splits: u32::try_from(splits).map_err(|_| too_large())?,
                 chunk,
@@ -471,6 +570,7 @@ pub fn plan_stage(
                     ),
                     block: (tile_x, tile_y as u32, 1),
                     shared_bytes: 0,
+                    cooperative: false,
                 },
                 splits: splits as u32,
                 chunk,
@@ -487,15 +587,174 @@ pub fn plan_stage(
     })
 }
 
+/// The number of splits, between `lo` and `hi`, of each of `groups` units of work
+/// (channels or channel tiles) of `work` items that fills whole waves of `slots`
+/// resident blocks best: the most blocks per slot-wave used, fewer splits on a tie
+/// (fewer partials to merge). Splits that round to the same chunk count once.
+pub fn wave_splits(groups: usize, work: usize, lo: usize, hi: usize, slots: usize) -> usize {
+    let (work, slots) = (work.max(1), slots.max(1));
+    let lo = lo.clamp(1, work);
+    let hi = hi.clamp(lo, work);
+    let mut best = (0.0f64, lo);
+    let mut last_chunk = 0;
+    for s in lo..=hi {
+        let chunk = work.div_ceil(s);
+        if chunk == last_chunk {
+            continue;
+        }
+        last_chunk = chunk;
+        let blocks = groups.saturating_mul(work.div_ceil(chunk));
+        let waves = blocks.div_ceil(slots);
+        // share of the slot-waves the grid keeps busy
+        let used = blocks as f64 / (waves.max(1) * slots) as f64;
+        if used > best.0 + 1e-9 {
+            best = (used, s);
+        }
+    }
+    best.1
+}
+
+/// Why a kernel family cannot take a call.
+fn unavailable(variant: Variant, reason: impl Into<String>) -> BnError {
+    BnError::VariantUnavailable {
+        variant: variant.name(),
+        reason: reason.into(),
+    }
+}
+
+/// Plans one stage of the ilp family (kernels/ilp.cu), `resident` its blocks per
+/// multiprocessor (from the driver's occupancy calculator), so that the grid fills whole
+/// waves of the device: nchw as runs of 16-byte vectors of one channel (S a multiple of
+/// the vector width), nhwc as the baseline's channel tiles (C a multiple of it); every
+/// tensor 16-byte aligned.
+pub fn plan_ilp_stage(
+    stage: Stage,
+    shape: &Shape,
+    input: DType,
+    align: Alignment,
+    dev: &DeviceInfo,
+    tuning: &Tuning,
+    resident: u32,
+) -> Result<StagePlan> {
+    let v = Variant::Ilp;
+    let (c, per_channel) = (shape.c(), shape.per_channel());
+    if c == 0 || per_channel == 0 {
+        return Err(BnError::EmptyInput {
+            size: shape.dims().to_vec(),
+        });
+    }
+    let vec_width = 16 / input.size();
+    if tuning.force_scalar || !align.all_aligned {
+        return Err(unavailable(v, "needs 16-byte aligned tensors"));
+    }
+    let too_large = || BnError::InputTooLarge {
+        size: shape.dims().to_vec(),
+    };
+    let slots = (dev.sm_count.max(1) as usize) * (resident.max(1) as usize);
+    let min_values = if stage.reduces() {
+        tuning.min_values_per_block.max(1)
+    } else {
+        (tuning.min_values_per_block / 2).max(1)
+    };
+    let layout = Layout::of(shape);
+    let plan = match layout {
+        Layout::Nchw => {
+            let s = shape.spatial();
+            if !s.is_multiple_of(vec_width) {
+                return Err(unavailable(
+                    v,
+                    format!("nchw needs planes of a multiple of {vec_width} values, not {s}"),
+                ));
+            }
+            let vectors = per_channel / vec_width;
+            let lo = vectors.div_ceil(MAX_SPLIT_VALUES / vec_width);
+            let hi = (vectors * vec_width / min_values)
+                .min(MAX_SPLITS as usize)
+                .max(lo);
+            let splits = wave_splits(c, vectors, lo, hi, slots);
+            let chunk = vectors.div_ceil(splits);
+            let splits = vectors.div_ceil(chunk);
+            let blocks = c
+                .checked_mul(splits)
+                .filter(|&b| b <= i32::MAX as usize)
+                .ok_or_else(too_large)?;
+            StagePlan {
+                layout,
+                config: LaunchConfig {
+                    grid: (blocks as u32, 1, 1),
+                    block: (BLOCK_THREADS, 1, 1),
+                    shared_bytes: 0,
+                    cooperative: false,
+                },
+                splits: splits as u32,
+                chunk,
+                tile_x: BLOCK_THREADS,
+                tiles: u32::try_from(c).map_err(|_| too_large())?,
+                vec: true,
+                index64: false,
+            }
+        }
+        Layout::Nhwc => {
+            if vec_width == 1 || !c.is_multiple_of(vec_width) {
+                return Err(unavailable(
+                    v,
+                    format!("nhwc needs C a multiple of {vec_width}, not {c}"),
+                ));
+            }
+            let rows = per_channel;
+            let units = c / vec_width;
+            let tile_x = units.next_power_of_two().min(32);
+            let tile_y = BLOCK_THREADS as usize / tile_x;
+            let tiles = units.div_ceil(tile_x);
+            let rows_min = min_values.div_ceil((tile_x * vec_width).min(c)).max(tile_y);
+            let lo = rows.div_ceil(MAX_SPLIT_VALUES);
+            let hi = (rows / rows_min).min(MAX_SPLITS as usize).max(lo);
+            let splits = wave_splits(tiles, rows, lo, hi, slots);
+            let chunk = rows.div_ceil(splits);
+            let splits = rows.div_ceil(chunk);
+            if splits > 65535 {
+                return Err(too_large());
+            }
+            StagePlan {
+                layout,
+                config: LaunchConfig {
+                    grid: (
+                        u32::try_from(tiles).map_err(|_| too_large())?,
+                        splits as u32,
+                        1,
+                    ),
+                    block: (tile_x as u32, tile_y as u32, 1),
+                    shared_bytes: 0,
+                    cooperative: false,
+                },
+                splits: splits as u32,
+                chunk,
+                tile_x: tile_x as u32,
+                tiles: tiles as u32,
+                vec: true,
+                index64: false,
+            }
+        }
+    };
+    // An nchw walk's element index runs ahead of its last vector by up to one step of
+    // 4 * 256 vectors, each up to a plane apart.
+    let walk_ahead = (4 * BLOCK_THREADS as u128 + 1) * (c as u128) * (shape.spatial() as u128);
+    let ahead = layout == Layout::Nchw && shape.numel() as u128 + walk_ahead > i32::MAX as u128;
+    Ok(StagePlan {
+        index64: tuning.force_index64 || ahead || needs_index64(shape, &plan),
+        ..plan
+    })
+}
+
 /// Whether any index the kernels form for this plan can reach 2^31 - 1. Indices stay
 /// below numel plus one split plus one block stride, and the workspace indices below
-/// 2 * splits * C + CHANNEL_SLOTS * C.
+/// PARTIAL_VALUES * splits * C + CHANNEL_SLOTS * C.
 fn needs_index64(shape: &Shape, plan: &StagePlan) -> bool {
     let limit = i32::MAX as u128;
     let numel = shape.numel() as u128;
     let headroom = plan.chunk as u128 + 2 * BLOCK_THREADS as u128 * 16;
-    let ws =
-        2 * plan.splits as u128 * shape.c() as u128 + CHANNEL_SLOTS as u128 * shape.c() as u128;
+    let ws = PARTIAL_VALUES as u128 * plan.splits as u128 * shape.c() as u128
+        + CHANNEL_SLOTS as u128 * shape.c() as u128;
     numel + headroom > limit || ws > limit
 }
 
@@ -508,7 +767,7 @@ pub fn workspace_layout<'a>(
     let (mut counters, mut partial_count) = (0, 0);
     for p in plans.into_iter().filter(|p| p.splits > 1) {
         counters = counters.max(p.counters());
-        partial_count = partial_count.max(2 * p.splits as usize * c);
+        partial_count = partial_count.max(PARTIAL_VALUES * p.splits as usize * c);
     }
     let channel_count = CHANNEL_SLOTS * c;
     let partials = 0;
@@ -737,19 +996,56 @@ mod tests {
     #[test]
     fn kernel_names_follow_the_convention() {
         let id = KernelId {
+            variant: Variant::Baseline,
+            index64: false,
             stage: Stage::FwdStats,
             layout: Layout::Nhwc,
             input: DType::F16,
             param: DType::F32,
         };
         assert_eq!(id.name(), "bn_fwd_stats_nhwc_f16_f32");
+        // the baseline's index width is a runtime flag, not a name
         let id = KernelId {
+            index64: true,
             stage: Stage::BwdDx,
             layout: Layout::Nchw,
             input: DType::BF16,
             param: DType::BF16,
+            ..id
         };
         assert_eq!(id.name(), "bn_bwd_dx_nchw_bf16");
+        let id = KernelId {
+            variant: Variant::Ilp,
+            stage: Stage::BwdDxEval,
+            ..id
+        };
+        assert_eq!(id.name(), "bn_ilp_bwd_dx_eval_nchw_bf16_i64");
+        let id = KernelId {
+            index64: false,
+            ..id
+        };
+        assert_eq!(id.name(), "bn_ilp_bwd_dx_eval_nchw_bf16");
+    }
+
+    #[test]
+    fn variant_names_parse_back() {
+        for v in Variant::ALL {
+            assert_eq!(Variant::parse(v.name()), Some(v));
+        }
+        assert_eq!(Variant::parse("fast"), None);
+    }
+
+    #[test]
+    fn wave_splits_fill_whole_waves() {
+        // 64 channels on 132 SMs x 4 slots: 528 slots; 8 splits give 512 blocks (97 %),
+        // where 9 would give 576 (two waves, 55 %)
+        let s = wave_splits(64, 1 << 20, 1, 64, 528);
+        let blocks = 64 * s;
+        let used = blocks as f64 / (blocks.div_ceil(528) * 528) as f64;
+        assert!(used > 0.9, "{s} splits: {used}");
+        // bounds are respected
+        assert_eq!(wave_splits(1, 100, 7, 7, 528), 7);
+        assert!(wave_splits(1000, 10, 1, 10, 4) <= 10);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::dtype::{DType, Float, ParamFor};
 use crate::error::{BnError, Result};
 use crate::launch::{
     self, flags, workspace_layout, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Stage,
-    StagePlan, Tuning, WorkspaceLayout,
+    StagePlan, Tuning, Variant, WorkspaceLayout,
 };
 use crate::shape::Shape;
 
@@ -64,6 +64,19 @@ pub trait Launcher {
     fn prepare(&self, kernels: &[KernelId]) -> Result<()> {
         let _ = kernels;
         Ok(())
+    }
+    /// Blocks of `kernel` resident per multiprocessor at `block_threads` threads and
+    /// `shared_bytes` of dynamic shared memory, as the driver's occupancy calculator says
+    /// (the families other than the baseline size their grids from it). The default,
+    /// for executors without one, is the baseline's assumption of 4.
+    fn resident_blocks(
+        &self,
+        kernel: &KernelId,
+        block_threads: u32,
+        shared_bytes: u32,
+    ) -> Result<u32> {
+        let _ = (kernel, block_threads, shared_bytes);
+        Ok(4)
     }
     /// Runs one kernel. `regions` lists every buffer it may touch.
     fn launch(
@@ -152,21 +165,6 @@ pub struct BackwardArgs {
     pub scratch: u64,
 }
 
-fn stage_plans(
-    stages: &[Stage],
-    shape: &Shape,
-    input: DType,
-    align: Alignment,
-    dev: &DeviceInfo,
-    tuning: &Tuning,
-) -> Result<[Option<StagePlan>; 2]> {
-    let mut out = [None, None];
-    for (slot, &stage) in out.iter_mut().zip(stages) {
-        *slot = Some(launch::plan_stage(stage, shape, input, align, dev, tuning)?);
-    }
-    Ok(out)
-}
-
 /// The workspace every forward and backward call on a shape needs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WorkspaceSize {
@@ -186,34 +184,218 @@ impl WorkspaceSize {
     }
 }
 
-/// The workspace that every forward and backward call on this shape needs, whatever the
-/// alignment of its buffers. Zero for empty shapes.
+/// What an operation computes, as planning sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A forward: with the batch's statistics (training, or eval without running
+    /// statistics) or the running ones.
+    Forward {
+        /// Normalise with this batch's statistics.
+        batch_stats: bool,
+    },
+    /// A backward: through the batch's statistics (training) or the running ones, with
+    /// the per-channel sums (`reduce`: training, or parameter gradients asked for).
+    Backward {
+        /// The forward normalised with the batch's statistics.
+        batch: bool,
+        /// The sums are computed (grad_weight, grad_bias, the training dx need them).
+        reduce: bool,
+    },
+}
+
+/// One launch of an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlannedLaunch {
+    /// The entry point.
+    pub kernel: KernelId,
+    /// Grid, block and the cut of the work.
+    pub plan: StagePlan,
+}
+
+/// Every launch of one operation, in order, by one kernel family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpPlan {
+    /// The family.
+    pub variant: Variant,
+    /// The launches.
+    pub launches: Vec<PlannedLaunch>,
+}
+
+impl OpPlan {
+    /// The workspace the operation needs.
+    pub fn workspace(&self, c: usize, acc: DType) -> WorkspaceSize {
+        let l = workspace_layout(self.launches.iter().map(|l| &l.plan), c, acc);
+        WorkspaceSize {
+            counters: l.counters,
+            scratch_bytes: l.scratch_bytes,
+        }
+    }
+}
+
+/// The stages an operation runs in a family, or why the family cannot run it.
+fn op_stages(op: Op, variant: Variant) -> Result<&'static [Stage]> {
+    Ok(match (op, variant) {
+        (Op::Forward { batch_stats: true }, Variant::Persistent) => &[Stage::FwdFused],
+        (Op::Forward { batch_stats: true }, _) => &[Stage::FwdStats, Stage::FwdNorm],
+        (Op::Forward { batch_stats: false }, Variant::Persistent) => {
+            return Err(BnError::VariantUnavailable {
+                variant: variant.name(),
+                reason: "the eval forward is one pass already".into(),
+            })
+        }
+        (Op::Forward { batch_stats: false }, _) => &[Stage::FwdNorm],
+        (Op::Backward { batch: true, .. }, Variant::Persistent) => &[Stage::BwdFused],
+        (Op::Backward { .. }, Variant::Persistent) => {
+            return Err(BnError::VariantUnavailable {
+                variant: variant.name(),
+                reason: "the eval backward is one pass already".into(),
+            })
+        }
+        (Op::Backward { reduce: true, .. }, Variant::Baseline) => &[Stage::BwdReduce, Stage::BwdDx],
+        (Op::Backward { reduce: false, .. }, Variant::Baseline) => &[Stage::BwdDx],
+        (Op::Backward { batch: true, .. }, _) => &[Stage::BwdReduce, Stage::BwdDx],
+        (
+            Op::Backward {
+                batch: false,
+                reduce: true,
+            },
+            _,
+        ) => &[Stage::BwdReduce, Stage::BwdDxEval],
+        (
+            Op::Backward {
+                batch: false,
+                reduce: false,
+            },
+            _,
+        ) => &[Stage::BwdDxEval],
+    })
+}
+
+/// One family's plan of an operation, or why it cannot take it.
+fn plan_variant(
+    variant: Variant,
+    op: Op,
+    shape: &Shape,
+    (input, param): (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    let layout = launch::Layout::of(shape);
+    let mut launches = Vec::new();
+    for &stage in op_stages(op, variant)? {
+        let mut kernel = KernelId {
+            variant,
+            index64: false,
+            stage,
+            layout,
+            input,
+            param,
+        };
+        let plan = match variant {
+            Variant::Baseline => {
+                launch::plan_stage(stage, shape, input, align, launcher.device(), tuning)?
+            }
+            Variant::Ilp => {
+                let resident = launcher.resident_blocks(&kernel, launch::BLOCK_THREADS, 0)?;
+                launch::plan_ilp_stage(
+                    stage,
+                    shape,
+                    input,
+                    align,
+                    launcher.device(),
+                    tuning,
+                    resident,
+                )?
+            }
+            Variant::Flat | Variant::Persistent => {
+                return Err(BnError::VariantUnavailable {
+                    variant: variant.name(),
+                    reason: "not built yet".into(),
+                })
+            }
+        };
+        kernel.index64 = plan.index64;
+        launches.push(PlannedLaunch { kernel, plan });
+    }
+    Ok(OpPlan { variant, launches })
+}
+
+/// The families tried, in order, when none is asked for: the predictions of
+/// kernels/NOTES.md (the fused single launch where it fits, the small-plane path where
+/// planes are small or C is odd, the streaming kernels, the baseline for the rest).
+pub const PREDICTED_ORDER: [Variant; 4] = [
+    Variant::Persistent,
+    Variant::Flat,
+    Variant::Ilp,
+    Variant::Baseline,
+];
+
+/// Plans an operation: the family `tuning.variant` asks for (an error if it cannot take
+/// the call), else the first of [`PREDICTED_ORDER`] that can.
+pub fn plan_op(
+    op: Op,
+    shape: &Shape,
+    types: (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    if shape.numel() == 0 {
+        return Err(BnError::EmptyInput {
+            size: shape.dims().to_vec(),
+        });
+    }
+    if let Some(v) = tuning.variant {
+        return plan_variant(v, op, shape, types, align, launcher, tuning);
+    }
+    for v in PREDICTED_ORDER {
+        match plan_variant(v, op, shape, types, align, launcher, tuning) {
+            Err(BnError::VariantUnavailable { .. }) => continue,
+            other => return other,
+        }
+    }
+    plan_variant(Variant::Baseline, op, shape, types, align, launcher, tuning)
+}
+
+/// The workspace every forward and backward call on this shape with inputs of `input`
+/// (any parameter type) needs with `launcher` and `tuning`, whatever the alignment of
+/// its buffers. Zero for empty shapes.
 pub fn workspace_size(
+    launcher: &impl Launcher,
     shape: &Shape,
     input: DType,
-    dev: &DeviceInfo,
     tuning: &Tuning,
 ) -> Result<WorkspaceSize> {
     let mut size = WorkspaceSize::default();
     if shape.numel() == 0 {
         return Ok(size);
     }
-    for align in [
-        Alignment::ALIGNED,
-        Alignment {
-            same_misalignment: false,
-            all_aligned: false,
-        },
-    ] {
-        let mut plans = [None; 4];
-        for (slot, &stage) in plans.iter_mut().zip(&Stage::ALL) {
-            *slot = Some(launch::plan_stage(stage, shape, input, align, dev, tuning)?);
+    let unaligned = Alignment {
+        same_misalignment: false,
+        all_aligned: false,
+    };
+    let pairs = crate::dtype::KERNEL_PAIRS.iter().filter(|p| p.0 == input);
+    for (types, align) in pairs.flat_map(|&t| [(t, Alignment::ALIGNED), (t, unaligned)]) {
+        for op in [
+            Op::Forward { batch_stats: true },
+            Op::Backward {
+                batch: true,
+                reduce: true,
+            },
+            Op::Backward {
+                batch: false,
+                reduce: true,
+            },
+        ] {
+            // A forced family that cannot take one of these calls fails that call
+            // itself; its workspace does not matter.
+            match plan_op(op, shape, types, align, launcher, tuning) {
+                Ok(plan) => size = size.max(plan.workspace(shape.c(), types.0.acc())),
+                Err(BnError::VariantUnavailable { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
-        let l = workspace_layout(plans.iter().flatten(), shape.c(), input.acc());
-        size = size.max(WorkspaceSize {
-            counters: l.counters,
-            scratch_bytes: l.scratch_bytes,
-        });
     }
     Ok(size)
 }
@@ -225,15 +407,9 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn new(
-        plans: &[Option<StagePlan>; 2],
-        c: usize,
-        acc: DType,
-        counters: u64,
-        scratch: u64,
-    ) -> Workspace {
+    fn new(plan: &OpPlan, c: usize, acc: DType, counters: u64, scratch: u64) -> Workspace {
         Workspace {
-            layout: workspace_layout(plans.iter().flatten(), c, acc),
+            layout: workspace_layout(plan.launches.iter().map(|l| &l.plan), c, acc),
             counters,
             scratch,
         }
@@ -263,7 +439,7 @@ impl Workspace {
     /// The counter and partial regions a reducing stage uses.
     fn reduction_regions(&self, plan: &StagePlan, acc: DType, c: usize) -> Result<[Region; 2]> {
         let used = plan.splits > 1;
-        let partials = (2 * plan.splits as usize).saturating_mul(c);
+        let partials = (launch::PARTIAL_VALUES * plan.splits as usize).saturating_mul(c);
         Ok([
             Region {
                 addr: self.counters(),
@@ -345,38 +521,57 @@ fn base_params(shape: &Shape, plan: &StagePlan) -> BnParams {
     }
 }
 
-fn kernel<T: Float, P: Float>(stage: Stage, plan: &StagePlan) -> KernelId {
-    KernelId {
-        stage,
-        layout: plan.layout,
-        input: T::DTYPE,
-        param: P::DTYPE,
-    }
-}
-
-/// The forward: batch statistics (when `batch_stats`) then normalisation.
+/// The forward: batch statistics (when `batch_stats`) then normalisation, planned by
+/// [`plan_op`].
 ///
 /// # Safety
 /// Every non-zero address must be a live device allocation of the launcher's context
 /// holding at least the elements described on [`ForwardArgs`] for `shape`; `y` must not
-/// overlap any input; the workspace buffers must be at least [`workspace_size`] long and
-/// the counters zero; `shape` must be non-empty and validated
-/// (`crate::validate::forward`).
+/// overlap any input; the workspace buffers must be at least [`workspace_size`] long (or
+/// the plan's [`OpPlan::workspace`]) and the counters zero; `shape` must be non-empty
+/// and validated (`crate::validate::forward`).
 pub unsafe fn forward<T: Float, P: ParamFor<T>>(
     launcher: &impl Launcher,
     shape: &Shape,
     a: &ForwardArgs,
     tuning: &Tuning,
 ) -> Result<()> {
+    let plan = plan_forward::<T, P>(launcher, shape, a, tuning)?;
+    // SAFETY: the caller's contract, for the plan of these arguments.
+    unsafe { forward_planned::<T, P>(launcher, shape, a, &plan) }
+}
+
+/// The plan [`forward`] runs for these arguments.
+pub fn plan_forward<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &ForwardArgs,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    plan_op(
+        Op::Forward {
+            batch_stats: a.batch_stats,
+        },
+        shape,
+        (T::DTYPE, P::DTYPE),
+        Alignment::of(&[a.x, a.y]),
+        launcher,
+        tuning,
+    )
+}
+
+/// The forward by a given plan (of [`plan_forward`] for the same arguments).
+///
+/// # Safety
+/// As for [`forward`], the workspace at least `plan.workspace(..)`.
+pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &ForwardArgs,
+    plan: &OpPlan,
+) -> Result<()> {
     let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
-    let align = Alignment::of(&[a.x, a.y]);
-    let stages: &[Stage] = if a.batch_stats {
-        &[Stage::FwdStats, Stage::FwdNorm]
-    } else {
-        &[Stage::FwdNorm]
-    };
-    let plans = stage_plans(stages, shape, T::DTYPE, align, launcher.device(), tuning)?;
-    let ws = Workspace::new(&plans, c, acc, a.counters, a.scratch);
+    let ws = Workspace::new(plan, c, acc, a.counters, a.scratch);
     let mode = if a.batch_stats { flags::BATCH_STATS } else { 0 }
         | if a.update_running {
             flags::UPDATE_RUNNING
@@ -386,30 +581,30 @@ pub unsafe fn forward<T: Float, P: ParamFor<T>>(
     let input = RegionKind::Input;
     let x = region(a.x, numel, T::DTYPE, "input", input)?;
     // fwd_stats reads the running statistics and stages their update; fwd_norm commits
-    // it, so the running statistics change only if both launches are accepted.
+    // it, so the running statistics change only if both launches are accepted (a fused
+    // launch updates them itself).
     let running = |kind| -> Result<[Region; 2]> {
         Ok([
             region(a.running_mean, c, P::DTYPE, "running_mean", kind)?,
             region(a.running_var, c, P::DTYPE, "running_var", kind)?,
         ])
     };
-    let ids: Vec<KernelId> = plans
-        .iter()
-        .flatten()
-        .zip(stages)
-        .map(|(plan, &stage)| kernel::<T, P>(stage, plan))
-        .collect();
+    let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
 
-    for ((i, plan), id) in plans.iter().flatten().enumerate().zip(ids) {
-        let mut p = base_params(shape, plan);
+    for l in &plan.launches {
+        let (stage_plan, id) = (&l.plan, l.kernel);
+        let mut p = base_params(shape, stage_plan);
         p.flags |= mode;
         p.x = a.x;
         p.eps = a.eps;
         p.running_mean = a.running_mean;
         p.running_var = a.running_var;
         p.ws_channel = ws.channel();
-        if a.batch_stats && i == 0 {
+        let stats = matches!(id.stage, Stage::FwdStats | Stage::FwdFused);
+        let norm = matches!(id.stage, Stage::FwdNorm | Stage::FwdFused);
+        let mut regions = vec![x];
+        if stats {
             p.save_mean = a.save_mean;
             p.save_invstd = a.save_invstd;
             p.ws_counters = ws.counters();
@@ -417,50 +612,47 @@ pub unsafe fn forward<T: Float, P: ParamFor<T>>(
             p.momentum = a.momentum;
             let n = shape.per_channel() as f64;
             p.bessel = n / (n - 1.0);
-            let [counters, partials] = ws.reduction_regions(plan, acc, c)?;
-            let [rm, rv] = running(input)?;
-            let regions = [
-                x,
-                rm,
-                rv,
+            let [counters, partials] = ws.reduction_regions(stage_plan, acc, c)?;
+            regions.extend(running(if norm && a.update_running {
+                RegionKind::InOut
+            } else {
+                input
+            })?);
+            regions.extend([
                 region(a.save_mean, c, acc, "save_mean", RegionKind::Output)?,
                 region(a.save_invstd, c, acc, "save_invstd", RegionKind::Output)?,
                 counters,
                 partials,
                 ws.channel_region(acc, c, RegionKind::Output)?,
-            ];
-            launcher.launch(id, &plan.config, &p, &regions)?;
-        } else {
+            ]);
+        }
+        if norm {
             p.y = a.y;
             p.weight = a.weight;
             p.bias = a.bias;
-            let none = Region::NONE;
-            let [rm, rv] = match (a.batch_stats, a.update_running) {
-                (false, _) => running(input)?,
-                (true, true) => running(RegionKind::InOut)?,
-                (true, false) => [none, none],
-            };
-            let regions = [
-                x,
+            regions.extend([
                 region(a.y, numel, T::DTYPE, "output", RegionKind::Output)?,
                 region(a.weight, c, P::DTYPE, "weight", input)?,
                 region(a.bias, c, P::DTYPE, "bias", input)?,
-                rm,
-                rv,
+            ]);
+            if !stats {
+                match (a.batch_stats, a.update_running) {
+                    (false, _) => regions.extend(running(input)?),
+                    (true, true) => regions.extend(running(RegionKind::InOut)?),
+                    (true, false) => {}
+                }
                 if a.batch_stats {
-                    ws.channel_region(acc, c, input)?
-                } else {
-                    none
-                },
-            ];
-            launcher.launch(id, &plan.config, &p, &regions)?;
+                    regions.push(ws.channel_region(acc, c, input)?);
+                }
+            }
         }
+        launcher.launch(id, &stage_plan.config, &p, &regions)?;
     }
     Ok(())
 }
 
 /// The backward: the per-channel reduction (when the mode needs sums, or parameter
-/// gradients are asked for) then the input gradient.
+/// gradients are asked for) then the input gradient, planned by [`plan_op`].
 ///
 /// # Safety
 /// As for [`forward`]: every non-zero address a live allocation of the launcher's
@@ -473,17 +665,43 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
     a: &BackwardArgs,
     tuning: &Tuning,
 ) -> Result<()> {
-    let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
+    let plan = plan_backward::<T, P>(launcher, shape, a, tuning)?;
+    // SAFETY: the caller's contract, for the plan of these arguments.
+    unsafe { backward_planned::<T, P>(launcher, shape, a, &plan) }
+}
+
+/// The plan [`backward`] runs for these arguments.
+pub fn plan_backward<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &BackwardArgs,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
     let batch = matches!(a.stats, BackwardStats::Batch { .. });
     let reduce = batch || a.grad_weight != 0 || a.grad_bias != 0;
-    let align = Alignment::of(&[a.x, a.dy, a.dx]);
-    let stages: &[Stage] = if reduce {
-        &[Stage::BwdReduce, Stage::BwdDx]
-    } else {
-        &[Stage::BwdDx]
-    };
-    let plans = stage_plans(stages, shape, T::DTYPE, align, launcher.device(), tuning)?;
-    let ws = Workspace::new(&plans, c, acc, a.counters, a.scratch);
+    plan_op(
+        Op::Backward { batch, reduce },
+        shape,
+        (T::DTYPE, P::DTYPE),
+        Alignment::of(&[a.x, a.dy, a.dx]),
+        launcher,
+        tuning,
+    )
+}
+
+/// The backward by a given plan (of [`plan_backward`] for the same arguments).
+///
+/// # Safety
+/// As for [`backward`], the workspace at least `plan.workspace(..)`.
+pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &BackwardArgs,
+    plan: &OpPlan,
+) -> Result<()> {
+    let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
+    let batch = matches!(a.stats, BackwardStats::Batch { .. });
+    let ws = Workspace::new(plan, c, acc, a.counters, a.scratch);
     let input = RegionKind::Input;
     let (stats_regions, mode) = match a.stats {
         BackwardStats::Batch {
@@ -504,15 +722,11 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
             0,
         ),
     };
-    let ids: Vec<KernelId> = plans
-        .iter()
-        .flatten()
-        .zip(stages)
-        .map(|(plan, &stage)| kernel::<T, P>(stage, plan))
-        .collect();
+    let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
-    for ((i, plan), id) in plans.iter().flatten().enumerate().zip(ids) {
-        let mut p = base_params(shape, plan);
+    for l in &plan.launches {
+        let (stage_plan, id) = (&l.plan, l.kernel);
+        let mut p = base_params(shape, stage_plan);
         p.flags |= mode;
         p.x = a.x;
         p.dy = a.dy;
@@ -532,18 +746,26 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
                 p.eps = eps;
             }
         }
-        let dy = region(a.dy, numel, T::DTYPE, "grad_output", input)?;
-        if reduce && i == 0 {
+        let reduce = matches!(id.stage, Stage::BwdReduce | Stage::BwdFused);
+        let dx = matches!(id.stage, Stage::BwdDx | Stage::BwdDxEval | Stage::BwdFused);
+        let reads_x = reduce || (dx && batch);
+        let mut regions = vec![
+            if reads_x {
+                region(a.x, numel, T::DTYPE, "input", input)?
+            } else {
+                Region::NONE
+            },
+            region(a.dy, numel, T::DTYPE, "grad_output", input)?,
+            stats_regions[0],
+            stats_regions[1],
+        ];
+        if reduce {
             p.grad_weight = a.grad_weight;
             p.grad_bias = a.grad_bias;
             p.ws_counters = ws.counters();
             p.ws_partials = ws.partials();
-            let [counters, partials] = ws.reduction_regions(plan, acc, c)?;
-            let regions = [
-                region(a.x, numel, T::DTYPE, "input", input)?,
-                dy,
-                stats_regions[0],
-                stats_regions[1],
+            let [counters, partials] = ws.reduction_regions(stage_plan, acc, c)?;
+            regions.extend([
                 region(
                     a.grad_weight,
                     c,
@@ -555,29 +777,24 @@ pub unsafe fn backward<T: Float, P: ParamFor<T>>(
                 counters,
                 partials,
                 ws.channel_region(acc, c, RegionKind::Output)?,
-            ];
-            launcher.launch(id, &plan.config, &p, &regions)?;
-        } else {
-            p.dx = a.dx;
-            let regions = [
-                if batch {
-                    region(a.x, numel, T::DTYPE, "input", input)?
-                } else {
-                    Region::NONE
-                },
-                dy,
-                region(a.dx, numel, T::DTYPE, "grad_input", RegionKind::Output)?,
-                region(a.weight, c, P::DTYPE, "weight", input)?,
-                stats_regions[0],
-                stats_regions[1],
-                if batch {
-                    ws.channel_region(acc, c, input)?
-                } else {
-                    Region::NONE
-                },
-            ];
-            launcher.launch(id, &plan.config, &p, &regions)?;
+            ]);
         }
+        regions.push(region(a.weight, c, P::DTYPE, "weight", input)?);
+        if dx {
+            p.dx = a.dx;
+            regions.push(region(
+                a.dx,
+                numel,
+                T::DTYPE,
+                "grad_input",
+                RegionKind::Output,
+            )?);
+            // a dx launch of its own reads the sums the reduction left
+            if !reduce && batch {
+                regions.push(ws.channel_region(acc, c, input)?);
+            }
+        }
+        launcher.launch(id, &stage_plan.config, &p, &regions)?;
     }
     Ok(())
 }

@@ -20,7 +20,9 @@ use common::{
 };
 use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
 use cuda_batchnorm::half::f16;
-use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning};
+use cuda_batchnorm::launch::{
+    Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, Variant,
+};
 use cuda_batchnorm::raw::{self, Launcher, Region, RegionKind};
 use cuda_batchnorm::validate::ForwardKind;
 use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Result, Shape};
@@ -42,6 +44,7 @@ const SPLIT: Tuning = Tuning {
     min_values_per_block: 64,
     force_index64: false,
     force_scalar: false,
+    variant: None,
 };
 
 /// The emulator as a [`Launcher`].
@@ -83,7 +86,7 @@ impl Launcher for EmuLauncher {
             grid: [config.grid.0, config.grid.1, config.grid.2],
             block: [config.block.0, config.block.1, config.block.2],
             dynamic_shared_bytes: config.shared_bytes,
-            cooperative: false,
+            cooperative: config.cooperative,
         };
         // SAFETY: the raw layer lists in `regions` exactly the buffers of the call, and
         // every caller in this file passes host slices it owns and leaves alone until
@@ -135,7 +138,7 @@ impl Emu {
 
     /// Grows the (counters, scratch) workspace for a shape and returns their addresses.
     fn workspace(&self, ws: &mut EmuWorkspace, shape: &Shape, input: DType) -> Result<(u64, u64)> {
-        let need = raw::workspace_size(shape, input, &self.device, &self.tuning)?;
+        let need = raw::workspace_size(&self.launcher(), shape, input, &self.tuning)?;
         if ws.0.len() < need.counters {
             ws.0 = vec![0u32; need.counters];
         }
@@ -457,6 +460,135 @@ fn kernels_f16_with_f32_parameters() {
 #[test]
 fn kernels_bf16_with_f32_parameters() {
     check_pair(TYPE_PAIRS[5], &split_runner());
+}
+
+/// Shapes every family takes in both layouts and every dtype (planes and channel counts
+/// of a multiple of 8), with several splits per channel under SPLIT.
+const ALIGNED_CASES: &[Case] = &[
+    Case {
+        dims: &[4, 16, 8, 8],
+        data: Data::Normal,
+        affine: true,
+    },
+    Case {
+        dims: &[3, 24, 32],
+        data: Data::Offset1e4,
+        affine: true,
+    },
+    Case {
+        dims: &[2, 8, 4, 4, 6],
+        data: Data::Normal,
+        affine: false,
+    },
+];
+
+/// Whether `variant` (forced) takes `dims` in `format` for `pair`.
+fn takes(variant: Variant, pair: (DType, DType), dims: &[usize], format: MemoryFormat) -> bool {
+    let shape = Shape::new(dims, format).unwrap();
+    let forced = Tuning {
+        variant: Some(variant),
+        ..SPLIT
+    };
+    let op = raw::Op::Forward { batch_stats: true };
+    let launcher = Emu::new(SMALL, SPLIT).launcher();
+    raw::plan_op(op, &shape, pair, Alignment::ALIGNED, &launcher, &forced).is_ok()
+}
+
+/// Runs every case of `cases` and the table that a forced family takes, on every pair,
+/// and returns how many (case, format) runs there were per pair.
+fn check_family(label: &str, tuning: Tuning, cases: &[Case], seed: u64) -> usize {
+    let variant = tuning.variant.expect("a forced family");
+    let runner = EmuRunner::new(Emu::new(SMALL, tuning));
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for &pair in TYPE_PAIRS {
+        runs = 0;
+        for (i, case) in cases.iter().enumerate() {
+            for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+                if !takes(variant, pair, case.dims, format) {
+                    continue;
+                }
+                runs += 1;
+                let r = with_types!(pair, |T, P| check_problem(
+                    &runner,
+                    &Problem::<T, P>::new(case, format, seed + i as u64)
+                ));
+                if let Err(e) = r {
+                    failures.push(format!("{pair:?} {:?} {}: {e}", case.dims, format.name()));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{label}:\n{}", failures.join("\n"));
+    runs
+}
+
+/// The ilp family forced, on every dtype pair and both layouts, with every case it takes
+/// (planes of a multiple of the vector width, C a multiple of it), several splits per
+/// channel, and in 64-bit index arithmetic.
+#[test]
+fn ilp_family_on_every_pair() {
+    let cases: Vec<Case> = ALIGNED_CASES.iter().chain(CASES).copied().collect();
+    let tuning = Tuning {
+        variant: Some(Variant::Ilp),
+        ..SPLIT
+    };
+    let runs = check_family("ilp", tuning, &cases, 11);
+    assert!(runs >= 2 * ALIGNED_CASES.len(), "{runs} runs");
+    let wide = Tuning {
+        force_index64: true,
+        ..tuning
+    };
+    check_family("ilp, 64-bit indices", wide, ALIGNED_CASES, 17);
+}
+
+/// A forced family that cannot take a call says why, as a typed error.
+#[test]
+fn a_forced_family_explains_what_it_cannot_take() {
+    let shape = Shape::new(&[4, 3, 5, 7], MemoryFormat::Contiguous).unwrap();
+    let forced = Tuning {
+        variant: Some(Variant::Ilp),
+        ..SPLIT
+    };
+    let op = raw::Op::Forward { batch_stats: true };
+    let launcher = Emu::new(SMALL, SPLIT).launcher();
+    let err = raw::plan_op(
+        op,
+        &shape,
+        (DType::F32, DType::F32),
+        Alignment::ALIGNED,
+        &launcher,
+        &forced,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, BnError::VariantUnavailable { variant: "ilp", .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("multiple of 4"), "{err}");
+    // unforced, the same call falls back to the baseline
+    let plan = raw::plan_op(
+        op,
+        &shape,
+        (DType::F32, DType::F32),
+        Alignment::ALIGNED,
+        &launcher,
+        &SPLIT,
+    )
+    .unwrap();
+    assert_eq!(plan.variant, Variant::Baseline);
+}
+
+/// The baseline forced where the planner would pick another family.
+#[test]
+fn baseline_family_forced() {
+    let tuning = Tuning {
+        variant: Some(Variant::Baseline),
+        ..SPLIT
+    };
+    let runner = EmuRunner::new(Emu::new(SMALL, tuning));
+    let cases = [CASES[9], CASES[10], CASES[11]];
+    check_cases("baseline forced", &runner, &cases, TYPE_PAIRS, 13);
 }
 
 /// A few cases on the launch plans an H100 gets (132 SMs, default tuning).
@@ -931,12 +1063,12 @@ fn params_abi_matches_the_kernels() {
     assert_eq!(out, expect);
 }
 
-/// Every entry point in kernels/*.cu runs in these tests: each (stage, layout, dtype
-/// pair) once here, compared with the emulator's list of compiled kernels.
+/// Every entry point in kernels/*.cu runs in these tests: each (family, stage, layout,
+/// dtype pair, index width) once here, compared with the emulator's list of compiled
+/// kernels.
 #[test]
 fn every_kernel_runs() {
     let runner = split_runner();
-    let mut mine = BTreeSet::new();
     for pair in TYPE_PAIRS {
         for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
             with_types!(*pair, |T, P| check_problem(
@@ -946,12 +1078,21 @@ fn every_kernel_runs() {
             .unwrap();
         }
     }
-    mine.extend(LAUNCHED.lock().unwrap().iter().cloned());
+    for index64 in [false, true] {
+        let tuning = Tuning {
+            variant: Some(Variant::Ilp),
+            force_index64: index64,
+            ..SPLIT
+        };
+        check_family("every ilp kernel", tuning, &ALIGNED_CASES[..1], 1);
+    }
+    let mine = LAUNCHED.lock().unwrap().clone();
     let compiled: BTreeSet<String> = emu::kernel_names()
         .into_iter()
         .filter(|n| n.starts_with("bn_") && !n.starts_with("bn_selftest"))
         .collect();
-    assert_eq!(compiled.len(), 48, "{compiled:?}");
+    let ilp = 5 * 2 * TYPE_PAIRS.len() * 2;
+    assert_eq!(compiled.len(), 48 + ilp, "{compiled:?}");
     let missing: Vec<_> = compiled.difference(&mine).collect();
     assert!(missing.is_empty(), "kernels never launched: {missing:?}");
 }

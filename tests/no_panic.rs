@@ -13,9 +13,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use common::Rng;
 use cuda_batchnorm::backend::{BackwardStats, Grads};
 use cuda_batchnorm::cpu::{self, BatchNorm1d, BatchNorm2d, BatchNorm3d};
-use cuda_batchnorm::launch::{plan_stage, Alignment, DeviceInfo, Stage, Tuning};
-use cuda_batchnorm::raw::workspace_size;
-use cuda_batchnorm::{BatchNormOptions, Cpu, DType, MemoryFormat, Shape, StateDict};
+use cuda_batchnorm::launch::{
+    plan_ilp_stage, plan_stage, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Stage,
+    Tuning, Variant,
+};
+use cuda_batchnorm::raw::{plan_op, workspace_size, Launcher, Op, Region};
+use cuda_batchnorm::{BatchNormOptions, Cpu, DType, MemoryFormat, Result, Shape, StateDict};
 
 const CASES: u64 = 3000;
 
@@ -144,6 +147,12 @@ fn shapes_and_planning_never_panic() {
             min_values_per_block: [0, 1, 8192, usize::MAX][(r.next_u64() % 4) as usize],
             force_index64: r.next_u64().is_multiple_of(2),
             force_scalar: r.next_u64().is_multiple_of(2),
+            variant: [None, Some(Variant::Baseline), Some(Variant::Ilp)]
+                [(r.next_u64() % 3) as usize],
+        };
+        let launcher = Planner {
+            device: dev,
+            resident: [0, 1, 4, u32::MAX][(r.next_u64() % 4) as usize],
         };
         let align = if r.next_u64().is_multiple_of(2) {
             Alignment::ALIGNED
@@ -151,20 +160,52 @@ fn shapes_and_planning_never_panic() {
             Alignment::of(&[r.next_u64(), r.next_u64()])
         };
         for dt in [DType::F32, DType::F64, DType::F16, DType::BF16] {
-            for stage in [
-                Stage::FwdStats,
-                Stage::FwdNorm,
-                Stage::BwdReduce,
-                Stage::BwdDx,
-            ] {
+            for stage in Stage::EVERY {
                 let _ = no_panic("plan_stage", case, || {
                     plan_stage(stage, &shape, dt, align, &dev, &tuning)
                 });
+                let _ = no_panic("plan_ilp_stage", case, || {
+                    plan_ilp_stage(stage, &shape, dt, align, &dev, &tuning, launcher.resident)
+                });
+            }
+            for op in [
+                Op::Forward { batch_stats: true },
+                Op::Forward { batch_stats: false },
+                Op::Backward {
+                    batch: true,
+                    reduce: true,
+                },
+                Op::Backward {
+                    batch: false,
+                    reduce: false,
+                },
+            ] {
+                let _ = no_panic("plan_op", case, || {
+                    plan_op(op, &shape, (dt, dt), align, &launcher, &tuning)
+                });
             }
             let _ = no_panic("workspace_size", case, || {
-                workspace_size(&shape, dt, &dev, &tuning)
+                workspace_size(&launcher, &shape, dt, &tuning)
             });
         }
+    }
+}
+
+/// Plans only: a device and an occupancy answer, no kernels.
+struct Planner {
+    device: DeviceInfo,
+    resident: u32,
+}
+
+impl Launcher for Planner {
+    fn device(&self) -> &DeviceInfo {
+        &self.device
+    }
+    fn resident_blocks(&self, _: &KernelId, _: u32, _: u32) -> Result<u32> {
+        Ok(self.resident)
+    }
+    fn launch(&self, _: KernelId, _: &LaunchConfig, _: &BnParams, _: &[Region]) -> Result<()> {
+        Ok(())
     }
 }
 

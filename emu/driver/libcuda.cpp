@@ -28,6 +28,12 @@
 //     dy, weight and bias read-only, the counters' as Counters (zero before and after),
 //     the rest read-write. A violation inside the kernel fails the launch with
 //     CUDA_ERROR_ILLEGAL_ADDRESS and prints the emulator's message on stderr;
+//   * occupancy: cuOccupancyMaxActiveBlocksPerMultiprocessor answers from threads and
+//     shared memory alone (2048 threads and 228 KB per multiprocessor, at most 32
+//     blocks; no register model), or BN_EMU_DRIVER_OCCUPANCY blocks when set, so tests
+//     can play a device whose kernels fit fewer; cuLaunchCooperativeKernel refuses a
+//     grid above that many blocks per multiprocessor with
+//     CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, as the driver does;
 //   * one lock serialises every call, so launches from several threads take turns.
 
 #include <chrono>
@@ -63,6 +69,7 @@ enum : int {
     kIllegalAddress = 700,
     kLaunchOutOfResources = 701,
     kLaunchFailed = 719,
+    kCooperativeLaunchTooLarge = 720,
     kNotSupported = 801,
 };
 
@@ -282,13 +289,36 @@ int ptx_isa(const char* text) {
     return major * 10 + minor;
 }
 
+// Blocks of `threads` threads and `shared` dynamic shared bytes resident per
+// multiprocessor (the model in the header).
+int occupancy(unsigned threads, size_t shared) {
+    if (const char* v = std::getenv("BN_EMU_DRIVER_OCCUPANCY")) {
+        const int n = std::atoi(v);
+        if (n > 0) return n;
+    }
+    if (threads == 0 || threads > 1024) return 0;
+    int n = static_cast<int>(2048 / threads);
+    if (n > 32) n = 32;
+    const size_t smem = 228 * 1024;
+    if (shared > 0) {
+        const size_t by_smem = smem / (shared + 1024);  // 1 KB reserved per block
+        if (by_smem < static_cast<size_t>(n)) n = static_cast<int>(by_smem);
+    }
+    return n;
+}
+
 int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared, void* stream,
-              void** params, void** extra) {
+              void** params, void** extra, bool cooperative) {
     int rc = check_ready(s);
     if (rc != kSuccess) return rc;
     if (s.functions.count(f) == 0) return kInvalidHandle;
     if (!stream_ok(s, stream)) return kInvalidHandle;
     if (extra != nullptr || params == nullptr || params[0] == nullptr) return kInvalidValue;
+    if (cooperative) {
+        const uint64_t blocks = uint64_t{grid[0]} * grid[1] * grid[2];
+        const int per_sm = occupancy(block[0] * block[1] * block[2], shared);
+        if (blocks > static_cast<uint64_t>(per_sm) * kSmCount) return kCooperativeLaunchTooLarge;
+    }
     BnParams p;
     std::memcpy(&p, params[0], sizeof p);
 
@@ -351,7 +381,7 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
         d.block[i] = block[i];
     }
     d.dynamic_shared_bytes = shared;
-    d.cooperative = 0;
+    d.cooperative = cooperative ? 1 : 0;
     d.seed = bn_emu_seed_from_env();
     d.max_resident_blocks = 4;
     d.preempt_one_in = bn_emu_preempt_from_env();
@@ -809,5 +839,25 @@ BN_API int cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz,
     LOCKED;
     const uint32_t grid[3] = {gx, gy, gz};
     const uint32_t block[3] = {bx, by, bz};
-    return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, extra);
+    return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, extra, false);
+}
+
+BN_API int cuLaunchCooperativeKernel(void* function, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                     unsigned bz, unsigned shared, void* stream, void** params) {
+    if (injected(kInjectLaunch)) return kLaunchOutOfResources;
+    LOCKED;
+    const uint32_t grid[3] = {gx, gy, gz};
+    const uint32_t block[3] = {bx, by, bz};
+    return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, nullptr, true);
+}
+
+BN_API int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* function, int block_size,
+                                                       size_t dynamic_shared) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (blocks == nullptr || block_size <= 0) return kInvalidValue;
+    if (s.functions.count(static_cast<Function*>(function)) == 0) return kInvalidHandle;
+    *blocks = occupancy(static_cast<unsigned>(block_size), dynamic_shared);
+    return kSuccess;
 }
