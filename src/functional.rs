@@ -111,7 +111,24 @@ pub fn workspace_size(
 ) -> Result<WorkspaceSize> {
     let kernels = Kernels::for_context(stream.context())?;
     let launcher = CudaLauncher::new(stream, &kernels);
-    raw::workspace_size(&launcher, shape, input, &Tuning::default())
+    raw::workspace_size(&launcher, shape, input, &kernels.tuning())
+}
+
+/// The planner's knobs for every call on `stream`'s context: the embedded tuning table
+/// for its device (bench/tuning/, matched by name) and no forced family, unless
+/// [`set_tuning`] changed them.
+pub fn tuning(stream: &Arc<CudaStream>) -> Result<Tuning> {
+    Ok(Kernels::for_context(stream.context())?.tuning())
+}
+
+/// Replaces the planner's knobs for every later call on `stream`'s context, from any
+/// thread: to force a kernel family (`Tuning { variant: Some(..), .. }`: a call it cannot
+/// take then fails with [`BnError::VariantUnavailable`]) or to plan with a table just
+/// measured. For benchmarks and tests; programs keep the default. A workspace sized
+/// before must be sized again ([`Workspace::for_shape`]) if the new family needs more.
+pub fn set_tuning(stream: &Arc<CudaStream>, tuning: Tuning) -> Result<()> {
+    Kernels::for_context(stream.context())?.set_tuning(tuning);
+    Ok(())
 }
 
 /// The CUDA backend: a stream, on whose context every buffer of a call must live.
@@ -342,7 +359,7 @@ fn prepare(
     input: DType,
 ) -> Result<(Arc<Kernels>, Tuning)> {
     let kernels = Kernels::for_context(stream.context())?;
-    let tuning = Tuning::default();
+    let tuning = kernels.tuning();
     let launcher = CudaLauncher::new(stream, &kernels);
     let size = raw::workspace_size(&launcher, shape, input, &tuning)?;
     workspace.reserve(stream, size)?;
@@ -501,7 +518,7 @@ pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
             &CudaLauncher::new(stream, &kernels),
             &shape,
             &a,
-            &Tuning::default(),
+            &kernels.tuning(),
         )
     }
 }

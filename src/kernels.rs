@@ -13,7 +13,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaStream};
 
 use crate::dtype::KERNEL_PAIRS;
 use crate::error::{describe, BnError, Result};
-use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Variant};
+use crate::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, TuningTable, Variant};
 use crate::raw::{Launcher, Region};
 
 /// One embedded PTX module.
@@ -135,6 +135,8 @@ pub struct Kernels {
     /// module that fails to load is tried again at the next use).
     modules: Mutex<HashMap<&'static str, usize>>,
     functions: Mutex<HashMap<KernelId, usize>>,
+    /// What the functional layer plans with ([`crate::functional::set_tuning`]).
+    tuning: Mutex<Tuning>,
 }
 
 // SAFETY: a CUmodule and the CUfunctions looked up in it are driver handles that may be
@@ -193,12 +195,20 @@ impl Kernels {
             compute_capability: (major as u32, minor as u32),
             l2_bytes: attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64,
         };
+        let name = ctx
+            .name()
+            .map_err(BnError::driver("reading the device's name"))?;
+        let table = TuningTable::embedded(&name, info.compute_capability);
         Ok(Kernels {
             ctx: ctx.clone(),
             info,
             cc: (major * 10 + minor) as u32,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            tuning: Mutex::new(Tuning {
+                table,
+                ..Tuning::default()
+            }),
         })
     }
 
@@ -216,6 +226,16 @@ impl Kernels {
     /// The device's properties.
     pub fn device(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The knobs calls on this context plan with.
+    pub fn tuning(&self) -> Tuning {
+        *self.tuning.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces them.
+    pub fn set_tuning(&self, tuning: Tuning) {
+        *self.tuning.lock().unwrap_or_else(|e| e.into_inner()) = tuning;
     }
 
     /// The entry point `id`, looked up once. The context must be bound.

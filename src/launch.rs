@@ -154,6 +154,10 @@ pub struct Tuning {
     pub force_scalar: bool,
     /// The kernel family to run; `None` chooses (a tuning table, else the predictions).
     pub variant: Option<Variant>,
+    /// Measured choices for this device (`bench/tuning/<gpu>.json`, embedded at build
+    /// time and found by device name, or one bnbench just measured), consulted when no
+    /// family is forced.
+    pub table: Option<&'static TuningTable>,
 }
 
 impl Default for Tuning {
@@ -164,9 +168,124 @@ impl Default for Tuning {
             force_index64: false,
             force_scalar: false,
             variant: None,
+            table: None,
         }
     }
 }
+
+/// What a tuning table's entry was measured on: the op as the planner sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TunedOp {
+    /// The forward with batch statistics (training).
+    TrainForward,
+    /// The forward with running statistics.
+    EvalForward,
+    /// The backward through batch statistics.
+    TrainBackward,
+    /// The backward through running statistics.
+    EvalBackward,
+}
+
+impl TunedOp {
+    /// Every op.
+    pub const ALL: [TunedOp; 4] = [
+        TunedOp::TrainForward,
+        TunedOp::EvalForward,
+        TunedOp::TrainBackward,
+        TunedOp::EvalBackward,
+    ];
+
+    /// `train_fwd`, `eval_fwd`, `train_bwd`, `eval_bwd` (the table's spelling).
+    pub const fn name(self) -> &'static str {
+        match self {
+            TunedOp::TrainForward => "train_fwd",
+            TunedOp::EvalForward => "eval_fwd",
+            TunedOp::TrainBackward => "train_bwd",
+            TunedOp::EvalBackward => "eval_bwd",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<TunedOp> {
+        TunedOp::ALL.into_iter().find(|o| o.name() == s)
+    }
+}
+
+/// The bucket of a tensor's size in a tuning table: floor(log2(bytes)).
+pub fn bytes_bucket(numel: usize, input: DType) -> u32 {
+    let bytes = (numel as u128 * input.size() as u128).max(1);
+    127 - bytes.leading_zeros()
+}
+
+/// One measured choice: the family that won for an op on tensors of a layout, input
+/// type and size bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TuningEntry {
+    /// The op.
+    pub op: TunedOp,
+    /// The kernels' layout.
+    pub layout: Layout,
+    /// The input type (parameters as the suite has them: f32 for 16-bit inputs).
+    pub input: DType,
+    /// [`bytes_bucket`] of the tensor.
+    pub bytes_log2: u32,
+    /// The winner.
+    pub variant: Variant,
+}
+
+/// The measured choices for one device (format: `bench/tuning/README.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TuningTable {
+    /// The device's name as the driver reports it (`NVIDIA H200`).
+    pub device: &'static str,
+    /// Its compute capability.
+    pub compute_capability: (u32, u32),
+    /// The entries.
+    pub entries: &'static [TuningEntry],
+}
+
+impl TuningTable {
+    /// A table built at run time (bnbench's, or one a program parses), kept for the
+    /// life of the process as the embedded ones are.
+    pub fn leak(
+        device: String,
+        compute_capability: (u32, u32),
+        entries: Vec<TuningEntry>,
+    ) -> &'static TuningTable {
+        Box::leak(Box::new(TuningTable {
+            device: Box::leak(device.into_boxed_str()),
+            compute_capability,
+            entries: Box::leak(entries.into_boxed_slice()),
+        }))
+    }
+
+    /// The family measured fastest for this op, layout and input type at the size
+    /// bucket nearest `bytes_log2` (the smaller bucket on a tie), if any entry has them.
+    pub fn choose(
+        &self,
+        op: TunedOp,
+        layout: Layout,
+        input: DType,
+        bytes_log2: u32,
+    ) -> Option<Variant> {
+        self.entries
+            .iter()
+            .filter(|e| e.op == op && e.layout == layout && e.input == input)
+            .min_by_key(|e| (e.bytes_log2.abs_diff(bytes_log2), e.bytes_log2))
+            .map(|e| e.variant)
+    }
+
+    /// The embedded table for a device (by name and compute capability), if one was
+    /// committed under bench/tuning/.
+    pub fn embedded(device: &str, compute_capability: (u32, u32)) -> Option<&'static TuningTable> {
+        EMBEDDED_TABLES
+            .iter()
+            .find(|t| t.device == device && t.compute_capability == compute_capability)
+    }
+}
+
+// Defines EMBEDDED_TABLES: the tables of bench/tuning/*.json, read by build.rs.
+include!(concat!(env!("OUT_DIR"), "/tuning.rs"));
 
 /// A kernel family: each is a complete set of entry points for the stages it covers,
 /// one PTX module per `kernels/<module>.cu`. bnbench times them side by side; the
@@ -1025,6 +1144,40 @@ mod tests {
             ..id
         };
         assert_eq!(id.name(), "bn_ilp_bwd_dx_eval_nchw_bf16");
+    }
+
+    #[test]
+    fn a_tuning_table_answers_with_the_nearest_bucket() {
+        let e = |op, bytes_log2, variant| TuningEntry {
+            op,
+            layout: Layout::Nchw,
+            input: DType::F32,
+            bytes_log2,
+            variant,
+        };
+        let entries = vec![
+            e(TunedOp::TrainForward, 20, Variant::Persistent),
+            e(TunedOp::TrainForward, 28, Variant::Ilp),
+            e(TunedOp::EvalForward, 28, Variant::Baseline),
+        ];
+        let t = TuningTable::leak("NVIDIA Test".into(), (9, 0), entries);
+        let at = |op, b| t.choose(op, Layout::Nchw, DType::F32, b);
+        assert_eq!(at(TunedOp::TrainForward, 19), Some(Variant::Persistent));
+        assert_eq!(at(TunedOp::TrainForward, 23), Some(Variant::Persistent));
+        // a tie goes to the smaller bucket
+        assert_eq!(at(TunedOp::TrainForward, 24), Some(Variant::Persistent));
+        assert_eq!(at(TunedOp::TrainForward, 25), Some(Variant::Ilp));
+        assert_eq!(at(TunedOp::EvalForward, 5), Some(Variant::Baseline));
+        assert_eq!(at(TunedOp::TrainBackward, 28), None);
+        assert_eq!(
+            t.choose(TunedOp::TrainForward, Layout::Nhwc, DType::F32, 28),
+            None
+        );
+        assert_eq!(bytes_bucket(1 << 20, DType::F32), 22);
+        assert_eq!(bytes_bucket(3, DType::F16), 2);
+        for op in TunedOp::ALL {
+            assert_eq!(TunedOp::parse(op.name()), Some(op));
+        }
     }
 
     #[test]

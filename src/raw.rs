@@ -12,7 +12,7 @@ use crate::dtype::{DType, Float, ParamFor};
 use crate::error::{BnError, Result};
 use crate::launch::{
     self, flags, workspace_layout, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Stage,
-    StagePlan, Tuning, Variant, WorkspaceLayout,
+    StagePlan, TunedOp, Tuning, Variant, WorkspaceLayout,
 };
 use crate::shape::Shape;
 
@@ -332,7 +332,8 @@ pub const PREDICTED_ORDER: [Variant; 4] = [
 ];
 
 /// Plans an operation: the family `tuning.variant` asks for (an error if it cannot take
-/// the call), else the first of [`PREDICTED_ORDER`] that can.
+/// the call), else the one `tuning.table` measured fastest for calls like it (when it can
+/// take this one), else the first of [`PREDICTED_ORDER`] that can.
 pub fn plan_op(
     op: Op,
     shape: &Shape,
@@ -348,6 +349,22 @@ pub fn plan_op(
     }
     if let Some(v) = tuning.variant {
         return plan_variant(v, op, shape, types, align, launcher, tuning);
+    }
+    let measured = tuning.table.and_then(|t| {
+        let tuned = match op {
+            Op::Forward { batch_stats: true } => TunedOp::TrainForward,
+            Op::Forward { batch_stats: false } => TunedOp::EvalForward,
+            Op::Backward { batch: true, .. } => TunedOp::TrainBackward,
+            Op::Backward { batch: false, .. } => TunedOp::EvalBackward,
+        };
+        let bucket = launch::bytes_bucket(shape.numel(), types.0);
+        t.choose(tuned, launch::Layout::of(shape), types.0, bucket)
+    });
+    if let Some(v) = measured {
+        match plan_variant(v, op, shape, types, align, launcher, tuning) {
+            Err(BnError::VariantUnavailable { .. }) => {}
+            other => return other,
+        }
     }
     for v in PREDICTED_ORDER {
         match plan_variant(v, op, shape, types, align, launcher, tuning) {

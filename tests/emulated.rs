@@ -45,6 +45,7 @@ const SPLIT: Tuning = Tuning {
     force_index64: false,
     force_scalar: false,
     variant: None,
+    table: None,
 };
 
 /// The emulator as a [`Launcher`].
@@ -577,6 +578,77 @@ fn a_forced_family_explains_what_it_cannot_take() {
     )
     .unwrap();
     assert_eq!(plan.variant, Variant::Baseline);
+}
+
+/// A tuning table steers the planner: its winner is planned when it can take the call
+/// (and the results stay right), and a winner that cannot falls back to the predictions.
+#[test]
+fn a_tuning_table_picks_the_family() {
+    use cuda_batchnorm::launch::{bytes_bucket, Layout, TunedOp, TuningEntry, TuningTable};
+    const DIMS: &[usize] = &[4, 16, 8, 8];
+    let dims = DIMS;
+    let shape = Shape::new(dims, MemoryFormat::Contiguous).unwrap();
+    let odd = Shape::new(&[4, 3, 5, 7], MemoryFormat::Contiguous).unwrap();
+    let entry = |op, shape: &Shape, variant| TuningEntry {
+        op,
+        layout: Layout::Nchw,
+        input: DType::F32,
+        bytes_log2: bytes_bucket(shape.numel(), DType::F32),
+        variant,
+    };
+    let table = TuningTable::leak(
+        "emulated".into(),
+        (9, 0),
+        vec![
+            entry(TunedOp::TrainForward, &shape, Variant::Baseline),
+            entry(TunedOp::TrainBackward, &odd, Variant::Ilp),
+        ],
+    );
+    let tuning = Tuning {
+        table: Some(table),
+        ..SPLIT
+    };
+    let launcher = Emu::new(SMALL, tuning).launcher();
+    let plan = |op, shape: &Shape| {
+        raw::plan_op(
+            op,
+            shape,
+            (DType::F32, DType::F32),
+            Alignment::ALIGNED,
+            &launcher,
+            &tuning,
+        )
+        .unwrap()
+        .variant
+    };
+    let train = raw::Op::Forward { batch_stats: true };
+    let back = raw::Op::Backward {
+        batch: true,
+        reduce: true,
+    };
+    // without the table the planner picks ilp for this shape
+    let untuned = raw::plan_op(
+        train,
+        &shape,
+        (DType::F32, DType::F32),
+        Alignment::ALIGNED,
+        &launcher,
+        &SPLIT,
+    )
+    .unwrap();
+    assert_eq!(untuned.variant, Variant::Ilp);
+    assert_eq!(plan(train, &shape), Variant::Baseline);
+    // ilp cannot take planes of 35 values: the predictions decide
+    assert_eq!(plan(back, &odd), Variant::Baseline);
+    // ops the table has no entry for follow the predictions
+    assert_eq!(plan(back, &shape), Variant::Ilp);
+    let runner = EmuRunner::new(Emu::new(SMALL, tuning));
+    let case = Case {
+        dims: DIMS,
+        data: Data::Normal,
+        affine: true,
+    };
+    check_cases("tuned", &runner, &[case], &[(DType::F32, DType::F32)], 23);
 }
 
 /// The baseline forced where the planner would pick another family.

@@ -149,6 +149,7 @@ fn shapes_and_planning_never_panic() {
             force_scalar: r.next_u64().is_multiple_of(2),
             variant: [None, Some(Variant::Baseline), Some(Variant::Ilp)]
                 [(r.next_u64() % 3) as usize],
+            table: None,
         };
         let launcher = Planner {
             device: dev,
