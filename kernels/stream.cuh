@@ -85,9 +85,29 @@ struct Stream {
 #endif
     }
 
+    // One value, through the same path and policy (the flat family's loads).
     template <class I>
     __device__ __forceinline__ T one(I i) const {
+#if defined(BN_L2_HINTS)
+        const T* a = g.base + i;
+        T out;
+        if constexpr (sizeof(T) == 2) {
+            unsigned short r;
+            asm volatile("ld.global.nc.L2::cache_hint.b16 %0, [%1], %2;" : "=h"(r) : "l"(a), "l"(policy));
+            memcpy(&out, &r, 2);
+        } else if constexpr (sizeof(T) == 4) {
+            unsigned int r;
+            asm volatile("ld.global.nc.L2::cache_hint.b32 %0, [%1], %2;" : "=r"(r) : "l"(a), "l"(policy));
+            memcpy(&out, &r, 4);
+        } else {
+            unsigned long long r;
+            asm volatile("ld.global.nc.L2::cache_hint.b64 %0, [%1], %2;" : "=l"(r) : "l"(a), "l"(policy));
+            memcpy(&out, &r, 8);
+        }
+        return out;
+#else
         return g.ld(i);
+#endif
     }
 };
 

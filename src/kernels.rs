@@ -406,6 +406,7 @@ mod tests {
             let (variant, stages, widths): (_, &[Stage], &[bool]) = match m.name {
                 "batchnorm" => (Variant::Baseline, &Stage::ALL, &[false]),
                 "ilp" => (Variant::Ilp, &ilp_stages, &[false, true]),
+                "flat" => (Variant::Flat, &ilp_stages, &[false, true]),
                 other => panic!("a PTX module no family claims: {other}"),
             };
             for &stage in stages {
@@ -434,7 +435,7 @@ mod tests {
         if PTX_MODULES.is_empty() {
             return;
         }
-        for v in [Variant::Baseline, Variant::Ilp] {
+        for v in [Variant::Baseline, Variant::Ilp, Variant::Flat] {
             assert_eq!(module_for(v.module(), 75).map(|m| m.min_cc), Some(75));
             assert_eq!(module_for(v.module(), 86).map(|m| m.min_cc), Some(75));
             assert_eq!(module_for(v.module(), 90).map(|m| m.min_cc), Some(90));

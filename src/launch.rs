@@ -299,8 +299,9 @@ pub enum Variant {
     /// element, one entry point per case, occupancy-sized grids in whole waves; nchw
     /// needs S a multiple of the vector width, nhwc C one; aligned tensors.
     Ilp,
-    /// Small planes and odd channel counts (flat.cu): nchw with S < 256, nhwc with C not
-    /// a multiple of the vector width, still with 16-byte loads.
+    /// What vectors cannot take (flat.cu): nchw planes of any size, nhwc with any C, any
+    /// alignment; one value per lane with 64 bytes of loads in flight per thread, every
+    /// lane busy, otherwise as the ilp family.
     Flat,
     /// One cooperative launch per training forward or backward (persistent.cu), for
     /// tensors whose slabs fit on chip: x (and dy) read once.
@@ -741,12 +742,14 @@ fn unavailable(variant: Variant, reason: impl Into<String>) -> BnError {
     }
 }
 
-/// Plans one stage of the ilp family (kernels/ilp.cu), `resident` its blocks per
+/// Plans one stage of a streaming family (kernels/ilp.cuh), `resident` its blocks per
 /// multiprocessor (from the driver's occupancy calculator), so that the grid fills whole
-/// waves of the device: nchw as runs of 16-byte vectors of one channel (S a multiple of
-/// the vector width), nhwc as the baseline's channel tiles (C a multiple of it); every
-/// tensor 16-byte aligned.
+/// waves of the device: nchw as runs of units of one channel, nhwc as channel tiles. The
+/// ilp family's units are 16-byte vectors (S, or C in nhwc, a multiple of the vector
+/// width; every tensor 16-byte aligned); the flat family's are single values (any S, C
+/// and alignment).
 pub fn plan_ilp_stage(
+    variant: Variant,
     stage: Stage,
     shape: &Shape,
     input: DType,
@@ -755,15 +758,19 @@ pub fn plan_ilp_stage(
     tuning: &Tuning,
     resident: u32,
 ) -> Result<StagePlan> {
-    let v = Variant::Ilp;
+    let v = variant;
     let (c, per_channel) = (shape.c(), shape.per_channel());
     if c == 0 || per_channel == 0 {
         return Err(BnError::EmptyInput {
             size: shape.dims().to_vec(),
         });
     }
-    let vec_width = 16 / input.size();
-    if tuning.force_scalar || !align.all_aligned {
+    let (vec_width, max_steps) = match v {
+        Variant::Ilp => (16 / input.size(), 4),
+        Variant::Flat => (1, 64 / input.size()),
+        _ => return Err(unavailable(v, "not a streaming family")),
+    };
+    if v == Variant::Ilp && (tuning.force_scalar || !align.all_aligned) {
         return Err(unavailable(v, "needs 16-byte aligned tensors"));
     }
     let too_large = || BnError::InputTooLarge {
@@ -814,7 +821,7 @@ pub fn plan_ilp_stage(
             }
         }
         Layout::Nhwc => {
-            if vec_width == 1 || !c.is_multiple_of(vec_width) {
+            if !c.is_multiple_of(vec_width) {
                 return Err(unavailable(
                     v,
                     format!("nhwc needs C a multiple of {vec_width}, not {c}"),
@@ -855,9 +862,10 @@ pub fn plan_ilp_stage(
             }
         }
     };
-    // An nchw walk's element index runs ahead of its last vector by up to one step of
-    // 4 * 256 vectors, each up to a plane apart.
-    let walk_ahead = (4 * BLOCK_THREADS as u128 + 1) * (c as u128) * (shape.spatial() as u128);
+    // An nchw walk's element index runs ahead of its last unit by up to one step of
+    // max_steps * 256 units, each up to a plane apart.
+    let walk_ahead =
+        (max_steps as u128 * BLOCK_THREADS as u128 + 1) * (c as u128) * (shape.spatial() as u128);
     let ahead = layout == Layout::Nchw && shape.numel() as u128 + walk_ahead > i32::MAX as u128;
     Ok(StagePlan {
         index64: tuning.force_index64 || ahead || needs_index64(shape, &plan),

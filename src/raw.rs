@@ -296,9 +296,10 @@ fn plan_variant(
             Variant::Baseline => {
                 launch::plan_stage(stage, shape, input, align, launcher.device(), tuning)?
             }
-            Variant::Ilp => {
+            Variant::Ilp | Variant::Flat => {
                 let resident = launcher.resident_blocks(&kernel, launch::BLOCK_THREADS, 0)?;
                 launch::plan_ilp_stage(
+                    variant,
                     stage,
                     shape,
                     input,
@@ -308,7 +309,7 @@ fn plan_variant(
                     resident,
                 )?
             }
-            Variant::Flat | Variant::Persistent => {
+            Variant::Persistent => {
                 return Err(BnError::VariantUnavailable {
                     variant: variant.name(),
                     reason: "not built yet".into(),
@@ -322,12 +323,13 @@ fn plan_variant(
 }
 
 /// The families tried, in order, when none is asked for: the predictions of
-/// kernels/NOTES.md (the fused single launch where it fits, the small-plane path where
-/// planes are small or C is odd, the streaming kernels, the baseline for the rest).
+/// kernels/NOTES.md (the fused single launch where it fits, the 16-byte streaming kernels
+/// where vectors fit, the one-value-per-lane ones for the planes and channel counts they
+/// do not, the baseline for the rest).
 pub const PREDICTED_ORDER: [Variant; 4] = [
     Variant::Persistent,
-    Variant::Flat,
     Variant::Ilp,
+    Variant::Flat,
     Variant::Baseline,
 ];
 

@@ -543,6 +543,36 @@ fn ilp_family_on_every_pair() {
     check_family("ilp, 64-bit indices", wide, ALIGNED_CASES, 17);
 }
 
+/// The flat family forced, on every dtype pair and both layouts, with every case of the
+/// table (it takes any plane, channel count and alignment), several splits per channel,
+/// in 64-bit index arithmetic, and on views off 16-byte alignment.
+#[test]
+fn flat_family_on_every_pair() {
+    let tuning = Tuning {
+        variant: Some(Variant::Flat),
+        ..SPLIT
+    };
+    let runs = check_family("flat", tuning, CASES, 31);
+    assert_eq!(runs, 2 * CASES.len());
+    let wide = Tuning {
+        force_index64: true,
+        ..tuning
+    };
+    check_family("flat, 64-bit indices", wide, &CASES[..3], 37);
+    let runner = EmuRunner {
+        emu: Emu::new(SMALL, tuning),
+        pad: 9,
+        skew: 1,
+    };
+    check_cases(
+        "flat, misaligned",
+        &runner,
+        &[CASES[0], CASES[9]],
+        TYPE_PAIRS,
+        41,
+    );
+}
+
 /// A forced family that cannot take a call says why, as a typed error.
 #[test]
 fn a_forced_family_explains_what_it_cannot_take() {
@@ -567,7 +597,7 @@ fn a_forced_family_explains_what_it_cannot_take() {
         "{err}"
     );
     assert!(err.to_string().contains("multiple of 4"), "{err}");
-    // unforced, the same call falls back to the baseline
+    // unforced, the same call falls to the family that takes any plane
     let plan = raw::plan_op(
         op,
         &shape,
@@ -577,7 +607,7 @@ fn a_forced_family_explains_what_it_cannot_take() {
         &SPLIT,
     )
     .unwrap();
-    assert_eq!(plan.variant, Variant::Baseline);
+    assert_eq!(plan.variant, Variant::Flat);
 }
 
 /// A tuning table steers the planner: its winner is planned when it can take the call
@@ -639,7 +669,7 @@ fn a_tuning_table_picks_the_family() {
     assert_eq!(untuned.variant, Variant::Ilp);
     assert_eq!(plan(train, &shape), Variant::Baseline);
     // ilp cannot take planes of 35 values: the predictions decide
-    assert_eq!(plan(back, &odd), Variant::Baseline);
+    assert_eq!(plan(back, &odd), Variant::Flat);
     // ops the table has no entry for follow the predictions
     assert_eq!(plan(back, &shape), Variant::Ilp);
     let runner = EmuRunner::new(Emu::new(SMALL, tuning));
@@ -687,20 +717,28 @@ fn gpu_launch_plans() {
     );
 }
 
-/// 64-bit index arithmetic and the scalar path, on every layout and a few dtypes.
+/// 64-bit index arithmetic and the scalar path, on every layout and a few dtypes, in the
+/// planner's families and in the baseline (whose runtime flags these are).
 #[test]
 fn index64_and_scalar_variants() {
     let cases = [CASES[0], CASES[3], CASES[6], CASES[9]];
-    for tuning in [
-        Tuning {
-            force_index64: true,
-            ..SPLIT
-        },
-        Tuning {
-            force_scalar: true,
-            ..SPLIT
-        },
-    ] {
+    for tuning in [None, Some(Variant::Baseline)]
+        .into_iter()
+        .flat_map(|variant| {
+            [
+                Tuning {
+                    force_index64: true,
+                    variant,
+                    ..SPLIT
+                },
+                Tuning {
+                    force_scalar: true,
+                    variant,
+                    ..SPLIT
+                },
+            ]
+        })
+    {
         let runner = EmuRunner::new(Emu::new(SMALL, tuning));
         check_cases(&format!("{tuning:?}"), &runner, &cases, TYPE_PAIRS, 9);
     }
@@ -711,14 +749,21 @@ fn index64_and_scalar_variants() {
 #[test]
 fn misaligned_views() {
     let cases = [CASES[0], CASES[9], CASES[10], CASES[6]];
-    for (pad, skew) in [(9, 0), (8, 1), (9, 2)] {
+    let baseline = Tuning {
+        variant: Some(Variant::Baseline),
+        ..SPLIT
+    };
+    for (pad, skew, tuning) in [(9, 0), (8, 1), (9, 2)]
+        .into_iter()
+        .flat_map(|(p, k)| [(p, k, SPLIT), (p, k, baseline)])
+    {
         let runner = EmuRunner {
-            emu: Emu::new(SMALL, SPLIT),
+            emu: Emu::new(SMALL, tuning),
             pad,
             skew,
         };
         check_cases(
-            &format!("pad {pad} skew {skew}"),
+            &format!("pad {pad} skew {skew} {:?}", tuning.variant),
             &runner,
             &cases,
             TYPE_PAIRS,
@@ -1140,7 +1185,13 @@ fn params_abi_matches_the_kernels() {
 /// kernels.
 #[test]
 fn every_kernel_runs() {
-    let runner = split_runner();
+    let runner = EmuRunner::new(Emu::new(
+        SMALL,
+        Tuning {
+            variant: Some(Variant::Baseline),
+            ..SPLIT
+        },
+    ));
     for pair in TYPE_PAIRS {
         for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
             with_types!(*pair, |T, P| check_problem(
@@ -1158,13 +1209,22 @@ fn every_kernel_runs() {
         };
         check_family("every ilp kernel", tuning, &ALIGNED_CASES[..1], 1);
     }
-    let mine = LAUNCHED.lock().unwrap().clone();
     let compiled: BTreeSet<String> = emu::kernel_names()
         .into_iter()
         .filter(|n| n.starts_with("bn_") && !n.starts_with("bn_selftest"))
         .collect();
-    let ilp = 5 * 2 * TYPE_PAIRS.len() * 2;
-    assert_eq!(compiled.len(), 48 + ilp, "{compiled:?}");
+    for index64 in [false, true] {
+        let tuning = Tuning {
+            variant: Some(Variant::Flat),
+            force_index64: index64,
+            ..SPLIT
+        };
+        check_family("every flat kernel", tuning, &ALIGNED_CASES[..1], 1);
+    }
+    let mine = LAUNCHED.lock().unwrap().clone();
+    // ilp and flat: 5 stages x 2 layouts x 6 pairs x 2 index widths each
+    let streaming = 5 * 2 * TYPE_PAIRS.len() * 2;
+    assert_eq!(compiled.len(), 48 + 2 * streaming, "{compiled:?}");
     let missing: Vec<_> = compiled.difference(&mine).collect();
     assert!(missing.is_empty(), "kernels never launched: {missing:?}");
 }

@@ -147,8 +147,12 @@ fn shapes_and_planning_never_panic() {
             min_values_per_block: [0, 1, 8192, usize::MAX][(r.next_u64() % 4) as usize],
             force_index64: r.next_u64().is_multiple_of(2),
             force_scalar: r.next_u64().is_multiple_of(2),
-            variant: [None, Some(Variant::Baseline), Some(Variant::Ilp)]
-                [(r.next_u64() % 3) as usize],
+            variant: [
+                None,
+                Some(Variant::Baseline),
+                Some(Variant::Ilp),
+                Some(Variant::Flat),
+            ][(r.next_u64() % 4) as usize],
             table: None,
         };
         let launcher = Planner {
@@ -165,9 +169,20 @@ fn shapes_and_planning_never_panic() {
                 let _ = no_panic("plan_stage", case, || {
                     plan_stage(stage, &shape, dt, align, &dev, &tuning)
                 });
-                let _ = no_panic("plan_ilp_stage", case, || {
-                    plan_ilp_stage(stage, &shape, dt, align, &dev, &tuning, launcher.resident)
-                });
+                for v in Variant::ALL {
+                    let _ = no_panic("plan_ilp_stage", case, || {
+                        plan_ilp_stage(
+                            v,
+                            stage,
+                            &shape,
+                            dt,
+                            align,
+                            &dev,
+                            &tuning,
+                            launcher.resident,
+                        )
+                    });
+                }
             }
             for op in [
                 Op::Forward { batch_stats: true },
