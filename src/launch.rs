@@ -748,6 +748,8 @@ fn unavailable(variant: Variant, reason: impl Into<String>) -> BnError {
 /// ilp family's units are 16-byte vectors (S, or C in nhwc, a multiple of the vector
 /// width; every tensor 16-byte aligned); the flat family's are single values (any S, C
 /// and alignment).
+// The eight inputs are the baseline planner's six plus the family and its occupancy.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_ilp_stage(
     variant: Variant,
     stage: Stage,
