@@ -402,15 +402,23 @@ mod tests {
             Stage::BwdDx,
             Stage::BwdDxEval,
         ];
+        let fused = [Stage::FwdFused, Stage::BwdFused];
         for m in PTX_MODULES {
             let (variant, stages, widths): (_, &[Stage], &[bool]) = match m.name {
                 "batchnorm" => (Variant::Baseline, &Stage::ALL, &[false]),
                 "ilp" => (Variant::Ilp, &ilp_stages, &[false, true]),
                 "flat" => (Variant::Flat, &ilp_stages, &[false, true]),
+                "persistent" => (Variant::Persistent, &fused, &[false, true]),
                 other => panic!("a PTX module no family claims: {other}"),
             };
+            // the persistent family is nchw only
+            let layouts: &[Layout] = if variant == Variant::Persistent {
+                &[Layout::Nchw]
+            } else {
+                &[Layout::Nchw, Layout::Nhwc]
+            };
             for &stage in stages {
-                for layout in [Layout::Nchw, Layout::Nhwc] {
+                for &layout in layouts {
                     for (input, param) in KERNEL_PAIRS {
                         for &index64 in widths {
                             let id = KernelId {
@@ -435,7 +443,7 @@ mod tests {
         if PTX_MODULES.is_empty() {
             return;
         }
-        for v in [Variant::Baseline, Variant::Ilp, Variant::Flat] {
+        for v in Variant::ALL {
             assert_eq!(module_for(v.module(), 75).map(|m| m.min_cc), Some(75));
             assert_eq!(module_for(v.module(), 86).map(|m| m.min_cc), Some(75));
             assert_eq!(module_for(v.module(), 90).map(|m| m.min_cc), Some(90));

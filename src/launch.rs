@@ -875,6 +875,102 @@ pub fn plan_ilp_stage(
     })
 }
 
+/// Vector slots per thread of the persistent family's fused stages (kernels/persistent.cu
+/// `R`): the forward keeps 8 16-byte vectors of x per thread, the backward 4 of x and 4
+/// of dy.
+pub const fn persistent_slots(stage: Stage) -> usize {
+    match stage {
+        Stage::BwdFused => 4,
+        _ => 8,
+    }
+}
+
+/// Whether the persistent family has kernels for this call at all (before its occupancy
+/// is asked for: there are no channels-last entry points to ask about).
+pub fn persistent_takes(stage: Stage, shape: &Shape, input: DType, align: Alignment) -> Result<()> {
+    let v = Variant::Persistent;
+    if !matches!(stage, Stage::FwdFused | Stage::BwdFused) {
+        return Err(unavailable(v, "only the fused training stages"));
+    }
+    if Layout::of(shape) != Layout::Nchw {
+        return Err(unavailable(v, "nchw only (channels-last is not built yet)"));
+    }
+    let vec_width = 16 / input.size();
+    if !align.all_aligned || !shape.spatial().is_multiple_of(vec_width) {
+        return Err(unavailable(
+            v,
+            format!("needs 16-byte aligned tensors and planes of a multiple of {vec_width} values"),
+        ));
+    }
+    Ok(())
+}
+
+/// Plans a fused stage of the persistent family (kernels/persistent.cu): nchw, S a
+/// multiple of the vector width, aligned tensors, each block's split at most 256 x
+/// [`persistent_slots`] vectors, and the whole grid resident at once (`resident` blocks
+/// per multiprocessor, from the driver's occupancy calculator): as many splits per
+/// channel as the device holds, at least enough for the slabs to fit. A tensor whose
+/// slabs do not fit on chip is refused (the two-pass families take it).
+pub fn plan_persistent_stage(
+    stage: Stage,
+    shape: &Shape,
+    input: DType,
+    align: Alignment,
+    dev: &DeviceInfo,
+    tuning: &Tuning,
+    resident: u32,
+) -> Result<StagePlan> {
+    let v = Variant::Persistent;
+    let (c, per_channel) = (shape.c(), shape.per_channel());
+    if c == 0 || per_channel == 0 {
+        return Err(BnError::EmptyInput {
+            size: shape.dims().to_vec(),
+        });
+    }
+    persistent_takes(stage, shape, input, align)?;
+    let vec_width = 16 / input.size();
+    let s = shape.spatial();
+    let capacity = dev.sm_count as usize * resident as usize;
+    let vectors = per_channel / vec_width;
+    let per_block = BLOCK_THREADS as usize * persistent_slots(stage);
+    let needed = vectors.div_ceil(per_block);
+    let fits = c.checked_mul(needed).is_some_and(|b| b <= capacity);
+    if !fits {
+        return Err(unavailable(
+            v,
+            format!(
+                "the slabs do not fit on chip: {c} channels x {needed} blocks, {capacity} resident"
+            ),
+        ));
+    }
+    // more splits while the grid still fits, but no block with under 256 vectors
+    let splits = (capacity / c).clamp(needed, vectors.div_ceil(BLOCK_THREADS as usize).max(needed));
+    let chunk = vectors.div_ceil(splits);
+    let splits = vectors.div_ceil(chunk);
+    let blocks = c * splits;
+    let plan = StagePlan {
+        layout: Layout::Nchw,
+        config: LaunchConfig {
+            grid: (blocks as u32, 1, 1),
+            block: (BLOCK_THREADS, 1, 1),
+            shared_bytes: 0,
+            cooperative: true,
+        },
+        splits: splits as u32,
+        chunk,
+        tile_x: BLOCK_THREADS,
+        tiles: c as u32,
+        vec: true,
+        index64: false,
+    };
+    let walk_ahead = (per_block as u128 + 1) * (c as u128) * (s as u128);
+    let ahead = shape.numel() as u128 + walk_ahead > i32::MAX as u128;
+    Ok(StagePlan {
+        index64: tuning.force_index64 || ahead || needs_index64(shape, &plan),
+        ..plan
+    })
+}
+
 /// Whether any index the kernels form for this plan can reach 2^31 - 1. Indices stay
 /// below numel plus one split plus one block stride, and the workspace indices below
 /// PARTIAL_VALUES * splits * C + CHANNEL_SLOTS * C.

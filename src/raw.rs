@@ -310,10 +310,17 @@ fn plan_variant(
                 )?
             }
             Variant::Persistent => {
-                return Err(BnError::VariantUnavailable {
-                    variant: variant.name(),
-                    reason: "not built yet".into(),
-                })
+                launch::persistent_takes(stage, shape, input, align)?;
+                let resident = launcher.resident_blocks(&kernel, launch::BLOCK_THREADS, 0)?;
+                launch::plan_persistent_stage(
+                    stage,
+                    shape,
+                    input,
+                    align,
+                    launcher.device(),
+                    tuning,
+                    resident,
+                )?
             }
         };
         kernel.index64 = plan.index64;

@@ -59,6 +59,13 @@ impl Launcher for EmuLauncher {
         &self.device
     }
 
+    /// 4, or fewer where a device's whole grid of 256-thread blocks would exceed the
+    /// emulator's 65536 co-resident threads of a cooperative launch (an H100's 132 SMs).
+    fn resident_blocks(&self, _: &KernelId, block_threads: u32, _: u32) -> Result<u32> {
+        let cap = 65536 / block_threads.max(1) / self.device.sm_count.max(1);
+        Ok(cap.clamp(1, 4))
+    }
+
     fn launch(
         &self,
         kernel: KernelId,
@@ -273,6 +280,7 @@ impl Backend for Emu {
 }
 
 /// Runs problems on the emulated kernels with every output surrounded by sentinels.
+#[derive(Clone, Copy)]
 struct EmuRunner {
     emu: Emu,
     /// Guard elements around each buffer; an odd number shifts every buffer off 16-byte
@@ -573,6 +581,148 @@ fn flat_family_on_every_pair() {
     );
 }
 
+/// A device with room for every block of the persistent family's grids on the shapes
+/// below (16 SMs x 4 resident blocks).
+const ROOMY: DeviceInfo = DeviceInfo {
+    sm_count: 16,
+    ..SMALL
+};
+
+/// The persistent family forced (one cooperative launch per training forward and
+/// backward; the eval calls it does not fuse fall to the predictions), on every dtype
+/// pair, with one and several splits per channel, in 64-bit index arithmetic, and the
+/// refusal of a tensor whose slabs do not fit.
+#[test]
+fn persistent_family_on_every_pair() {
+    let tuning = Tuning {
+        variant: Some(Variant::Persistent),
+        ..SPLIT
+    };
+    let runner = EmuRunner::new(Emu::new(ROOMY, tuning));
+    let mut failures = Vec::new();
+    // [4, 16, 8, 8]: one split; [2, 4, 64, 64]: several (2048 f32 vectors a channel)
+    let cases = [
+        ALIGNED_CASES[0],
+        Case {
+            dims: &[2, 4, 64, 64],
+            data: Data::Normal,
+            affine: true,
+        },
+        Case {
+            dims: &[3, 8, 16, 32],
+            data: Data::Offset1e4,
+            affine: false,
+        },
+    ];
+    for &pair in TYPE_PAIRS {
+        for (i, case) in cases.iter().enumerate() {
+            let r = with_types!(pair, |T, P| check_persistent::<T, P>(
+                &runner,
+                case,
+                43 + i as u64
+            ));
+            if let Err(e) = r {
+                failures.push(format!("{pair:?} {:?}: {e}", case.dims));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "persistent:\n{}", failures.join("\n"));
+    let launcher = Emu::new(ROOMY, tuning).launcher();
+    let big = Shape::new(&[2, 80, 64, 64], MemoryFormat::Contiguous).unwrap();
+    let op = raw::Op::Forward { batch_stats: true };
+    let err = raw::plan_op(
+        op,
+        &big,
+        (DType::F32, DType::F32),
+        Alignment::ALIGNED,
+        &launcher,
+        &tuning,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("do not fit on chip"), "{err}");
+    let plan = raw::plan_op(
+        op,
+        &Shape::new(&[2, 4, 64, 64], MemoryFormat::Contiguous).unwrap(),
+        (DType::F32, DType::F32),
+        Alignment::ALIGNED,
+        &launcher,
+        &tuning,
+    )
+    .unwrap();
+    assert_eq!(plan.launches.len(), 1);
+    assert!(plan.launches[0].plan.config.cooperative);
+    assert!(
+        plan.launches[0].plan.splits > 1,
+        "{:?}",
+        plan.launches[0].plan
+    );
+}
+
+/// The training forward and backward of one problem, as check_problem checks them (the
+/// eval calls are another family's).
+fn check_persistent<T: Float, P: ParamFor<T>>(
+    runner: &EmuRunner,
+    case: &Case,
+    seed: u64,
+) -> Result<(), String> {
+    for index64 in [false, true] {
+        let runner = EmuRunner {
+            emu: Emu {
+                tuning: Tuning {
+                    force_index64: index64,
+                    ..runner.emu.tuning
+                },
+                ..runner.emu
+            },
+            ..*runner
+        };
+        let p = Problem::<T, P>::new(case, MemoryFormat::Contiguous, seed);
+        check_problem(&PersistentOrPredicted(&runner), &p)?;
+    }
+    Ok(())
+}
+
+/// Runs the training calls with the runner's forced family and the eval calls with the
+/// predictions (the persistent family does not take them).
+struct PersistentOrPredicted<'a>(&'a EmuRunner);
+
+impl Runner for PersistentOrPredicted<'_> {
+    fn train_forward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+    ) -> Result<TrainOut<T, P, T::Acc>, String> {
+        self.0.train_forward(p)
+    }
+    fn eval_forward<T: Float, P: ParamFor<T>>(&self, p: &Problem<T, P>) -> Result<Vec<T>, String> {
+        self.predicted().eval_forward(p)
+    }
+    fn backward<T: Float, P: ParamFor<T>>(
+        &self,
+        p: &Problem<T, P>,
+        saved: common::Saved<'_, T::Acc>,
+    ) -> Result<GradOut<T, P>, String> {
+        match saved {
+            Some(_) => self.0.backward(p, saved),
+            None => self.predicted().backward(p, saved),
+        }
+    }
+}
+
+impl PersistentOrPredicted<'_> {
+    fn predicted(&self) -> EmuRunner {
+        EmuRunner {
+            emu: Emu {
+                tuning: Tuning {
+                    variant: None,
+                    ..self.0.emu.tuning
+                },
+                ..self.0.emu
+            },
+            ..*self.0
+        }
+    }
+}
+
 /// A forced family that cannot take a call says why, as a typed error.
 #[test]
 fn a_forced_family_explains_what_it_cannot_take() {
@@ -656,7 +806,7 @@ fn a_tuning_table_picks_the_family() {
         batch: true,
         reduce: true,
     };
-    // without the table the planner picks ilp for this shape
+    // without the table the planner picks the one-launch family for this shape
     let untuned = raw::plan_op(
         train,
         &shape,
@@ -666,12 +816,16 @@ fn a_tuning_table_picks_the_family() {
         &SPLIT,
     )
     .unwrap();
-    assert_eq!(untuned.variant, Variant::Ilp);
+    assert_eq!(untuned.variant, Variant::Persistent);
     assert_eq!(plan(train, &shape), Variant::Baseline);
     // ilp cannot take planes of 35 values: the predictions decide
     assert_eq!(plan(back, &odd), Variant::Flat);
-    // ops the table has no entry for follow the predictions
+    // the backward's one entry is the nearest bucket for this shape too, and its winner
+    // takes it
     assert_eq!(plan(back, &shape), Variant::Ilp);
+    // ops the table has no entry for follow the predictions
+    let eval = raw::Op::Forward { batch_stats: false };
+    assert_eq!(plan(eval, &shape), Variant::Ilp);
     let runner = EmuRunner::new(Emu::new(SMALL, tuning));
     let case = Case {
         dims: DIMS,
@@ -1221,10 +1375,35 @@ fn every_kernel_runs() {
         };
         check_family("every flat kernel", tuning, &ALIGNED_CASES[..1], 1);
     }
+    let fused = Tuning {
+        variant: Some(Variant::Persistent),
+        ..SPLIT
+    };
+    for pair in TYPE_PAIRS {
+        for index64 in [false, true] {
+            let tuning = Tuning {
+                force_index64: index64,
+                ..fused
+            };
+            let runner = EmuRunner::new(Emu::new(ROOMY, tuning));
+            with_types!(*pair, |T, P| check_persistent::<T, P>(
+                &runner,
+                &ALIGNED_CASES[0],
+                1
+            ))
+            .unwrap();
+        }
+    }
     let mine = LAUNCHED.lock().unwrap().clone();
-    // ilp and flat: 5 stages x 2 layouts x 6 pairs x 2 index widths each
+    // ilp and flat: 5 stages x 2 layouts x 6 pairs x 2 index widths each; persistent: 2
+    // fused stages x nchw x 6 pairs x 2 widths
     let streaming = 5 * 2 * TYPE_PAIRS.len() * 2;
-    assert_eq!(compiled.len(), 48 + 2 * streaming, "{compiled:?}");
+    let persistent = 2 * TYPE_PAIRS.len() * 2;
+    assert_eq!(
+        compiled.len(),
+        48 + 2 * streaming + persistent,
+        "{compiled:?}"
+    );
     let missing: Vec<_> = compiled.difference(&mine).collect();
     assert!(missing.is_empty(), "kernels never launched: {missing:?}");
 }
