@@ -358,6 +358,7 @@ impl CheckRecord {
     }
 
     /// The record of a forced family that cannot take `row`'s `op`: `n/a`, with why.
+    #[cfg_attr(not(feature = "emulated"), allow(dead_code))]
     pub fn unavailable(
         backend: &str,
         row: &Row,
