@@ -40,6 +40,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 
 try:
     import tomllib
@@ -318,6 +319,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the random inputs [default: {DEFAULT_SEED}]")
     p.add_argument("--device", type=int, default=0, help="CUDA device ordinal [default: 0]")
     p.add_argument("--json", metavar="FILE", help="write the results in bnbench's JSON format")
+    p.add_argument("--deadline", type=int, metavar="SECONDS", help="start no row after this many seconds; the rows not run are an error (exit 1), the results still written")
     p.add_argument("--list", action="store_true", help="print the selected rows and exit")
     p.add_argument("--self-test", action="store_true", help="test suite parsing, flags and JSON without torch or a GPU (with --json FILE: write a sample report there)")
     return p
@@ -365,6 +367,8 @@ def parse_args(argv):
         parser.error("--warmup must be non-negative")
     if a.device < 0:
         parser.error("--device must be non-negative")
+    if a.deadline is not None and a.deadline < 1:
+        parser.error(f"--deadline must be at least 1 second, got {a.deadline}")
     return a
 
 
@@ -438,6 +442,7 @@ def make_input(torch, dims, layout, dtype, device, gen, lo, hi):
 
 
 def run_torch(a, rows):
+    started = time.monotonic()
     import torch
     import torch.nn.functional as F
 
@@ -499,7 +504,15 @@ def run_torch(a, rows):
     total = len(rows) * len(a.ops) * len(a.impls)
     done = 0
     gen = torch.Generator(device=device)
-    for set_name, dims, layout, dname in rows:
+    late = False
+    for i, (set_name, dims, layout, dname) in enumerate(rows):
+        if a.deadline is not None and time.monotonic() - started >= a.deadline:
+            left = len(rows) - i
+            print(f"torch_baseline: --deadline {a.deadline} s reached: {left} row(s) not run", file=sys.stderr)
+            report["errors"].append({"impl": "-", "op": "-", "row": f"{left} of {len(rows)} rows",
+                                     "error": f"not run: the --deadline of {a.deadline} s was reached"})
+            late = True
+            break
         dtype = torch_dtype(torch, dname)
         pdtype = torch.float32 if dname in ("f16", "bf16") else dtype
         c = dims[1]
@@ -588,7 +601,7 @@ def run_torch(a, rows):
     if a.json:
         write_report(a.json, report)
         print(f"torch_baseline: wrote {a.json}", file=sys.stderr)
-    return 0
+    return 1 if late else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -649,8 +662,9 @@ def self_test(json_path=None):
     assert a.ops == ["train_fwd", "backward"] and a.shapes == [[48, 96, 35, 35]] and a.reps == 200
     assert parse_args(["--shape", "4,5"]).sets == []
     assert parse_args([]).sets == ["quick"]
+    assert parse_args([]).deadline is None and parse_args(["--deadline", "90"]).deadline == 90
     for bad in (["--reps", "49"], ["--set", "tiny"], ["--dtype", "f8"], ["--shape", "48"], ["--op", "forward"],
-                ["--layout", "nwhc"], ["--frobnicate"]):
+                ["--layout", "nwhc"], ["--frobnicate"], ["--deadline", "0"], ["--deadline", "x"]):
         try:
             import contextlib
             import io

@@ -298,9 +298,13 @@ pub struct CheckRecord {
     pub layout: String,
     /// The row's input dtype (`f64` for finite differences).
     pub dtype: String,
+    /// The kernel family forced (`--variant`), or `auto`; absent without `--variant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The sizes actually checked (the row's, or a reduced version of them).
     pub checked_shape: Vec<usize>,
-    /// `ok`, `failed` or `error` (the op or the reference could not run).
+    /// `ok`, `failed`, `error` (the op or the reference could not run) or `n/a` (the
+    /// forced family cannot take the call; `error` then says why).
     pub check: String,
     /// Largest norm-wise relative error, when finite.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -314,6 +318,9 @@ pub struct CheckRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// [`CheckRecord::check`] of a family that cannot take a call.
+pub const NOT_APPLICABLE: &str = "n/a";
 
 impl CheckRecord {
     /// The record of `outcome` for `row`'s `op`, checked on `backend` at `checked_shape`.
@@ -340,6 +347,7 @@ impl CheckRecord {
             shape: row.dims.clone(),
             layout: row.layout.name().into(),
             dtype: row.dtype.name().into(),
+            variant: None,
             checked_shape: checked_shape.to_vec(),
             check,
             max_rel_err,
@@ -349,9 +357,31 @@ impl CheckRecord {
         }
     }
 
-    /// Whether it passed.
+    /// The record of a forced family that cannot take `row`'s `op`: `n/a`, with why.
+    #[cfg_attr(not(feature = "emulated"), allow(dead_code))]
+    pub fn unavailable(
+        backend: &str,
+        row: &Row,
+        checked_shape: &[usize],
+        op: Op,
+        reason: &str,
+        tol: f64,
+    ) -> CheckRecord {
+        CheckRecord {
+            check: NOT_APPLICABLE.into(),
+            error: Some(reason.into()),
+            ..CheckRecord::new(backend, row, checked_shape, op, Err(reason), tol)
+        }
+    }
+
+    /// Whether it passed (`n/a` is no failure, and no check either).
     pub fn passed(&self) -> bool {
-        self.check == "ok"
+        self.check == "ok" || self.is_unavailable()
+    }
+
+    /// Whether the forced family could not take the call.
+    pub fn is_unavailable(&self) -> bool {
+        self.check == NOT_APPLICABLE
     }
 }
 

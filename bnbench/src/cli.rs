@@ -4,6 +4,7 @@
 use clap::builder::{NonEmptyStringValueParser, PossibleValuesParser};
 use clap::error::ErrorKind;
 use clap::{value_parser, ArgAction, CommandFactory, Parser, ValueEnum};
+use cuda_batchnorm::launch::Variant;
 use cuda_batchnorm::{DType, MemoryFormat};
 
 use crate::suite::{self, Op, Selection, SET_NAMES};
@@ -92,6 +93,31 @@ impl From<LayoutArg> for MemoryFormat {
             LayoutArg::Nchw => MemoryFormat::Contiguous,
             LayoutArg::Nhwc => MemoryFormat::ChannelsLast,
         }
+    }
+}
+
+/// One name of `--variant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VariantArg {
+    /// The planner's own choice.
+    Auto,
+    /// Every family.
+    All,
+    /// One family.
+    One(Variant),
+}
+
+fn parse_variant(s: &str) -> Result<VariantArg, String> {
+    match s {
+        "auto" => Ok(VariantArg::Auto),
+        "all" => Ok(VariantArg::All),
+        _ => Variant::parse(s).map(VariantArg::One).ok_or_else(|| {
+            let names: Vec<&str> = Variant::ALL.iter().map(|v| v.name()).collect();
+            format!(
+                "unknown kernel family `{s}` (expected {}, all or auto)",
+                names.join(", ")
+            )
+        }),
     }
 }
 
@@ -191,6 +217,40 @@ struct Args {
     #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
     from: Option<String>,
 
+    /// Kernel families to run side by side, comma-separated: baseline, ilp, flat,
+    /// persistent, all (the four) or auto (the planner's own choice). Each row and op runs
+    /// every one (forced through functional::set_tuning), checked, then timed; a family
+    /// that cannot take a call is reported as n/a with the reason, not as a failure. The
+    /// table gets a variant column and marks each row and op's winner `*`, the fastest
+    /// family whose check passed [default: auto, without the column]
+    #[arg(long = "variant", value_name = "NAMES", value_delimiter = ',',
+          value_parser = parse_variant)]
+    variants: Vec<VariantArg>,
+
+    /// After a --variant run (or --from one's JSON), write a tuning table
+    /// (bench/tuning/README.md): per op, kernel layout, input dtype and size bucket, the
+    /// winner of the row with the most bytes
+    #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new())]
+    tuning_out: Option<String>,
+
+    /// Plan with a tuning table (bench/tuning/README.md) instead of the one embedded for
+    /// the device
+    #[arg(long, value_name = "FILE", value_parser = NonEmptyStringValueParser::new(),
+          conflicts_with = "from")]
+    tuning_in: Option<String>,
+
+    /// Print the PTX entry points the planner picks for the selected rows and ops (and
+    /// --variant), one per line, sorted, on an H100-like device (132 SMs, sm_90) with
+    /// 16-byte aligned buffers; needs no GPU, times nothing
+    #[arg(long, conflicts_with_all = ["list", "from", "json", "plot", "compare", "tuning_out", "deadline"])]
+    list_kernels: bool,
+
+    /// Start no row after this many seconds; the rows not run are reported as an error
+    /// (so that a capped run still writes its results)
+    #[arg(long, value_name = "SECONDS",
+          value_parser = value_parser!(u64).range(1..=MAX_RUNS))]
+    deadline: Option<u64>,
+
     /// Print the selected rows and exit
     #[arg(long)]
     list: bool,
@@ -232,8 +292,31 @@ pub struct Options {
     pub from: Option<String>,
     /// `--list`.
     pub list: bool,
+    /// `--variant`, expanded, in order, without repeats: a family, or `None` for the
+    /// planner's own choice (`auto`). Empty when not given (a run then reports no
+    /// variants at all).
+    pub variants: Vec<Option<Variant>>,
+    /// `--tuning-out`.
+    pub tuning_out: Option<String>,
+    /// `--tuning-in`.
+    pub tuning_in: Option<String>,
+    /// `--list-kernels`.
+    pub list_kernels: bool,
+    /// `--deadline`, seconds.
+    pub deadline: Option<u64>,
     /// The hidden `--emulated-child`.
     pub emulated_child: bool,
+}
+
+impl Options {
+    /// What each row and op runs: `--variant`'s list, or the planner's choice alone.
+    pub fn choices(&self) -> Vec<Option<Variant>> {
+        if self.variants.is_empty() {
+            vec![None]
+        } else {
+            self.variants.clone()
+        }
+    }
 }
 
 fn unique<T: PartialEq>(items: impl IntoIterator<Item = T>) -> Vec<T> {
@@ -267,6 +350,35 @@ where
                 format!("--json and --from name the same file `{j}`"),
             ));
         }
+    }
+    let variants: Vec<Option<Variant>> = unique(a.variants.iter().flat_map(|v| match v {
+        VariantArg::Auto => vec![None],
+        VariantArg::All => Variant::ALL.iter().copied().map(Some).collect(),
+        VariantArg::One(v) => vec![Some(*v)],
+    }));
+    for (flag, path) in [
+        ("--tuning-out", &a.tuning_out),
+        ("--tuning-in", &a.tuning_in),
+    ] {
+        let Some(p) = path else { continue };
+        if [&a.json, &a.from, &a.compare].contains(&&Some(p.clone())) {
+            return Err(command().error(
+                ErrorKind::ArgumentConflict,
+                format!("{flag} names the same file `{p}` as another flag"),
+            ));
+        }
+    }
+    if a.tuning_out.is_some() && a.from.is_none() && !variants.iter().any(Option::is_some) {
+        return Err(command().error(
+            ErrorKind::MissingRequiredArgument,
+            "--tuning-out needs --variant with at least one kernel family (or --from the JSON of such a run)",
+        ));
+    }
+    if a.tuning_out.is_some() && a.tuning_out == a.tuning_in {
+        return Err(command().error(
+            ErrorKind::ArgumentConflict,
+            "--tuning-out and --tuning-in name the same file",
+        ));
     }
     let shapes: Vec<Vec<usize>> = unique(a.shapes.into_iter().map(|d| d.0));
     let sets = unique(a.sets);
@@ -308,6 +420,11 @@ where
         compare: a.compare,
         from: a.from,
         list: a.list,
+        variants,
+        tuning_out: a.tuning_out,
+        tuning_in: a.tuning_in,
+        list_kernels: a.list_kernels,
+        deadline: a.deadline,
         emulated_child: a.emulated_child,
     })
 }
@@ -338,10 +455,51 @@ mod tests {
         assert_eq!(o.device, 0);
         assert_eq!(o.ops, Op::ALL.to_vec());
         assert!(o.check && !o.list && !o.emulated_child);
+        assert!(o.variants.is_empty());
+        assert_eq!(o.choices(), vec![None]);
         assert_eq!(
             (o.json, o.plot, o.compare, o.from),
             (None, None, None, None)
         );
+        assert_eq!((o.tuning_out, o.tuning_in, o.deadline), (None, None, None));
+        assert!(!o.list_kernels);
+    }
+
+    #[test]
+    fn variant_lists() {
+        let v = |args: &[&str]| run(args).unwrap().variants;
+        let all: Vec<Option<Variant>> = Variant::ALL.iter().copied().map(Some).collect();
+        assert_eq!(v(&["--variant", "all"]), all);
+        // In the order given, without repeats; auto is the planner's choice.
+        assert_eq!(
+            v(&["--variant", "ilp,auto", "--variant=baseline,ilp"]),
+            [Some(Variant::Ilp), None, Some(Variant::Baseline)]
+        );
+        let mut auto_first = vec![None];
+        auto_first.extend(all.iter().copied());
+        assert_eq!(v(&["--variant", "auto,all,flat"]), auto_first);
+        let o = run(&["--variant", "persistent"]).unwrap();
+        assert_eq!(o.choices(), [Some(Variant::Persistent)]);
+        let o = run(&[
+            "--variant",
+            "all",
+            "--tuning-out",
+            "t.json",
+            "--tuning-in",
+            "old.json",
+            "--deadline",
+            "120",
+        ])
+        .unwrap();
+        assert_eq!(o.tuning_out.as_deref(), Some("t.json"));
+        assert_eq!(o.tuning_in.as_deref(), Some("old.json"));
+        assert_eq!(o.deadline, Some(120));
+        // --from a --variant run's JSON can be made into a table too.
+        let o = run(&["--from", "r.json", "--tuning-out", "t.json"]).unwrap();
+        assert!(o.variants.is_empty() && o.tuning_out.is_some());
+        let o = run(&["--list-kernels", "--variant", "baseline", "--set", "full"]).unwrap();
+        assert!(o.list_kernels);
+        assert_eq!(o.variants, [Some(Variant::Baseline)]);
     }
 
     #[test]
@@ -425,6 +583,11 @@ mod tests {
             "--no-check",
             "--list",
             "--device",
+            "--variant",
+            "--tuning-out",
+            "--tuning-in",
+            "--list-kernels",
+            "--deadline",
             "-h, --help",
         ] {
             assert!(text.contains(flag), "{flag}\n{text}");
@@ -444,7 +607,7 @@ mod tests {
 
     #[test]
     fn bad_flags() {
-        let cases: [(&[&str], &str); 21] = [
+        let cases: [(&[&str], &str); 31] = [
             (&["--reps", "49"], "49 is not in 50..=1000000"),
             (&["--reps", "-3"], "-3"),
             (&["--reps", "x"], "invalid digit"),
@@ -466,6 +629,45 @@ mod tests {
             (&["resnet50"], "unexpected argument 'resnet50'"),
             (&["--no-check=yes"], "unexpected value 'yes'"),
             (&["--from", "a.json", "--json", "a.json"], "same file"),
+            (&["--variant", "fast"], "unknown kernel family `fast`"),
+            (&["--variant", "ilp,"], "unknown kernel family ``"),
+            (&["--tuning-out", "t.json"], "needs --variant"),
+            (
+                &["--variant", "auto", "--tuning-out", "t.json"],
+                "needs --variant",
+            ),
+            (
+                &[
+                    "--variant",
+                    "ilp",
+                    "--tuning-out",
+                    "t.json",
+                    "--json",
+                    "t.json",
+                ],
+                "same file",
+            ),
+            (
+                &[
+                    "--variant",
+                    "ilp",
+                    "--tuning-out",
+                    "t.json",
+                    "--tuning-in",
+                    "t.json",
+                ],
+                "same file",
+            ),
+            (
+                &["--tuning-in", "t.json", "--from", "r.json"],
+                "cannot be used with",
+            ),
+            (
+                &["--list-kernels", "--json", "k.json"],
+                "cannot be used with",
+            ),
+            (&["--list-kernels", "--list"], "cannot be used with"),
+            (&["--deadline", "0"], "0 is not in 1..="),
         ];
         for (args, want) in cases {
             let err = run(args).unwrap_err();

@@ -53,12 +53,14 @@ pub fn speedup(ours_us: f64, theirs_us: f64) -> Option<f64> {
     (ours_us > 0.0 && theirs_us > 0.0 && s.is_finite()).then_some(s)
 }
 
-/// Matches `ours` against every implementation in `theirs`.
+/// Matches `ours` against every implementation in `theirs` (of a `--variant` run, the
+/// winner of each row and op only, on either side).
 pub fn compare(ours: &Report, theirs: &Report) -> Comparison {
     let impls = theirs.impls();
     let rows: Vec<Matched> = ours
         .rows
         .iter()
+        .filter(|r| r.is_primary())
         .map(|r| {
             let key = r.key();
             let t = impls
@@ -67,7 +69,7 @@ pub fn compare(ours: &Report, theirs: &Report) -> Comparison {
                     theirs
                         .rows
                         .iter()
-                        .find(|x| &x.impl_name == i && x.key() == key)
+                        .find(|x| &x.impl_name == i && x.is_primary() && x.key() == key)
                         .map(|x| x.median_us)
                 })
                 .collect();
@@ -366,6 +368,37 @@ mod tests {
         assert_eq!(c.impls, vec![OUR_IMPL]);
         assert!((c.groups.last().unwrap().speedups[0].0.unwrap() - 2.0).abs() < 1e-12);
         assert!(render(&c, &ours, "a", &old, "b").contains("cuda-batchnorm (baseline) µs"));
+    }
+
+    #[test]
+    fn a_variant_run_is_compared_by_its_winners() {
+        let (ours, theirs) = sample();
+        let mut v = ours.clone();
+        // Every row twice: the baseline (slower, not the winner) and ilp (the winner).
+        v.rows = ours
+            .rows
+            .iter()
+            .flat_map(|r| {
+                let slow = ResultRow {
+                    variant: Some("baseline".into()),
+                    winner: Some(false),
+                    median_us: r.median_us * 3.0,
+                    ..r.clone()
+                };
+                let fast = ResultRow {
+                    variant: Some("ilp".into()),
+                    winner: Some(true),
+                    ..r.clone()
+                };
+                [slow, fast]
+            })
+            .collect();
+        let (a, b) = (compare(&v, &theirs), compare(&ours, &theirs));
+        assert_eq!(a.groups, b.groups);
+        assert_eq!(a.rows.len(), ours.rows.len());
+        // And as the other side: its winners only.
+        let c = compare(&ours, &v);
+        assert!((c.groups.last().unwrap().speedups[0].0.unwrap() - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
+use cuda_batchnorm::launch::Variant;
 use cuda_batchnorm::DType;
 use cuda_batchnorm_emu::driver;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,7 @@ use crate::check::{self, CheckRecord};
 use crate::gpu;
 use crate::nogpu::{self, EmulatedOutcome as Outcome, EMULATED};
 use crate::suite::{dims_label, parse_layout, Op, Row};
+use crate::tuning;
 
 /// The flag that makes bnbench the child.
 pub const CHILD_FLAG: &str = "--emulated-child";
@@ -43,6 +45,12 @@ struct RequestRow {
 struct Request {
     seed: u64,
     ops: Vec<String>,
+    /// `--variant`'s list by name (`auto` for the planner's choice); empty: none given.
+    #[serde(default)]
+    variants: Vec<String>,
+    /// A `--tuning-in` table's text, to plan with.
+    #[serde(default)]
+    tuning_in: Option<String>,
     rows: Vec<RequestRow>,
 }
 
@@ -64,14 +72,27 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
-/// Checks `rows` x `ops` on the emulated kernels, each at [`nogpu::emulated_dims`].
-pub fn check(rows: &[Row], ops: &[Op], seed: u64) -> Outcome {
+/// Checks `rows` x `ops` on the emulated kernels, each at [`nogpu::emulated_dims`], by
+/// every family of `variants` (forced through `functional::set_tuning` in the child, as
+/// on a GPU), with the `tuning_in` table's text when given.
+pub fn check(
+    rows: &[Row],
+    ops: &[Op],
+    variants: &[Option<Variant>],
+    tuning_in: Option<&str>,
+    seed: u64,
+) -> Outcome {
     if let Some(why) = unavailable() {
         return Outcome::Unavailable(why);
     }
     let request = Request {
         seed,
         ops: ops.iter().map(|o| o.name().to_string()).collect(),
+        variants: variants
+            .iter()
+            .map(|&v| tuning::choice_name(v).to_string())
+            .collect(),
+        tuning_in: tuning_in.map(str::to_string),
         rows: rows
             .iter()
             .map(|r| RequestRow {
@@ -188,6 +209,22 @@ fn run(req: &Request) -> Result<Response, String> {
         .iter()
         .map(|o| Op::parse(o).ok_or_else(|| format!("unknown op `{o}`")))
         .collect::<Result<_, _>>()?;
+    let variants: Vec<Option<Variant>> = req
+        .variants
+        .iter()
+        .map(|v| match v.as_str() {
+            tuning::AUTO => Ok(None),
+            v => Variant::parse(v)
+                .map(Some)
+                .ok_or_else(|| format!("unknown variant `{v}`")),
+        })
+        .collect::<Result<_, _>>()?;
+    let with_variant = !variants.is_empty();
+    let choices = if with_variant { variants } else { vec![None] };
+    if let Some(text) = &req.tuning_in {
+        let t = tuning::parse(text).map_err(|e| format!("the tuning table: {e}"))?;
+        g.use_table(t.planner)?;
+    }
     let cfg = gpu::RunConfig {
         warmup: 0,
         reps: 0,
@@ -218,15 +255,25 @@ fn run(req: &Request) -> Result<Response, String> {
             dims_label(&r.checked)
         );
         let tol = check::tolerance(dtype);
-        for res in g.run_row(&checked, &ops, &cfg, &mut |_| {}) {
-            let outcome = match (&res.error, &res.check) {
-                (Some(e), _) => Err(e.as_str()),
-                (None, Some(c)) => Ok(c),
-                (None, None) => Err("not checked"),
+        for res in g.run_row(&checked, &ops, &choices, &cfg, &mut |_, _| {}) {
+            let mut rec = match (&res.unavailable, &res.error, &res.check) {
+                (Some(why), _, _) => {
+                    CheckRecord::unavailable(EMULATED, &row, &r.checked, res.op, why, tol)
+                }
+                (None, Some(e), _) => {
+                    CheckRecord::new(EMULATED, &row, &r.checked, res.op, Err(e.as_str()), tol)
+                }
+                (None, None, Some(c)) => {
+                    CheckRecord::new(EMULATED, &row, &r.checked, res.op, Ok(c), tol)
+                }
+                (None, None, None) => {
+                    CheckRecord::new(EMULATED, &row, &r.checked, res.op, Err("not checked"), tol)
+                }
             };
-            records.push(CheckRecord::new(
-                EMULATED, &row, &r.checked, res.op, outcome, tol,
-            ));
+            if with_variant {
+                rec.variant = Some(tuning::choice_name(res.variant).into());
+            }
+            records.push(rec);
         }
     }
     Ok(Response {

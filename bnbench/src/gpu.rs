@@ -7,6 +7,12 @@
 //! from L2 and keeps the GPU busy while the host queues the op; a CUDA event pair
 //! brackets the op only. Buffers and the workspace are allocated before timing, so no
 //! allocation is timed.
+//!
+//! Families (`--variant`): each op of a row runs by every family asked for in turn, forced
+//! with `functional::set_tuning` (the context's table kept), the workspace grown to what
+//! that family needs, then called once untimed (a family that cannot take the call says
+//! so there, and is reported n/a), checked, and timed. The backward's saved statistics
+//! come from the context's own training forward. The row's tuning is restored after it.
 
 use std::sync::Arc;
 
@@ -14,7 +20,8 @@ use cuda_batchnorm::cudarc::driver::{
     sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr,
 };
 use cuda_batchnorm::half::{bf16, f16};
-use cuda_batchnorm::{BnError, DType, Float, ParamFor, Shape, Workspace};
+use cuda_batchnorm::launch::{Tuning, TuningTable, Variant};
+use cuda_batchnorm::{functional, BnError, DType, Float, ParamFor, Shape, Workspace};
 
 use crate::check::{self, BackwardOut, Check, Sample, TrainOut};
 use crate::data::{self, Inputs};
@@ -43,11 +50,16 @@ pub struct DeviceSummary {
     pub l2_bytes: usize,
 }
 
-/// One op of one row.
+/// One op of one row, by one kernel family (or the planner's choice).
 #[derive(Clone, Debug)]
 pub struct OpResult {
     /// The op.
     pub op: Op,
+    /// The family forced (`None`: the planner's choice).
+    pub variant: Option<Variant>,
+    /// Why the forced family cannot take the call, when it cannot (not a failure:
+    /// nothing ran, nothing was checked or timed).
+    pub unavailable: Option<String>,
     /// Its timing, unless it failed.
     pub timing: Option<Timing>,
     /// Its check, unless skipped or failed before.
@@ -88,6 +100,29 @@ fn drv(what: &'static str) -> impl Fn(cuda_batchnorm::cudarc::driver::DriverErro
 
 fn bn(e: BnError) -> String {
     e.to_string()
+}
+
+/// Why an op of one family did not run to the end.
+enum Failure {
+    /// The family cannot take the call (`BnError::VariantUnavailable`): its reason.
+    Unavailable(String),
+    /// Anything else: a failure.
+    Error(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Error(e)
+    }
+}
+
+impl From<BnError> for Failure {
+    fn from(e: BnError) -> Failure {
+        match e {
+            BnError::VariantUnavailable { reason, .. } => Failure::Unavailable(reason),
+            e => Failure::Error(e.to_string()),
+        }
+    }
 }
 
 /// Why there is no GPU run, if there is none: no driver, no device, no PTX, or PTX
@@ -252,38 +287,58 @@ impl Gpu {
         Ok((metrics::gbps(2 * bytes as u64, t.median_us), bytes, t))
     }
 
-    /// Checks and times `ops` on one row. `progress` is called before each op.
+    /// Plans every later call with `table` (`--tuning-in`), keeping the rest of the
+    /// context's tuning.
+    pub fn use_table(&self, table: &'static TuningTable) -> Result<(), String> {
+        let t = functional::tuning(&self.stream).map_err(bn)?;
+        functional::set_tuning(
+            &self.stream,
+            Tuning {
+                table: Some(table),
+                ..t
+            },
+        )
+        .map_err(bn)
+    }
+
+    /// Checks and times `ops` on one row, each op by every family of `choices` in turn
+    /// (`None`: the planner's own choice), forced through `functional::set_tuning` with
+    /// the rest of the context's tuning (its table) kept; the tuning is restored after
+    /// the row. `progress` is called before each op and family.
     pub fn run_row(
         &mut self,
         row: &Row,
         ops: &[Op],
+        choices: &[Option<Variant>],
         cfg: &RunConfig,
-        progress: &mut dyn FnMut(Op),
+        progress: &mut dyn FnMut(Op, Option<Variant>),
     ) -> Vec<OpResult> {
-        let r = match row.dtype {
-            DType::F32 => self.run_typed::<f32, f32>(row, ops, cfg, progress),
-            DType::F64 => self.run_typed::<f64, f64>(row, ops, cfg, progress),
-            DType::F16 => self.run_typed::<f16, f32>(row, ops, cfg, progress),
-            DType::BF16 => self.run_typed::<bf16, f32>(row, ops, cfg, progress),
+        let base = match functional::tuning(&self.stream) {
+            Ok(t) => t,
+            Err(e) => return failed_row(ops, choices, &bn(e)),
         };
-        r.unwrap_or_else(|e| {
-            ops.iter()
-                .map(|&op| OpResult {
-                    op,
-                    timing: None,
-                    check: None,
-                    error: Some(e.clone()),
-                })
-                .collect()
-        })
+        let r = match row.dtype {
+            DType::F32 => self.run_typed::<f32, f32>(row, ops, choices, base, cfg, progress),
+            DType::F64 => self.run_typed::<f64, f64>(row, ops, choices, base, cfg, progress),
+            DType::F16 => self.run_typed::<f16, f32>(row, ops, choices, base, cfg, progress),
+            DType::BF16 => self.run_typed::<bf16, f32>(row, ops, choices, base, cfg, progress),
+        };
+        let restored = functional::set_tuning(&self.stream, base).map_err(bn);
+        match (r, restored) {
+            (Ok(results), Ok(())) => results,
+            (Err(e), _) | (Ok(_), Err(e)) => failed_row(ops, choices, &e),
+        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run_typed<T: Float, P: ParamFor<T>>(
         &mut self,
         row: &Row,
         ops: &[Op],
+        choices: &[Option<Variant>],
+        base: Tuning,
         cfg: &RunConfig,
-        progress: &mut dyn FnMut(Op),
+        progress: &mut dyn FnMut(Op, Option<Variant>),
     ) -> Result<Vec<OpResult>, String> {
         let shape = row.shape()?;
         let s = self.stream.clone();
@@ -294,94 +349,115 @@ impl Gpu {
         let tol = check::tolerance(T::DTYPE);
         let mut results = Vec::new();
         for &op in ops {
-            progress(op);
-            let mut res = OpResult {
-                op,
-                timing: None,
-                check: None,
-                error: None,
-            };
-            let outcome = (|| -> Result<(), String> {
-                bufs.reset_running(&s, &inputs)?;
-                match op {
-                    Op::TrainFwd => {
-                        if let Some(sample) = &sample {
-                            bufs.train(&s).map_err(bn)?;
-                            let out = TrainOut {
-                                y: bufs.gather(&s, Which::Y, &chans)?,
-                                save_mean: pick(&s, &bufs.sm, &chans)?,
-                                save_invstd: pick(&s, &bufs.si, &chans)?,
-                                running_mean: pick(&s, &bufs.rm, &chans)?,
-                                running_var: pick(&s, &bufs.rv, &chans)?,
-                            };
-                            res.check = Some(check::check_train(sample, &out, tol));
-                        }
-                        if cfg.timed {
-                            res.timing = Some(time(
-                                &s,
-                                &mut self.flush,
-                                &mut self.events,
-                                cfg.warmup,
-                                cfg.reps,
-                                || bufs.train(&s).map_err(bn),
-                            )?);
-                        }
-                    }
-                    Op::EvalFwd => {
-                        if let Some(sample) = &sample {
-                            bufs.eval(&s).map_err(bn)?;
-                            res.check = Some(check::check_eval(
-                                sample,
-                                &bufs.gather(&s, Which::Y, &chans)?,
-                                tol,
-                            ));
-                        }
-                        if cfg.timed {
-                            res.timing = Some(time(
-                                &s,
-                                &mut self.flush,
-                                &mut self.events,
-                                cfg.warmup,
-                                cfg.reps,
-                                || bufs.eval(&s).map_err(bn),
-                            )?);
-                        }
-                    }
-                    Op::Backward => {
-                        // The statistics the backward differentiates through.
-                        bufs.train(&s).map_err(bn)?;
-                        if let Some(sample) = &sample {
-                            bufs.backward(&s).map_err(bn)?;
-                            let out = BackwardOut {
-                                dx: bufs.gather(&s, Which::Dx, &chans)?,
-                                grad_weight: pick(&s, &bufs.gw, &chans)?,
-                                grad_bias: pick(&s, &bufs.gb, &chans)?,
-                            };
-                            let (sm, si) =
-                                (pick(&s, &bufs.sm, &chans)?, pick(&s, &bufs.si, &chans)?);
-                            res.check = Some(check::check_backward(sample, &sm, &si, &out, tol));
-                        }
-                        if cfg.timed {
-                            res.timing = Some(time(
-                                &s,
-                                &mut self.flush,
-                                &mut self.events,
-                                cfg.warmup,
-                                cfg.reps,
-                                || bufs.backward(&s).map_err(bn),
-                            )?);
-                        }
-                    }
-                }
+            // The statistics the backward differentiates through, from the context's
+            // own choice of training forward, whichever family the backward is.
+            let stats = if op == Op::Backward {
+                (|| -> Result<(), String> {
+                    functional::set_tuning(&s, base).map_err(bn)?;
+                    bufs.ws
+                        .reserve(
+                            &s,
+                            functional::workspace_size(&s, &shape, T::DTYPE).map_err(bn)?,
+                        )
+                        .map_err(bn)?;
+                    bufs.reset_running(&s, &inputs)?;
+                    bufs.train(&s)
+                        .map_err(|e| format!("the training forward before the backward: {e}"))
+                })()
+            } else {
                 Ok(())
-            })();
-            if let Err(e) = outcome {
-                res.error = Some(e);
+            };
+            for &choice in choices {
+                progress(op, choice);
+                let mut res = OpResult {
+                    op,
+                    variant: choice,
+                    unavailable: None,
+                    timing: None,
+                    check: None,
+                    error: None,
+                };
+                let outcome = (|| -> Result<(), Failure> {
+                    stats.clone()?;
+                    functional::set_tuning(
+                        &s,
+                        Tuning {
+                            variant: choice,
+                            ..base
+                        },
+                    )?;
+                    // The family may need more workspace than the one sized before.
+                    bufs.ws
+                        .reserve(&s, functional::workspace_size(&s, &shape, T::DTYPE)?)?;
+                    bufs.reset_running(&s, &inputs)?;
+                    // The first call: a family that cannot take it says so here, before
+                    // anything is checked or timed.
+                    bufs.call(&s, op)?;
+                    if let Some(sample) = &sample {
+                        res.check = Some(match op {
+                            Op::TrainFwd => {
+                                let out = TrainOut {
+                                    y: bufs.gather(&s, Which::Y, &chans)?,
+                                    save_mean: pick(&s, &bufs.sm, &chans)?,
+                                    save_invstd: pick(&s, &bufs.si, &chans)?,
+                                    running_mean: pick(&s, &bufs.rm, &chans)?,
+                                    running_var: pick(&s, &bufs.rv, &chans)?,
+                                };
+                                check::check_train(sample, &out, tol)
+                            }
+                            Op::EvalFwd => {
+                                check::check_eval(sample, &bufs.gather(&s, Which::Y, &chans)?, tol)
+                            }
+                            Op::Backward => {
+                                let out = BackwardOut {
+                                    dx: bufs.gather(&s, Which::Dx, &chans)?,
+                                    grad_weight: pick(&s, &bufs.gw, &chans)?,
+                                    grad_bias: pick(&s, &bufs.gb, &chans)?,
+                                };
+                                let (sm, si) =
+                                    (pick(&s, &bufs.sm, &chans)?, pick(&s, &bufs.si, &chans)?);
+                                check::check_backward(sample, &sm, &si, &out, tol)
+                            }
+                        });
+                    }
+                    if cfg.timed {
+                        res.timing = Some(time(
+                            &s,
+                            &mut self.flush,
+                            &mut self.events,
+                            cfg.warmup,
+                            cfg.reps,
+                            || bufs.call(&s, op).map_err(bn),
+                        )?);
+                    }
+                    Ok(())
+                })();
+                match outcome {
+                    Ok(()) => {}
+                    Err(Failure::Unavailable(why)) => res.unavailable = Some(why),
+                    Err(Failure::Error(e)) => res.error = Some(e),
+                }
+                results.push(res);
             }
-            results.push(res);
         }
         Ok(results)
     }
+}
+
+/// Every op and family of a row that could not be set up, failed with `e`.
+fn failed_row(ops: &[Op], choices: &[Option<Variant>], e: &str) -> Vec<OpResult> {
+    ops.iter()
+        .flat_map(|&op| {
+            choices.iter().map(move |&variant| OpResult {
+                op,
+                variant,
+                unavailable: None,
+                timing: None,
+                check: None,
+                error: Some(e.to_string()),
+            })
+        })
+        .collect()
 }
 
 /// A per-channel buffer's values at `chans`, widened.
@@ -461,6 +537,15 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
             gb: s.alloc_zeros::<P>(c).map_err(&alloc)?,
             ws: Workspace::for_shape(s, shape, T::DTYPE).map_err(bn)?,
         })
+    }
+
+    /// Runs `op` once.
+    fn call(&mut self, s: &Arc<CudaStream>, op: Op) -> Result<(), BnError> {
+        match op {
+            Op::TrainFwd => self.train(s),
+            Op::EvalFwd => self.eval(s),
+            Op::Backward => self.backward(s),
+        }
     }
 
     fn reset_running(&mut self, s: &Arc<CudaStream>, inputs: &Inputs<T, P>) -> Result<(), String> {

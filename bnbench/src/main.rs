@@ -14,18 +14,20 @@ mod gpu;
 mod metrics;
 mod nogpu;
 mod ops;
+mod plans;
 mod plot;
 mod report;
 mod suite;
 mod table;
 mod timing;
+mod tuning;
 
 use std::io::Write as _;
 
 use check::Check;
 use cli::Options;
 use cuda_batchnorm::DType;
-use report::{Report, ResultRow, RowError, OUR_IMPL};
+use report::{Report, ResultRow, RowError, Unavailable, OUR_IMPL};
 use suite::Row;
 
 /// Writes to stdout; a closed stdout (`bnbench --list | head`) ends the program quietly
@@ -103,6 +105,16 @@ fn run(opts: &Options) -> i32 {
         eprintln!("{} rows", rows.len());
         return 0;
     }
+    let tuning_in = match &opts.tuning_in {
+        Some(p) => match tuning::load(p) {
+            Ok(t) => Some(t),
+            Err(e) => return usage_error(&format!("--tuning-in: {e}")),
+        },
+        None => None,
+    };
+    if opts.list_kernels {
+        return list_kernels(&rows, opts, tuning_in.as_ref());
+    }
     let theirs = match &opts.compare {
         Some(p) => match Report::load(p) {
             Ok(r) => Some(r),
@@ -110,7 +122,11 @@ fn run(opts: &Options) -> i32 {
         },
         None => None,
     };
-    for (flag, path) in [("--json", &opts.json), ("--plot", &opts.plot)] {
+    for (flag, path) in [
+        ("--json", &opts.json),
+        ("--plot", &opts.plot),
+        ("--tuning-out", &opts.tuning_out),
+    ] {
         if let Some(p) = path {
             if let Err(e) = writable(flag, p) {
                 return usage_error(&e);
@@ -138,9 +154,14 @@ fn run(opts: &Options) -> i32 {
                 return usage_error("no rows selected");
             }
             match gpu::open(opts.device, true) {
-                Err(why) => return no_gpu(&why, &rows, opts),
+                Err(why) => return no_gpu(&why, &rows, opts, tuning_in.as_ref()),
                 Ok(mut g) => {
-                    let (rep, ok) = run_gpu(&mut g, &rows, opts);
+                    if let Some(t) = &tuning_in {
+                        if let Err(e) = g.use_table(t.planner) {
+                            return usage_error(&format!("--tuning-in: {e}"));
+                        }
+                    }
+                    let (rep, ok) = run_gpu(&mut g, &rows, opts, tuning_in.as_ref());
                     if !ok {
                         code = 1;
                     }
@@ -153,6 +174,9 @@ fn run(opts: &Options) -> i32 {
         if !write_json(p, &ours) {
             code = code.max(2);
         }
+    }
+    if let Some(p) = &opts.tuning_out {
+        code = code.max(write_tuning(p, &ours));
     }
     if let Some(t) = &theirs {
         let c = compare::compare(&ours, t);
@@ -182,6 +206,88 @@ fn run(opts: &Options) -> i32 {
     code
 }
 
+/// bnbench's version, the date and the flags it was run with: a table's `measured`.
+fn measured(date: &str) -> String {
+    let flags: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    format!(
+        "bnbench {}, {date}, {}",
+        env!("CARGO_PKG_VERSION"),
+        flags.join(" ")
+    )
+}
+
+/// Writes the tuning table of `report` (a `--variant` run's) to `--tuning-out`'s file.
+/// Returns the exit status it asks for: 0, 1 when there was nothing to write, 2 when it
+/// could not be written.
+fn write_tuning(path: &str, report: &Report) -> i32 {
+    let cc = match tuning::report_cc(report) {
+        Some(cc) => cc,
+        None => {
+            eprintln!(
+                "bnbench: --tuning-out: the results do not say the device's compute capability"
+            );
+            return 1;
+        }
+    };
+    let table = match tuning::table_of(report, cc, &measured(&report.date)) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("bnbench: --tuning-out: nothing written: {e}");
+            return 1;
+        }
+    };
+    match std::fs::write(path, tuning::format::to_json(&table)) {
+        Ok(()) => {
+            eprintln!(
+                "bnbench: wrote {path} ({} entries for {})",
+                table.entries.len(),
+                table.device
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("bnbench: --tuning-out: cannot write {path}: {e}");
+            2
+        }
+    }
+}
+
+/// `--list-kernels`: the entry points on stdout, one per line and nothing else; notes
+/// and errors on stderr. Exit 1 when a plan failed (other than a forced family's n/a).
+fn list_kernels(rows: &[Row], opts: &Options, tuning_in: Option<&tuning::Loaded>) -> i32 {
+    let choices = opts.choices();
+    let k = plans::kernels(rows, &opts.ops, &choices, tuning_in.map(|t| t.planner));
+    for n in &k.names {
+        outln!("{n}");
+    }
+    for line in &k.unavailable {
+        eprintln!("bnbench: --list-kernels: skipped {line}");
+    }
+    for line in &k.errors {
+        eprintln!("bnbench: --list-kernels: error: {line}");
+    }
+    let names: Vec<&str> = choices.iter().map(|&c| tuning::choice_name(c)).collect();
+    eprintln!(
+        "{} kernels for {} rows x {} ops ({}) on a described device: {} SMs, sm_{}{}, 16-byte aligned buffers{}",
+        k.names.len(),
+        rows.len(),
+        opts.ops.len(),
+        names.join(", "),
+        plans::DEVICE.sm_count,
+        plans::DEVICE.compute_capability.0,
+        plans::DEVICE.compute_capability.1,
+        if tuning_in.is_some() { ", the --tuning-in table" } else { "" }
+    );
+    if k.errors.is_empty() {
+        0
+    } else {
+        1
+    }
+}
+
 /// Writes `report` to `--json`'s file; false (after saying why) if it could not.
 fn write_json(path: &str, report: &Report) -> bool {
     match report
@@ -201,7 +307,7 @@ fn write_json(path: &str, report: &Report) -> bool {
 
 /// No usable GPU: why, that nothing is timed on hardware, then the selected rows and ops
 /// checked on the CPU backend and on the kernels under the emulated driver.
-fn no_gpu(why: &str, rows: &[Row], opts: &Options) -> i32 {
+fn no_gpu(why: &str, rows: &[Row], opts: &Options, tuning_in: Option<&tuning::Loaded>) -> i32 {
     outln!("bnbench: no GPU run: {why}");
     let emu_missing = nogpu::emulated_unavailable();
     if opts.check {
@@ -221,6 +327,9 @@ fn no_gpu(why: &str, rows: &[Row], opts: &Options) -> i32 {
     if opts.plot.is_some() || opts.compare.is_some() {
         eprintln!("bnbench: nothing was timed, so --plot / --compare have no results to use");
     }
+    if opts.tuning_out.is_some() {
+        eprintln!("bnbench: nothing was timed, so --tuning-out has nothing to write");
+    }
     let mut records = Vec::new();
     let mut ok = true;
     if opts.check {
@@ -237,13 +346,31 @@ fn no_gpu(why: &str, rows: &[Row], opts: &Options) -> i32 {
         records.extend(cpu);
         let emu_line = match emu_missing {
             Some(why) => format!("not run: {why}"),
-            None => match nogpu::emulated_records(rows, &opts.ops, opts.seed) {
+            None => match nogpu::emulated_records(
+                rows,
+                &opts.ops,
+                &opts.variants,
+                tuning_in.map(|t| t.text.as_str()),
+                opts.seed,
+            ) {
                 nogpu::EmulatedOutcome::Checked(emu) => {
                     outln!();
                     outln!(
-                        "Kernels under the emulated CUDA driver vs the f64 reference (each op run once, at most {} elements and {} channels)",
+                        "Kernels under the emulated CUDA driver vs the f64 reference (each op run once, at most {} elements and {} channels{}{})",
                         nogpu::EMU_MAX_NUMEL,
-                        nogpu::EMU_MAX_C
+                        nogpu::EMU_MAX_C,
+                        if opts.variants.is_empty() {
+                            String::new()
+                        } else {
+                            let names: Vec<&str> =
+                                opts.variants.iter().map(|&c| tuning::choice_name(c)).collect();
+                            format!("; each by {}", names.join(", "))
+                        },
+                        if tuning_in.is_some() {
+                            "; planned with the --tuning-in table"
+                        } else {
+                            ""
+                        }
                     );
                     out!("{}", nogpu::table(&emu, nogpu::EMULATED, &opts.ops));
                     let (line, emu_ok) = nogpu::summary(&emu, &[nogpu::EMULATED]);
@@ -280,9 +407,16 @@ fn no_gpu(why: &str, rows: &[Row], opts: &Options) -> i32 {
     code
 }
 
-/// The GPU run: copy bandwidth, then every row and op. Returns the report and whether
-/// every check passed and every op ran.
-fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
+/// The GPU run: copy bandwidth, then every row and op (by every `--variant` family).
+/// Returns the report and whether every check passed and every op ran (a family that
+/// cannot take a call is no failure).
+fn run_gpu(
+    g: &mut gpu::Gpu,
+    rows: &[Row],
+    opts: &Options,
+    tuning_in: Option<&tuning::Loaded>,
+) -> (Report, bool) {
+    let started = std::time::Instant::now();
     let cfg = gpu::RunConfig {
         warmup: opts.warmup,
         reps: opts.reps,
@@ -350,37 +484,95 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
     } else {
         outln!("check: skipped (--no-check)");
     }
+    let choices = opts.choices();
+    let with_variant = !opts.variants.is_empty();
+    if with_variant {
+        let names: Vec<&str> = choices.iter().map(|&c| tuning::choice_name(c)).collect();
+        outln!(
+            "variants: {} (each forced through functional::set_tuning, checked, then timed; auto is the planner's own choice)",
+            names.join(", ")
+        );
+    }
+    if let Some(t) = tuning_in {
+        outln!(
+            "tuning: planned with the table of {} ({} entries, measured {})",
+            opts.tuning_in.as_deref().unwrap_or("--tuning-in"),
+            t.table.entries.len(),
+            t.table.measured
+        );
+        if t.table.device != d.name {
+            eprintln!(
+                "bnbench: note: the --tuning-in table was measured on `{}`, this device is `{}`",
+                t.table.device, d.name
+            );
+        }
+    }
     outln!();
-    let total = rows.len() * opts.ops.len();
+    let total = rows.len() * opts.ops.len() * choices.len();
     let mut done = 0;
     let mut out_rows = Vec::new();
-    for row in rows {
-        let mut progress = |op: suite::Op| {
+    let mut unavailable = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if let Some(limit) = opts.deadline {
+            if started.elapsed().as_secs() >= limit {
+                let left = rows.len() - i;
+                ok = false;
+                eprintln!("bnbench: --deadline {limit} s reached: {left} row(s) not run");
+                errors.push(RowError {
+                    op: "-".into(),
+                    label: format!("{left} of {} rows", rows.len()),
+                    error: format!("not run: the --deadline of {limit} s was reached"),
+                });
+                break;
+            }
+        }
+        let mut progress = |op: suite::Op, choice| {
             done += 1;
-            eprintln!("[{done}/{total}] {} {}", op.name(), row.label());
+            let v = if with_variant {
+                format!(" {}", tuning::choice_name(choice))
+            } else {
+                String::new()
+            };
+            eprintln!("[{done}/{total}] {}{v} {}", op.name(), row.label());
         };
-        let results = g.run_row(row, &opts.ops, &cfg, &mut progress);
+        let results = g.run_row(row, &opts.ops, &choices, &cfg, &mut progress);
         for r in results {
+            let name = tuning::choice_name(r.variant);
+            let what = if with_variant {
+                format!("{} {} {}", r.op.name(), row.label(), name)
+            } else {
+                format!("{} {}", r.op.name(), row.label())
+            };
+            if let Some(why) = &r.unavailable {
+                eprintln!("bnbench: {what}: n/a: {why}");
+                unavailable.push(Unavailable {
+                    op: r.op.name().into(),
+                    label: row.label(),
+                    variant: name.into(),
+                    reason: why.clone(),
+                });
+                continue;
+            }
             let check = r.check.as_ref();
             if let Some(c) = check {
                 if !c.passed() {
                     ok = false;
                     eprintln!(
-                        "bnbench: CHECK FAILED: {} {}: {} rel err {:.3e} > {:.0e}",
-                        r.op.name(),
-                        row.label(),
-                        c.worst,
-                        c.max_rel_err,
-                        c.tol
+                        "bnbench: CHECK FAILED: {what}: {} rel err {:.3e} > {:.0e}",
+                        c.worst, c.max_rel_err, c.tol
                     );
                 }
             }
             if let Some(e) = &r.error {
                 ok = false;
-                eprintln!("bnbench: {} {}: {e}", r.op.name(), row.label());
+                eprintln!("bnbench: {what}: {e}");
                 errors.push(RowError {
                     op: r.op.name().into(),
-                    label: row.label(),
+                    label: if with_variant {
+                        format!("{} {name}", row.label())
+                    } else {
+                        row.label()
+                    },
                     error: e.clone(),
                 });
             }
@@ -393,6 +585,8 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
                     shape: row.dims.clone(),
                     layout: row.layout.name().into(),
                     dtype: row.dtype.name().into(),
+                    variant: with_variant.then(|| name.to_string()),
+                    winner: None,
                     median_us: t.median_us,
                     gbps,
                     pct_copy: metrics::pct_of(gbps, copy_gbps),
@@ -404,6 +598,30 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
             }
         }
     }
+    tuning::mark_winners(&mut out_rows);
+    let mut extra = serde_json::Map::from_iter([
+        ("tool".to_string(), "bnbench".into()),
+        ("timed_on_hardware".into(), hardware.into()),
+        ("reps".into(), opts.reps.into()),
+        ("warmup".into(), opts.warmup.into()),
+        ("flush_bytes".into(), g.flush_bytes().into()),
+        ("l2_bytes".into(), d.l2_bytes.into()),
+        (
+            "compute_capability".into(),
+            format!("{}.{}", d.cc.0, d.cc.1).into(),
+        ),
+        ("seed".into(), opts.seed.into()),
+    ]);
+    if with_variant {
+        let names: Vec<serde_json::Value> = choices
+            .iter()
+            .map(|&c| tuning::choice_name(c).into())
+            .collect();
+        extra.insert("variants".into(), names.into());
+    }
+    if let Some(p) = &opts.tuning_in {
+        extra.insert("tuning_in".into(), p.as_str().into());
+    }
     let report = Report {
         device: d.name.clone(),
         driver: d.driver.clone(),
@@ -411,19 +629,8 @@ fn run_gpu(g: &mut gpu::Gpu, rows: &[Row], opts: &Options) -> (Report, bool) {
         copy_gbps,
         rows: out_rows,
         errors,
-        extra: serde_json::Map::from_iter([
-            ("tool".to_string(), "bnbench".into()),
-            ("timed_on_hardware".into(), hardware.into()),
-            ("reps".into(), opts.reps.into()),
-            ("warmup".into(), opts.warmup.into()),
-            ("flush_bytes".into(), g.flush_bytes().into()),
-            ("l2_bytes".into(), d.l2_bytes.into()),
-            (
-                "compute_capability".into(),
-                format!("{}.{}", d.cc.0, d.cc.1).into(),
-            ),
-            ("seed".into(), opts.seed.into()),
-        ]),
+        unavailable,
+        extra,
     };
     out!("{}", report.table());
     (report, ok)

@@ -4,6 +4,7 @@
 //! kernels themselves through it (`crate::emulated`). Rows too large for a quick check
 //! are checked at a reduced size ([`check::reduced_dims`]), and the tables say which.
 
+use cuda_batchnorm::launch::Variant;
 use cuda_batchnorm::{DType, Shape};
 
 use crate::check::{self, Check, CheckRecord};
@@ -54,13 +55,21 @@ pub fn emulated_unavailable() -> Option<String> {
 }
 
 /// Checks `rows` x `ops` on the kernels under the emulated driver, each at
-/// [`emulated_dims`].
-pub fn emulated_records(rows: &[Row], ops: &[Op], seed: u64) -> EmulatedOutcome {
+/// [`emulated_dims`], by every family of `variants` (`--variant`'s list; empty: the
+/// planner's choice, recorded without a variant), planned with the tuning table of
+/// `tuning_in` (a `--tuning-in` file's text) when given.
+pub fn emulated_records(
+    rows: &[Row],
+    ops: &[Op],
+    variants: &[Option<Variant>],
+    tuning_in: Option<&str>,
+    seed: u64,
+) -> EmulatedOutcome {
     #[cfg(feature = "emulated")]
-    return crate::emulated::check(rows, ops, seed);
+    return crate::emulated::check(rows, ops, variants, tuning_in, seed);
     #[cfg(not(feature = "emulated"))]
     {
-        let _ = (rows, ops, seed);
+        let _ = (rows, ops, variants, tuning_in, seed);
         EmulatedOutcome::Unavailable("bnbench was built without its `emulated` feature".into())
     }
 }
@@ -122,6 +131,7 @@ pub fn emulated_dims(row: &Row) -> Vec<usize> {
 fn cell(r: Option<&CheckRecord>) -> String {
     match r {
         None => "-".into(),
+        Some(r) if r.is_unavailable() => "n/a".into(),
         Some(r) if r.error.is_some() => "error".into(),
         Some(r) => r
             .max_rel_err
@@ -137,29 +147,41 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
         .iter()
         .filter(|r| backend == CPU && r.backend == FINITE_DIFFERENCES)
         .collect();
-    let mut header = vec!["shape", "layout", "dtype", "checked at"];
+    let with_variant = mine.iter().any(|r| r.variant.is_some());
+    let mut header = vec!["shape", "layout", "dtype"];
+    if with_variant {
+        header.push("variant");
+    }
+    header.push("checked at");
+    let first_op = header.len();
     header.extend(ops.iter().map(|o| o.name()));
     header.push("tol");
     if !fd.is_empty() {
         header.push("finite diff");
     }
     header.push("check");
-    let right: Vec<usize> = (4..header.len() - 1).collect();
+    let right: Vec<usize> = (first_op..header.len() - 1).collect();
     let mut t = table::new(&header, &right);
-    let mut rows: Vec<(&Vec<usize>, &str, &str)> = Vec::new();
+    type Key<'a> = (&'a Vec<usize>, &'a str, &'a str, Option<&'a str>);
+    let mut rows: Vec<Key> = Vec::new();
     for r in &mine {
-        let key = (&r.shape, r.layout.as_str(), r.dtype.as_str());
+        let key = (
+            &r.shape,
+            r.layout.as_str(),
+            r.dtype.as_str(),
+            r.variant.as_deref(),
+        );
         if !rows.contains(&key) {
             rows.push(key);
         }
     }
     let mut errors = String::new();
-    for (shape, layout, dtype) in rows {
+    for (shape, layout, dtype, variant) in rows {
         let of_row = |r: &&&CheckRecord| &r.shape == shape && r.layout == layout;
         let ours: Vec<&CheckRecord> = mine
             .iter()
             .filter(of_row)
-            .filter(|r| r.dtype == dtype)
+            .filter(|r| r.dtype == dtype && r.variant.as_deref() == variant)
             .copied()
             .collect();
         let fd_rec = fd.iter().find(of_row).copied();
@@ -169,7 +191,11 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
         } else {
             dims_label(checked)
         };
-        let mut cells = vec![dims_label(shape), layout.into(), dtype.into(), at];
+        let mut cells = vec![dims_label(shape), layout.into(), dtype.into()];
+        if with_variant {
+            cells.push(variant.unwrap_or("-").into());
+        }
+        cells.push(at);
         for op in ops {
             cells.push(cell(ours.iter().find(|r| r.op == op.name()).copied()));
         }
@@ -184,12 +210,27 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
             });
         }
         let ok = ours.iter().chain(fd_rec.as_ref()).all(|r| r.passed());
-        cells.push(if ok { "ok" } else { "FAILED" }.into());
+        let all_na = !ours.is_empty() && ours.iter().all(|r| r.is_unavailable());
+        cells.push(
+            if all_na {
+                "n/a"
+            } else if ok {
+                "ok"
+            } else {
+                "FAILED"
+            }
+            .into(),
+        );
         t.add_row(cells);
         for r in ours.iter().chain(fd_rec.as_ref()) {
             if let Some(e) = &r.error {
+                let v = r
+                    .variant
+                    .as_ref()
+                    .map_or(String::new(), |v| format!(" {v}"));
                 errors.push_str(&format!(
-                    "error: {} {} {} {}: {e}\n",
+                    "{}: {} {} {} {}{v}: {e}\n",
+                    if r.is_unavailable() { "n/a" } else { "error" },
                     r.op,
                     dims_label(shape),
                     layout,
@@ -201,17 +242,25 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
     table::render(&t) + &errors
 }
 
-/// `ok (10 rows x 3 ops)` or `FAILED (2 of 30 checks)`, and whether every check passed.
+/// `ok (30 checks)` or `FAILED (2 of 30 checks)` (with `, 4 n/a` where forced families
+/// could not take calls, which are not checks), and whether every check passed.
 pub fn summary(records: &[CheckRecord], backends: &[&str]) -> (String, bool) {
     let mine: Vec<&CheckRecord> = records
         .iter()
         .filter(|r| backends.contains(&r.backend.as_str()))
         .collect();
+    let na = mine.iter().filter(|r| r.is_unavailable()).count();
+    let checks = mine.len() - na;
+    let na = if na > 0 {
+        format!(", {na} n/a")
+    } else {
+        String::new()
+    };
     let failed = mine.iter().filter(|r| !r.passed()).count();
     if failed == 0 {
-        (format!("ok ({} checks)", mine.len()), true)
+        (format!("ok ({checks} checks{na})"), true)
     } else {
-        (format!("FAILED ({failed} of {} checks)", mine.len()), false)
+        (format!("FAILED ({failed} of {checks} checks{na})"), false)
     }
 }
 
@@ -234,6 +283,7 @@ pub fn report(why: &str, seed: u64, records: &[CheckRecord]) -> Result<Report, S
         ]),
         rows: Vec::new(),
         errors: Vec::new(),
+        unavailable: Vec::new(),
     })
 }
 
@@ -328,6 +378,76 @@ mod tests {
         let (line, ok) = summary(&recs, &[CPU]);
         assert!(!ok);
         assert_eq!(line, "FAILED (2 of 3 checks)");
+    }
+
+    #[test]
+    fn forced_families_get_a_column_and_na_is_no_failure() {
+        let rows = rows(&[&[3, 17, 5]], &[MemoryFormat::Contiguous], &[DType::F32]);
+        let row = &rows[0];
+        let c = Check {
+            max_rel_err: 1e-7,
+            tol: 1e-5,
+            worst: "y",
+        };
+        let with = |mut r: CheckRecord, v: &str| {
+            r.variant = Some(v.into());
+            r
+        };
+        let ok = CheckRecord::new(EMULATED, row, &row.dims, Op::TrainFwd, Ok(&c), 1e-5);
+        let why = "nchw needs planes of a multiple of 4 values, not 5";
+        let na = CheckRecord::unavailable(EMULATED, row, &row.dims, Op::TrainFwd, why, 1e-5);
+        assert!(na.passed() && na.is_unavailable() && !ok.is_unavailable());
+        let mut recs = vec![with(ok.clone(), "baseline"), with(na, "ilp")];
+        let text = table(&recs, EMULATED, &[Op::TrainFwd]);
+        let lines: Vec<&str> = text.lines().collect();
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "shape",
+                "layout",
+                "dtype",
+                "variant",
+                "checked",
+                "at",
+                "train_fwd",
+                "tol",
+                "check"
+            ],
+            "{text}"
+        );
+        assert!(
+            lines[2].contains(" baseline ") && lines[2].ends_with(" ok"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains(" ilp ") && lines[3].ends_with(" n/a"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[4],
+            format!("n/a: train_fwd 3x17x5 nchw f32 ilp: {why}")
+        );
+        assert_eq!(
+            summary(&recs, &[EMULATED]),
+            ("ok (1 checks, 1 n/a)".into(), true)
+        );
+        // A failure beside them still fails.
+        let bad = Check {
+            max_rel_err: 1.0,
+            ..c
+        };
+        recs.push(with(
+            CheckRecord::new(EMULATED, row, &row.dims, Op::TrainFwd, Ok(&bad), 1e-5),
+            "auto",
+        ));
+        assert_eq!(
+            summary(&recs, &[EMULATED]),
+            ("FAILED (1 of 2 checks, 1 n/a)".into(), false)
+        );
+        assert!(table(&recs, EMULATED, &[Op::TrainFwd]).contains(" auto "));
+        // Without variants: no such column.
+        assert!(!table(&[ok], EMULATED, &[Op::TrainFwd]).contains("variant"));
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub fn svg(ours: &Report, theirs: Option<&Report>) -> Result<String, String> {
     }
     // Rows: every distinct key of ours, grouped by op in suite order.
     let mut keys: Vec<Key> = Vec::new();
-    for r in &ours.rows {
+    for r in ours.rows.iter().filter(|r| r.is_primary()) {
         let k = r.key();
         if !keys.contains(&k) {
             keys.push(k);
@@ -136,7 +136,7 @@ pub fn svg(ours: &Report, theirs: Option<&Report>) -> Result<String, String> {
         s.report
             .rows
             .iter()
-            .find(|r| r.impl_name == s.impl_name && &r.key() == key)
+            .find(|r| r.impl_name == s.impl_name && r.is_primary() && &r.key() == key)
             .map(|r| r.pct_copy)
             .filter(|v| v.is_finite())
     };

@@ -38,6 +38,14 @@ pub struct ResultRow {
     pub layout: String,
     /// `f32`, `f16`, `bf16` or `f64`.
     pub dtype: String,
+    /// The kernel family (`baseline`, `ilp`, ...) or `auto` (the planner's choice), in a
+    /// `--variant` run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
+    /// In a `--variant` run: whether this is the (row, op)'s winner, the fastest family
+    /// timed whose check did not fail (`crate::tuning::winner`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<bool>,
     /// Median time, microseconds.
     #[serde(deserialize_with = "number")]
     pub median_us: f64,
@@ -79,6 +87,12 @@ impl ResultRow {
             self.dtype.clone(),
         )
     }
+
+    /// Whether the row stands for its key in comparisons and plots: every row of a run
+    /// without `--variant`, and the winner of each (row, op) in one with it.
+    pub fn is_primary(&self) -> bool {
+        self.winner != Some(false)
+    }
 }
 
 fn unknown() -> String {
@@ -97,6 +111,23 @@ pub struct RowError {
     /// What went wrong.
     #[serde(default = "unknown")]
     pub error: String,
+}
+
+/// A kernel family that cannot take an operation (`--variant`): not a failure.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Unavailable {
+    /// Operation name.
+    #[serde(default = "unknown")]
+    pub op: String,
+    /// Row label.
+    #[serde(rename = "row", default = "unknown")]
+    pub label: String,
+    /// The family.
+    #[serde(default = "unknown")]
+    pub variant: String,
+    /// Why it cannot (the library's `BnError::VariantUnavailable` reason).
+    #[serde(default = "unknown")]
+    pub reason: String,
 }
 
 /// A result file.
@@ -118,6 +149,9 @@ pub struct Report {
     /// Operations that could not be timed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<RowError>,
+    /// Families that cannot take an operation (`--variant`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unavailable: Vec<Unavailable>,
 }
 
 /// The members of [`Report`] that a reader needs; the rest go to [`Report::extra`].
@@ -131,9 +165,19 @@ struct Known {
     rows: Vec<ResultRow>,
     #[serde(default)]
     errors: Vec<RowError>,
+    #[serde(default)]
+    unavailable: Vec<Unavailable>,
 }
 
-const KNOWN: [&str; 6] = ["device", "driver", "date", "copy_gbps", "rows", "errors"];
+const KNOWN: [&str; 7] = [
+    "device",
+    "driver",
+    "date",
+    "copy_gbps",
+    "rows",
+    "errors",
+    "unavailable",
+];
 
 /// A JSON number, `null`, or one of the strings [`quote_non_finite`] makes.
 struct NumberOrNull;
@@ -312,6 +356,7 @@ impl Report {
             extra,
             rows: k.rows,
             errors: k.errors,
+            unavailable: k.unavailable,
         })
     }
 
@@ -332,26 +377,22 @@ impl Report {
         v
     }
 
-    /// The results table, then one line per error.
+    /// The results table, then one line per error and one per family that could not
+    /// take an operation. A `--variant` run's table has a variant column, the winner of
+    /// each (row, op) marked `*`.
     pub fn table(&self) -> String {
         let with_impl = self.impls().len() > 1;
-        let mut header = vec![
-            "op",
-            "shape",
-            "layout",
-            "dtype",
-            "median µs",
-            "GB/s",
-            "% copy",
-            "check",
-            "max err",
-        ];
-        let first_number = if with_impl {
+        let with_variant =
+            self.rows.iter().any(|r| r.variant.is_some()) || !self.unavailable.is_empty();
+        let mut header = vec!["op", "shape", "layout", "dtype"];
+        if with_variant {
+            header.push("variant");
+        }
+        header.extend(["median µs", "GB/s", "% copy", "check", "max err"]);
+        if with_impl {
             header.insert(0, "impl");
-            5
-        } else {
-            4
-        };
+        }
+        let first_number = header.iter().position(|h| *h == "median µs").unwrap_or(0);
         let right: Vec<usize> = [0, 1, 2, 4].iter().map(|i| first_number + i).collect();
         let mut t = crate::table::new(&header, &right);
         for r in &self.rows {
@@ -360,20 +401,41 @@ impl Report {
                 dims_label(&r.shape),
                 r.layout.clone(),
                 r.dtype.clone(),
+            ];
+            if with_variant {
+                let v = r.variant.clone().unwrap_or_else(|| "-".into());
+                cells.push(if r.winner == Some(true) {
+                    format!("{v} *")
+                } else {
+                    v
+                });
+            }
+            cells.extend([
                 format!("{:.2}", r.median_us),
                 format!("{:.1}", r.gbps),
                 format!("{:.1}", r.pct_copy),
                 r.check.clone().unwrap_or_else(|| "-".into()),
                 r.max_rel_err.map_or("-".into(), |e| format!("{e:.1e}")),
-            ];
+            ]);
             if with_impl {
                 cells.insert(0, r.impl_name.clone());
             }
             t.add_row(cells);
         }
         let mut out = crate::table::render(&t);
+        if self.rows.iter().any(|r| r.winner == Some(true)) {
+            out.push_str(
+                "* the winner of its row and op: the fastest family timed whose check passed\n",
+            );
+        }
         for e in &self.errors {
             out.push_str(&format!("{} {}: error: {}\n", e.op, e.label, e.error));
+        }
+        for u in &self.unavailable {
+            out.push_str(&format!(
+                "{} {} {}: n/a: {}\n",
+                u.op, u.label, u.variant, u.reason
+            ));
         }
         out
     }
@@ -407,6 +469,8 @@ pub(crate) mod tests {
             shape: shape.to_vec(),
             layout: layout.into(),
             dtype: dtype.into(),
+            variant: None,
+            winner: None,
             median_us: us,
             gbps: 1000.0 / us,
             pct_copy: 100.0 / us,
@@ -425,6 +489,7 @@ pub(crate) mod tests {
             copy_gbps: 3000.0,
             rows,
             errors: Vec::new(),
+            unavailable: Vec::new(),
             extra: Map::new(),
         }
     }
@@ -623,6 +688,69 @@ pub(crate) mod tests {
         let t = today();
         assert_eq!(t.len(), 10);
         assert!(t.starts_with("20") && t.as_bytes()[4] == b'-' && t.as_bytes()[7] == b'-');
+    }
+
+    #[test]
+    fn a_variant_run_has_a_variant_column_winners_and_families_na() {
+        let timed = |v: &str, us: f64, winner: bool| ResultRow {
+            variant: Some(v.into()),
+            winner: Some(winner),
+            check: Some("ok".into()),
+            ..row(OUR_IMPL, "train_fwd", &[4, 8], "nchw", "f32", us)
+        };
+        let mut rep = report(vec![
+            timed("baseline", 10.0, false),
+            timed("ilp", 8.0, true),
+        ]);
+        rep.unavailable.push(Unavailable {
+            op: "train_fwd".into(),
+            label: "4x8 nchw f32".into(),
+            variant: "flat".into(),
+            reason: "not built yet".into(),
+        });
+        let text = rep.to_json().unwrap();
+        assert_eq!(Report::from_json(&text).unwrap(), rep);
+        assert!(
+            text.contains("\"dtype\": \"f32\", \"variant\": \"ilp\", \"winner\": true, "),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"unavailable\": [\n    {\"op\": \"train_fwd\", \"row\": \"4x8 nchw f32\", \"variant\": \"flat\", \"reason\": \"not built yet\"}\n  ]"),
+            "{text}"
+        );
+        let t = rep.table();
+        let lines: Vec<&str> = t.lines().collect();
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(header[3..6], ["dtype", "variant", "median"], "{t}");
+        assert!(
+            lines[2].contains(" baseline ") && !lines[2].contains('*'),
+            "{t}"
+        );
+        assert!(
+            lines[3].contains(" ilp * ") && lines[3].contains("8.00"),
+            "{t}"
+        );
+        assert!(lines[4].starts_with("* the winner"), "{t}");
+        assert_eq!(lines[5], "train_fwd 4x8 nchw f32 flat: n/a: not built yet");
+        // Comparisons and plots take the winner only.
+        let primary: Vec<_> = rep.rows.iter().filter(|r| r.is_primary()).collect();
+        assert_eq!(primary.len(), 1);
+        assert_eq!(primary[0].variant.as_deref(), Some("ilp"));
+        // A run without --variant: no such column, members or marks.
+        let plain = report(vec![row(
+            OUR_IMPL,
+            "train_fwd",
+            &[4, 8],
+            "nchw",
+            "f32",
+            1.0,
+        )]);
+        assert!(!plain.table().contains("variant"));
+        let text = plain.to_json().unwrap();
+        assert!(
+            !text.contains("variant") && !text.contains("winner") && !text.contains("unavailable")
+        );
+        assert!(plain.rows[0].is_primary());
     }
 
     #[test]

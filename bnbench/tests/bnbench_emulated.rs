@@ -356,3 +356,306 @@ fn the_emulated_child_refuses_a_bad_request() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+/// `--variant all` on the emulated driver's GPU path: every family forced in turn, each
+/// checked and timed where it can take the call, n/a with the library's reason where it
+/// cannot (ilp on planes of 5 values; flat and persistent not built yet), a winner per
+/// row and op; `--tuning-out` writes the winners as a tuning table, which
+/// `--tuning-in` then plans with.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_times_every_family_and_writes_a_tuning_table() {
+    let Some(dir) = driver_dir("bnbench_times_every_family_and_writes_a_tuning_table") else {
+        return;
+    };
+    let tmp = std::env::temp_dir();
+    let pid = std::process::id();
+    let json = tmp.join(format!("bnbench-variants-{pid}.json"));
+    let table = tmp.join(format!("bnbench-tuning-{pid}.json"));
+    let args = [
+        "--shape",
+        "4,8,6,6",
+        "--shape",
+        "3,17,5",
+        "--op",
+        "train_fwd,eval_fwd",
+        "--variant",
+        "all",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([
+        json.as_os_str(),
+        OsStr::new("--tuning-out"),
+        table.as_os_str(),
+    ]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("variants: baseline, ilp, flat, persistent"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let timed: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap().into(),
+                format!("{}", r["shape"]),
+                r["variant"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    // baseline takes both rows and ops; ilp 4x8x6x6 only.
+    assert_eq!(timed.len(), 6, "{text}");
+    assert_eq!(
+        timed.iter().filter(|t| t.2 == "baseline").count(),
+        4,
+        "{text}"
+    );
+    assert_eq!(timed.iter().filter(|t| t.2 == "ilp").count(), 2, "{text}");
+    assert!(
+        timed
+            .iter()
+            .filter(|t| t.2 == "ilp")
+            .all(|t| t.1 == "[4,8,6,6]"),
+        "{text}"
+    );
+    assert!(rows.iter().all(|r| r["check"] == "ok"), "{text}");
+    // One winner per row and op.
+    assert_eq!(
+        rows.iter().filter(|r| r["winner"] == true).count(),
+        4,
+        "{text}"
+    );
+    assert_eq!(
+        rows.iter().filter(|r| r["winner"] == false).count(),
+        2,
+        "{text}"
+    );
+    let na = v["unavailable"].as_array().unwrap();
+    let count = |variant: &str, why: &str| {
+        na.iter()
+            .filter(|u| u["variant"] == variant && u["reason"].as_str().unwrap().contains(why))
+            .count()
+    };
+    assert_eq!(count("flat", "not built yet"), 4, "{text}");
+    assert_eq!(count("persistent", "not built yet"), 2, "{text}");
+    assert_eq!(count("persistent", "one pass already"), 2, "{text}");
+    assert_eq!(
+        count("ilp", "planes of a multiple of 4 values, not 5"),
+        2,
+        "{text}"
+    );
+    assert_eq!(na.len(), 10, "{text}");
+    assert!(v["errors"].is_null(), "{text}");
+    assert_eq!(
+        v["variants"],
+        serde_json::json!(["baseline", "ilp", "flat", "persistent"])
+    );
+    // The text table: a variant column, the winners marked, the n/a lines.
+    assert!(stdout.contains(" variant "), "{stdout}");
+    assert_eq!(stdout.matches(" *  ").count(), 4, "{stdout}");
+    assert!(
+        stdout.contains("train_fwd 3x17x5 nchw f32 ilp: n/a: nchw needs planes"),
+        "{stdout}"
+    );
+
+    // The tuning table: per (op, layout, dtype, bucket) the winner; 3x17x5's is the
+    // baseline, the only family that took it.
+    let t = std::fs::read_to_string(&table).expect("bnbench wrote the tuning table");
+    let tv: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(tv["format"], 1, "{t}");
+    assert_eq!(tv["device"], v["device"], "{t}");
+    assert!(tv["compute_capability"].is_array(), "{t}");
+    assert!(
+        tv["measured"]
+            .as_str()
+            .unwrap()
+            .starts_with("bnbench 0.1.0, 20"),
+        "{t}"
+    );
+    assert!(
+        tv["measured"].as_str().unwrap().contains("--variant all"),
+        "{t}"
+    );
+    let entries = tv["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 4, "{t}");
+    for e in entries {
+        assert_eq!(
+            (e["layout"].as_str(), e["dtype"].as_str()),
+            (Some("nchw"), Some("f32"))
+        );
+        if e["shape"] == serde_json::json!([3, 17, 5]) {
+            assert_eq!(e["variant"], "baseline", "{t}");
+            assert_eq!(e["margin"], 1.0, "{t}");
+            assert_eq!(e["bytes_log2"], 9, "{t}");
+        } else {
+            assert_eq!(e["bytes_log2"], 12, "{t}");
+            assert!(e["margin"].as_f64().unwrap() >= 1.0);
+        }
+    }
+
+    // --tuning-in: planned with it, said so, and recorded.
+    let args = [
+        "--shape", "3,17,5", "--op", "eval_fwd", "--warmup", "0", "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([
+        json.as_os_str(),
+        OsStr::new("--tuning-in"),
+        table.as_os_str(),
+    ]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    let _ = std::fs::remove_file(&table);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("tuning: planned with the table of ")
+            && stdout.contains("(4 entries, measured bnbench 0.1.0, "),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    assert!(text.contains("\"tuning_in\": "), "{text}");
+    // No --variant: the run's output has no variant column or members.
+    assert!(
+        !text.contains("\"variant\"") && !stdout.contains(" variant "),
+        "{text}"
+    );
+}
+
+/// Without a GPU, `--variant` applies to the kernels checked under the emulated driver
+/// (they run through the functional API, so the forced family is what runs): ilp takes
+/// 4x8x6x6 and not 3x17x5, whose every op it reports n/a, which fails nothing.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_without_a_gpu_checks_each_family_asked_for() {
+    let Some(dir) = driver_dir("bnbench_without_a_gpu_checks_each_family_asked_for") else {
+        return;
+    };
+    let json = std::env::temp_dir().join(format!(
+        "bnbench-nogpu-variants-{}.json",
+        std::process::id()
+    ));
+    let args = [
+        "--shape",
+        "3,17,5",
+        "--shape",
+        "4,8,6,6",
+        "--variant",
+        "ilp,baseline",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[("BN_EMU_DRIVER_DEVICES", "0")], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert!(stdout.contains("; each by ilp, baseline)"), "{stdout}");
+    // 2 rows x 3 ops x 2 families, 3 of them n/a; the CPU check is the same as ever.
+    assert!(
+        stdout.contains("\nemulated kernels check: ok (9 checks, 3 n/a)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\ncpu reference check: ok (8 checks)"),
+        "{stdout}"
+    );
+    let ilp_rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" ilp ") && !l.starts_with("n/a:"))
+        .collect();
+    assert_eq!(ilp_rows.len(), 2, "{stdout}");
+    assert!(
+        ilp_rows[0].starts_with("3x17x5 ") && ilp_rows[0].ends_with(" n/a"),
+        "{stdout}"
+    );
+    assert!(
+        ilp_rows[1].starts_with("4x8x6x6 ") && ilp_rows[1].ends_with(" ok"),
+        "{stdout}"
+    );
+    for op in ["train_fwd", "eval_fwd", "backward"] {
+        assert!(
+            stdout.contains(&format!(
+                "n/a: {op} 3x17x5 nchw f32 ilp: nchw needs planes of a multiple of 4 values, not 5"
+            )),
+            "{stdout}"
+        );
+    }
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let emulated: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["backend"] == "emulated")
+        .collect();
+    assert_eq!(emulated.len(), 12, "{text}");
+    assert!(emulated
+        .iter()
+        .all(|c| c["variant"] == "ilp" || c["variant"] == "baseline"));
+    let na: Vec<_> = emulated.iter().filter(|c| c["check"] == "n/a").collect();
+    assert_eq!(na.len(), 3, "{text}");
+    assert!(na
+        .iter()
+        .all(|c| c["variant"] == "ilp" && c["shape"] == serde_json::json!([3, 17, 5])));
+    // A family not built yet: n/a everywhere, still no failure.
+    let (status, stdout, _) = bnbench(
+        dir,
+        &[("BN_EMU_DRIVER_DEVICES", "0")],
+        ["--shape", "4,8,6,6", "--variant", "flat"],
+    );
+    assert!(status.success(), "{stdout}");
+    assert!(
+        stdout.contains("\nemulated kernels check: ok (0 checks, 3 n/a)"),
+        "{stdout}"
+    );
+}
+
+/// `--deadline`: no row starts after it; the rows not run are an error (exit 1), and the
+/// results are still written.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_stops_starting_rows_at_its_deadline() {
+    let Some(dir) = driver_dir("bnbench_stops_starting_rows_at_its_deadline") else {
+        return;
+    };
+    let json = std::env::temp_dir().join(format!("bnbench-deadline-{}.json", std::process::id()));
+    // The emulator's copy-bandwidth measurement alone takes longer than a second.
+    let args = [
+        "--shape",
+        "4,8,6,6",
+        "--shape",
+        "3,17,5",
+        "--deadline",
+        "1",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    assert_eq!(status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("--deadline 1 s reached: 2 row(s) not run"),
+        "{stderr}"
+    );
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["rows"], serde_json::json!([]), "{text}");
+    assert_eq!(v["errors"][0]["row"], "2 of 2 rows", "{text}");
+    assert_eq!(
+        v["errors"][0]["error"], "not run: the --deadline of 1 s was reached",
+        "{text}"
+    );
+}
