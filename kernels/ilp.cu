@@ -8,16 +8,16 @@
 
 // Entry points of one (input, parameter, accumulator) triple and index width.
 #define BN_ILP_INDEX(tag, T, P, A, I, suffix)                                                                     \
-    BN_KERNEL_RESIDENT(bn_ilp_fwd_stats_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Stats, false, T, P>()), bn::run_ilp<bn::IlpFwdStatsNchw, bn::VectorWidth, T, P, A, I>);                 \
-    BN_KERNEL_RESIDENT(bn_ilp_fwd_stats_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Stats, true, T, P>()), bn::run_ilp<bn::IlpFwdStatsNhwc, bn::VectorWidth, T, P, A, I>);                 \
-    BN_KERNEL_RESIDENT(bn_ilp_fwd_norm_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Norm, false, T, P>()), bn::run_ilp<bn::IlpFwdNormNchw, bn::VectorWidth, T, P, A, I>);                   \
-    BN_KERNEL_RESIDENT(bn_ilp_fwd_norm_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Norm, true, T, P>()), bn::run_ilp<bn::IlpFwdNormNhwc, bn::VectorWidth, T, P, A, I>);                   \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_reduce_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P>()), bn::run_ilp<bn::IlpBwdReduceNchw, bn::VectorWidth, T, P, A, I>);               \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_reduce_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P>()), bn::run_ilp<bn::IlpBwdReduceNhwc, bn::VectorWidth, T, P, A, I>);               \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P>()), bn::run_ilp<bn::IlpDx<true>::Nchw, bn::VectorWidth, T, P, A, I>);                  \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P>()), bn::run_ilp<bn::IlpDx<true>::Nhwc, bn::VectorWidth, T, P, A, I>);                  \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_eval_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P>()), bn::run_ilp<bn::IlpDx<false>::Nchw, bn::VectorWidth, T, P, A, I>);            \
-    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_eval_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P>()), bn::run_ilp<bn::IlpDx<false>::Nhwc, bn::VectorWidth, T, P, A, I>)
+    BN_KERNEL_RESIDENT(bn_ilp_fwd_stats_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Stats, false, T, P, I>()), bn::run_ilp<bn::IlpFwdStatsNchw, bn::VectorWidth, T, P, A, I>);                 \
+    BN_KERNEL_RESIDENT(bn_ilp_fwd_stats_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Stats, true, T, P, I>()), bn::run_ilp<bn::IlpFwdStatsNhwc, bn::VectorWidth, T, P, A, I>);                 \
+    BN_KERNEL_RESIDENT(bn_ilp_fwd_norm_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Norm, false, T, P, I>()), bn::run_ilp<bn::IlpFwdNormNchw, bn::VectorWidth, T, P, A, I>);                   \
+    BN_KERNEL_RESIDENT(bn_ilp_fwd_norm_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Norm, true, T, P, I>()), bn::run_ilp<bn::IlpFwdNormNhwc, bn::VectorWidth, T, P, A, I>);                   \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_reduce_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P, I>()), bn::run_ilp<bn::IlpBwdReduceNchw, bn::VectorWidth, T, P, A, I>);               \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_reduce_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P, I>()), bn::run_ilp<bn::IlpBwdReduceNhwc, bn::VectorWidth, T, P, A, I>);               \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P, I>()), bn::run_ilp<bn::IlpDx<true>::Nchw, bn::VectorWidth, T, P, A, I>);                  \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P, I>()), bn::run_ilp<bn::IlpDx<true>::Nhwc, bn::VectorWidth, T, P, A, I>);                  \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_eval_nchw_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, false, T, P, I>()), bn::run_ilp<bn::IlpDx<false>::Nchw, bn::VectorWidth, T, P, A, I>);            \
+    BN_KERNEL_RESIDENT(bn_ilp_bwd_dx_eval_nhwc_##tag##suffix, (bn::ilp_resident<bn::IlpStage::Other, true, T, P, I>()), bn::run_ilp<bn::IlpDx<false>::Nhwc, bn::VectorWidth, T, P, A, I>)
 
 #define BN_ILP_ENTRIES(tag, T, P, A)              \
     BN_ILP_INDEX(tag, T, P, A, int32_t, /*32*/);  \

@@ -542,12 +542,14 @@ __device__ __forceinline__ void run_ilp(const BnParams& p) {
 // per SM; 3 (85 registers) where 64 would spill, as the static report shows: the nhwc
 // statistics of 2-byte inputs (8 channels' Welford states, shifts and 4 rows of values per
 // thread), the f64 statistics, and the nhwc normalisation of f16 / bf16 with 2-byte
-// parameters.
+// parameters; and the nchw statistics with 64-bit indices.
 enum class IlpStage { Stats, Norm, Other };
-template <IlpStage S, bool kNhwc, class T, class P>
+template <IlpStage S, bool kNhwc, class T, class P, class I>
 constexpr int ilp_resident() {
     const bool two = sizeof(T) == 2;
     if (S == IlpStage::Stats && (sizeof(T) == 8 || (kNhwc && two))) return 3;
+    // 64-bit indices: the nchw statistics' walks need the registers too
+    if (S == IlpStage::Stats && sizeof(I) == 8) return 3;
     if (S == IlpStage::Norm && kNhwc && two && sizeof(P) == 2) return 3;
     return 4;
 }

@@ -136,13 +136,17 @@ mod tests {
     }
 
     #[test]
-    fn the_quick_set_uses_ilp_and_baseline_kernels() {
+    fn the_quick_set_uses_the_streaming_families() {
         let quick = rows(&["quick"], &[]);
         let k = kernels(&quick, &Op::ALL, &[None], None);
         assert!(k.errors.is_empty() && k.unavailable.is_empty(), "{k:?}");
         assert!(k.names.iter().any(|n| n.starts_with("bn_ilp_")), "{k:?}");
+        // the predicted order leaves the baseline nothing: flat takes what ilp cannot
+        let families = ["bn_ilp_", "bn_flat_", "bn_persistent_"];
         assert!(
-            k.names.iter().any(|n| n.starts_with("bn_fwd_stats_")),
+            k.names
+                .iter()
+                .all(|n| families.iter().any(|f| n.starts_with(f))),
             "{k:?}"
         );
         // Mixed types as the suite runs them.
@@ -202,10 +206,19 @@ mod tests {
             names(Op::Backward, Some(Variant::Ilp)),
             ["bn_ilp_bwd_dx_nchw_f32", "bn_ilp_bwd_reduce_nchw_f32"]
         );
-        // Families not built yet answer n/a for every call.
+        // flat takes every call; persistent only the training ones it fuses.
         let flat = kernels(&r, &Op::ALL, &[Some(Variant::Flat)], None);
-        assert!(flat.names.is_empty());
-        assert_eq!(flat.unavailable.len(), 3, "{flat:?}");
+        assert!(flat.unavailable.is_empty(), "{flat:?}");
+        assert_eq!(flat.names.len(), 4, "{flat:?}");
+        let fused = kernels(&r, &Op::ALL, &[Some(Variant::Persistent)], None);
+        assert_eq!(
+            fused.names.iter().cloned().collect::<Vec<_>>(),
+            [
+                "bn_persistent_bwd_train_nchw_f32",
+                "bn_persistent_fwd_train_nchw_f32"
+            ]
+        );
+        assert_eq!(fused.unavailable.len(), 1, "{fused:?}");
         // 3x17x5: planes of 5 values, which ilp cannot take: n/a with the reason.
         let odd = rows(&[], &[&[3, 17, 5]]);
         let k = kernels(&odd, &[Op::TrainFwd], &[Some(Variant::Ilp)], None);

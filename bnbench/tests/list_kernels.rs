@@ -34,7 +34,7 @@ fn assert_only_names(stdout: &str) {
 }
 
 #[test]
-fn the_quick_set_lists_sorted_distinct_kernels_of_both_families() {
+fn the_quick_set_lists_sorted_distinct_kernels_of_the_families() {
     let (code, stdout, stderr) = bnbench(&["--set", "quick", "--list-kernels"]);
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_only_names(&stdout);
@@ -44,7 +44,13 @@ fn the_quick_set_lists_sorted_distinct_kernels_of_both_families() {
     sorted.dedup();
     assert_eq!(n, sorted, "sorted and distinct");
     assert!(n.iter().any(|k| k.starts_with("bn_ilp_")), "{stdout}");
-    assert!(n.iter().any(|k| k.starts_with("bn_fwd_stats_")), "{stdout}");
+    assert!(
+        n.iter().any(|k| k.starts_with("bn_persistent_")),
+        "{stdout}"
+    );
+    // what vectors cannot take goes to flat, and the baseline gets nothing
+    assert!(n.iter().any(|k| k.starts_with("bn_flat_")), "{stdout}");
+    assert!(!n.iter().any(|k| k.starts_with("bn_fwd_")), "{stdout}");
     // The summary goes to stderr.
     assert!(
         stderr.contains(&format!("{} kernels for 10 rows x 3 ops (auto)", n.len())),
@@ -85,14 +91,26 @@ fn a_forced_family_is_honoured_and_what_it_cannot_take_is_skipped() {
         "{stderr}"
     );
 
-    // A family not built yet: nothing at all on stdout, every call noted.
-    let (code, stdout, stderr) =
-        bnbench(&["--set", "quick", "--variant", "flat", "--list-kernels"]);
+    // The fused family: its two kernels, the eval forward of every row noted.
+    let (code, stdout, stderr) = bnbench(&[
+        "--set",
+        "quick",
+        "--variant",
+        "persistent",
+        "--list-kernels",
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    assert_eq!(stdout, "");
+    assert!(
+        names(&stdout)
+            .iter()
+            .all(|k| k.starts_with("bn_persistent_")),
+        "{stdout}"
+    );
     assert_eq!(
-        stderr.matches("flat: n/a: not built yet").count(),
-        30,
+        stderr
+            .matches("persistent: n/a: the eval forward is one pass already")
+            .count(),
+        10,
         "{stderr}"
     );
 }
@@ -162,10 +180,7 @@ fn a_tuning_table_read_in_changes_the_kernels_planned() {
     assert!(stderr.contains("the --tuning-in table"), "{stderr}");
     // Ops the table has no entry for keep the predictions.
     let (_, stdout, _) = bnbench(&[&args[..], &["--op", "train_fwd"]].concat());
-    assert!(
-        names(&stdout).iter().all(|k| k.starts_with("bn_ilp_")),
-        "{stdout}"
-    );
+    assert_eq!(names(&stdout), ["bn_persistent_fwd_train_nchw_f32"]);
     // A forced family wins over the table.
     let (_, stdout, _) = bnbench(&[&args[..], &["--op", "eval_fwd", "--variant", "ilp"]].concat());
     assert_eq!(names(&stdout), ["bn_ilp_fwd_norm_nchw_f32"]);
