@@ -1191,10 +1191,24 @@ int do_launch(const bn_emu_launch_desc* d) {
         }
     }
     if (k == nullptr) {
-        std::string known;
-        for (const Kernel& kk : registry()) known += (known.empty() ? "" : ", ") + kk.name;
-        return set_error(fmt("no kernel named '%s' is registered (registered: %s)", name.c_str(),
-                             known.empty() ? "none" : known.c_str()));
+        // Hundreds are registered: name the few that share the longest prefix with it.
+        size_t best = 0;
+        auto common = [&](const std::string& a) {
+            size_t i = 0;
+            while (i < a.size() && i < name.size() && a[i] == name[i]) ++i;
+            return i;
+        };
+        for (const Kernel& kk : registry()) best = std::max(best, common(kk.name));
+        std::string near;
+        size_t shown = 0;
+        for (const Kernel& kk : registry()) {
+            if (common(kk.name) == best && shown < 8) {
+                near += (near.empty() ? "" : ", ") + kk.name;
+                ++shown;
+            }
+        }
+        return set_error(fmt("no kernel named '%s' is registered (%zu are; nearest by name: %s)", name.c_str(),
+                             registry().size(), near.empty() ? "none" : near.c_str()));
     }
     // Launch configuration, checked like cudaLaunchKernel.
     const uint32_t* g = d->grid;
