@@ -324,7 +324,10 @@ fn invalid_launch_configurations() {
         "invalid cooperative launch",
     );
     let r = launch("no_such_kernel", &ok, &[0u8; 192], &[], &opts(0));
-    let e = expect_err(r, &["no kernel named 'no_such_kernel'", "are; nearest by name"]);
+    let e = expect_err(
+        r,
+        &["no kernel named 'no_such_kernel'", "are; nearest by name"],
+    );
     // a near miss is named
     let r = launch("emu_test_sped", &ok, &[0u8; 192], &[], &opts(0));
     expect_err(r, &["no kernel named 'emu_test_sped'", "emu_test_speed"]);
