@@ -131,7 +131,7 @@ pub struct Kernels {
     info: DeviceInfo,
     /// The device's compute capability as 10 * major + minor.
     cc: u32,
-    /// Module handles by PTX module name (kernels/<name>.cu), loaded on first use (a
+    /// Module handles by PTX module name (`kernels/<name>.cu`), loaded on first use (a
     /// module that fails to load is tried again at the next use).
     modules: Mutex<HashMap<&'static str, usize>>,
     functions: Mutex<HashMap<KernelId, usize>>,

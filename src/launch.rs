@@ -289,7 +289,7 @@ include!(concat!(env!("OUT_DIR"), "/tuning.rs"));
 
 /// A kernel family: each is a complete set of entry points for the stages it covers,
 /// one PTX module per `kernels/<module>.cu`. bnbench times them side by side; the
-/// planner chooses among those that can take a call ([`choose_variant`]).
+/// planner chooses among those that can take a call ([`crate::raw::plan_op`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Variant {
     /// The foundation's kernels (batchnorm.cu): every shape, alignment and index width,

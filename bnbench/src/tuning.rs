@@ -2,7 +2,7 @@
 //! tuning tables made from them (`--tuning-out`) and read back (`--tuning-in`).
 //!
 //! The table's format is `bench/tuning/README.md`'s, read and written by
-//! `bench/tuning/format.rs` (included here as [`format`], as the crate's build script
+//! `bench/tuning/format.rs` (included here as [`mod@format`], as the crate's build script
 //! includes it), so bnbench cannot drift from what the library embeds.
 //!
 //! Selection, on result rows (so that it works on a run's results and on a `--from`
