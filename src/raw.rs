@@ -271,6 +271,35 @@ fn op_stages(op: Op, variant: Variant) -> Result<&'static [Stage]> {
     })
 }
 
+/// One stage's plan in one family, its grid sized from the occupancy of `kernel` (the
+/// families other than the baseline).
+fn plan_family_stage(
+    kernel: &KernelId,
+    shape: &Shape,
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<StagePlan> {
+    let (variant, stage, input, dev) = (
+        kernel.variant,
+        kernel.stage,
+        kernel.input,
+        launcher.device(),
+    );
+    match variant {
+        Variant::Baseline => launch::plan_stage(stage, shape, input, align, dev, tuning),
+        Variant::Ilp | Variant::Flat => {
+            let resident = launcher.resident_blocks(kernel, launch::BLOCK_THREADS, 0)?;
+            launch::plan_ilp_stage(variant, stage, shape, input, align, dev, tuning, resident)
+        }
+        Variant::Persistent => {
+            launch::persistent_takes(stage, shape, input, align)?;
+            let resident = launcher.resident_blocks(kernel, launch::BLOCK_THREADS, 0)?;
+            launch::plan_persistent_stage(stage, shape, input, align, dev, tuning, resident)
+        }
+    }
+}
+
 /// One family's plan of an operation, or why it cannot take it.
 fn plan_variant(
     variant: Variant,
@@ -292,37 +321,18 @@ fn plan_variant(
             input,
             param,
         };
-        let plan = match variant {
-            Variant::Baseline => {
-                launch::plan_stage(stage, shape, input, align, launcher.device(), tuning)?
-            }
-            Variant::Ilp | Variant::Flat => {
-                let resident = launcher.resident_blocks(&kernel, launch::BLOCK_THREADS, 0)?;
-                launch::plan_ilp_stage(
-                    variant,
-                    stage,
-                    shape,
-                    input,
-                    align,
-                    launcher.device(),
-                    tuning,
-                    resident,
-                )?
-            }
-            Variant::Persistent => {
-                launch::persistent_takes(stage, shape, input, align)?;
-                let resident = launcher.resident_blocks(&kernel, launch::BLOCK_THREADS, 0)?;
-                launch::plan_persistent_stage(
-                    stage,
-                    shape,
-                    input,
-                    align,
-                    launcher.device(),
-                    tuning,
-                    resident,
-                )?
-            }
-        };
+        let mut plan = plan_family_stage(&kernel, shape, align, launcher, tuning)?;
+        if plan.index64 && variant != Variant::Baseline {
+            // The 64-bit entry point is another kernel with its own registers and
+            // occupancy: plan again with its residency (a cooperative grid sized for the
+            // 32-bit one could exceed what the driver keeps resident), keeping 64 bits.
+            kernel.index64 = true;
+            let wide = Tuning {
+                force_index64: true,
+                ..*tuning
+            };
+            plan = plan_family_stage(&kernel, shape, align, launcher, &wide)?;
+        }
         kernel.index64 = plan.index64;
         launches.push(PlannedLaunch { kernel, plan });
     }
@@ -823,4 +833,49 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
         launcher.launch(id, &stage_plan.config, &p, &regions)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shape::MemoryFormat;
+
+    /// A device whose 64-bit-index kernels fit fewer blocks per SM than the 32-bit ones.
+    struct Planner;
+
+    impl Launcher for Planner {
+        fn device(&self) -> &DeviceInfo {
+            &DeviceInfo::H100
+        }
+        fn resident_blocks(&self, kernel: &KernelId, _: u32, _: u32) -> Result<u32> {
+            Ok(if kernel.index64 { 1 } else { 3 })
+        }
+        fn launch(&self, _: KernelId, _: &LaunchConfig, _: &BnParams, _: &[Region]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn grids_are_sized_for_the_entry_point_launched() {
+        let shape = Shape::new(&[8, 132, 32, 32], MemoryFormat::Contiguous).unwrap();
+        let op = Op::Forward { batch_stats: true };
+        let types = (DType::F32, DType::F32);
+        let plan = |force_index64| {
+            let tuning = Tuning {
+                variant: Some(Variant::Persistent),
+                force_index64,
+                ..Tuning::default()
+            };
+            plan_op(op, &shape, types, Alignment::ALIGNED, &Planner, &tuning)
+                .unwrap()
+                .launches[0]
+        };
+        let narrow = plan(false);
+        assert!(!narrow.kernel.index64);
+        assert_eq!(narrow.plan.config.grid.0, 132 * 3);
+        // the 64-bit kernel resides one block per SM: a grid for three would not launch
+        let wide = plan(true);
+        assert!(wide.kernel.index64 && wide.plan.index64);
+        assert_eq!(wide.plan.config.grid.0, 132);
+    }
 }
