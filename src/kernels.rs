@@ -135,6 +135,9 @@ pub struct Kernels {
     /// module that fails to load is tried again at the next use).
     modules: Mutex<HashMap<&'static str, usize>>,
     functions: Mutex<HashMap<KernelId, usize>>,
+    /// The driver's occupancy answers by (kernel, block threads, dynamic shared bytes):
+    /// every call plans several families' stages, and the answer never changes.
+    occupancy: Mutex<HashMap<(KernelId, u32, u32), u32>>,
     /// What the functional layer plans with ([`crate::functional::set_tuning`]).
     tuning: Mutex<Tuning>,
 }
@@ -205,6 +208,7 @@ impl Kernels {
             cc: (major * 10 + minor) as u32,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            occupancy: Mutex::new(HashMap::new()),
             tuning: Mutex::new(Tuning {
                 table,
                 ..Tuning::default()
@@ -331,6 +335,17 @@ impl Launcher for CudaLauncher<'_> {
         block_threads: u32,
         shared_bytes: u32,
     ) -> Result<u32> {
+        let key = (*kernel, block_threads, shared_bytes);
+        let cached = |k: &Kernels| {
+            k.occupancy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .copied()
+        };
+        if let Some(n) = cached(self.kernels) {
+            return Ok(n);
+        }
         self.kernels
             .ctx
             .bind_to_thread()
@@ -346,7 +361,13 @@ impl Launcher for CudaLauncher<'_> {
             )
         }
         .map_err(BnError::driver("reading a kernel's occupancy"))?;
-        Ok(n.max(0) as u32)
+        let n = n.max(0) as u32;
+        self.kernels
+            .occupancy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, n);
+        Ok(n)
     }
 
     fn launch(
