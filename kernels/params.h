@@ -13,6 +13,7 @@
 #define BN_F_VEC (1u << 1)       // 16-byte loads and stores where alignment allows
 #define BN_F_BATCH_STATS (1u << 2) // normalise with this batch's statistics (else running)
 #define BN_F_UPDATE_RUNNING (1u << 3) // fold the batch statistics into running_mean/var
+#define BN_F_FROZEN (1u << 4)    // eval with precomputed coefficients: ws_channel = A[2C] scale, shift
 
 struct BnParams {
     // Device addresses; 0 means absent. T = input storage type, P = parameter type,
@@ -32,6 +33,7 @@ struct BnParams {
     uint64_t ws_counters;   // u32[counters]: zero between launches
     uint64_t ws_partials;   // A[3 * splits * C]: per-split partial results
     uint64_t ws_channel;    // A[5 * C]: per-channel results one kernel leaves for the next
+                            // (BN_F_FROZEN: A[2 * C], scale then shift, read only)
 
     int64_t n;              // batch size N
     int64_t c;              // channels C

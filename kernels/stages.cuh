@@ -70,6 +70,16 @@ struct NormCoeffs {
 template <class P, class A, class I>
 __device__ __forceinline__ NormCoeffs<A> norm_coeffs(const BnParams& p, I c) {
     NormCoeffs<A> k;
+    if (p.flags & BN_F_FROZEN) {
+        // Frozen: y = x * scale + shift, coefficients computed once when the module was
+        // built. (v - 0) - 0 is v exactly, so apply() is one multiply-add here.
+        const Gmem<const A> ch(p.ws_channel);
+        k.shift = A(0);
+        k.delta = A(0);
+        k.scale = ch.ld(c);
+        k.bias = ch.ld(static_cast<I>(p.c) + c);
+        return k;
+    }
     A invstd;
     if (p.flags & BN_F_BATCH_STATS) {
         const Gmem<const A> ch(p.ws_channel);
@@ -115,8 +125,16 @@ struct DxCoeffs {
 
 template <class P, class A, class I>
 __device__ __forceinline__ DxCoeffs<A> dx_coeffs(const BnParams& p, I c) {
-    const BwdStats<A> st = bwd_stats<P, A>(p, c);
     DxCoeffs<A> k;
+    if (p.flags & BN_F_FROZEN) {
+        // Frozen (eval): dx = dy * scale.
+        k.mean = A(0);
+        k.grad_scale = Gmem<const A>(p.ws_channel).ld(c);
+        k.grad_mean = A(0);
+        k.proj = A(0);
+        return k;
+    }
+    const BwdStats<A> st = bwd_stats<P, A>(p, c);
     k.mean = st.mean;
     k.grad_scale = st.invstd * param_or<P, A>(p.weight, c, A(1));
     if (p.flags & BN_F_BATCH_STATS) {

@@ -28,6 +28,10 @@ Format (line based, whitespace separated; tests/common/fixtures.rs parses it):
       running_mean V...  running_var V...  num_batches_tracked K   (track; after the step)
     end
 
+tests/fixtures/frozen.txt holds frozen BatchNorm cases in the same format: one eval
+step whose running_mean / running_var are the buffers (written first), then x, dy, y
+and dx.
+
 Values are the shortest decimals that round back to the stored value in its dtype
 (bf16 values are written through float32, exactly).
 """
@@ -120,6 +124,52 @@ def run_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, affi
         if track:
             f.write(f"running_mean {fmt(bn.running_mean)}\nrunning_var {fmt(bn.running_var)}\n")
             f.write(f"num_batches_tracked {int(bn.num_batches_tracked)}\n")
+    f.write("end\n")
+
+
+class FrozenBatchNorm(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d's forward, for any rank (torchvision is not
+    a dependency; its forward is these four lines): scale and shift computed in the
+    buffers' dtype, then x * scale + shift."""
+
+    def __init__(self, c, eps, dtype):
+        super().__init__()
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, torch.zeros(c, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        scale = self.weight.reshape(shape) * (self.running_var.reshape(shape) + self.eps).rsqrt()
+        shift = self.bias.reshape(shape) - self.running_mean.reshape(shape) * scale
+        return x * scale + shift
+
+
+def frozen_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, eps=1e-5, seed=0):
+    """A frozen BatchNorm's forward and input gradient. Buffers are written under the
+    case (weight, bias) and its one eval step (running_mean, running_var); y is
+    torchvision's result in the promoted dtype, rounded to the input's."""
+    param = param or dtype
+    gen = torch.Generator().manual_seed(seed)
+    c = dims[1]
+    bn = FrozenBatchNorm(c, eps, DTYPES[param])
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        bn.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64) * 2)
+        bn.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) * 2 + 0.25)
+    logical = channel_data(gen, dims, DTYPES[dtype])
+    x = from_memory_order(to_memory_order(logical, layout), layout, dims).detach().requires_grad_(True)
+    dy = torch.randn(dims, generator=gen, dtype=torch.float64).to(DTYPES[dtype])
+    y = bn(x)
+    (y.double() * dy.double()).sum().backward()
+    y = y.to(DTYPES[dtype])
+    f.write(f"case {name}\nmodule {module}\ndims {' '.join(map(str, dims))}\nformat {layout}\n")
+    f.write(f"dtype {dtype}\nparam {param}\neps {eps!r}\n")
+    f.write(f"weight {fmt(bn.weight)}\nbias {fmt(bn.bias)}\nstep eval\n")
+    f.write(f"running_mean {fmt(bn.running_mean)}\nrunning_var {fmt(bn.running_var)}\n")
+    for key, t in (("x", x), ("dy", dy), ("y", y), ("dx", x.grad)):
+        f.write(f"{key} {fmt(to_memory_order(t, layout))}\n")
     f.write("end\n")
 
 
@@ -232,6 +282,17 @@ def main():
         run_case(f, "bn2d_nhwc_bf16", 2, [3, 4, 3, 3], layout="nhwc", dtype="bf16", seed=20)
         run_case(f, "bn1d_nlc", 1, [3, 4, 6], layout="nhwc", seed=21)
         run_case(f, "bn2d_nhwc_f64_no_affine", 2, [2, 3, 3, 3], layout="nhwc", dtype="f64", affine=False, seed=22)
+    # Frozen BatchNorm, torchvision's formula (the inference issue's fixtures).
+    with open(os.path.join(OUT, "frozen.txt"), "w") as f:
+        f.write(header)
+        for i, (t, p) in enumerate([("f32", "f32"), ("f64", "f64"), ("f16", "f16"), ("bf16", "bf16"),
+                                    ("f16", "f32"), ("bf16", "f32")]):
+            frozen_case(f, f"frozen2d_{t}_{p}", 2, [2, 5, 3, 4], dtype=t, param=p, seed=40 + i)
+            frozen_case(f, f"frozen2d_nhwc_{t}_{p}", 2, [2, 5, 3, 4], layout="nhwc", dtype=t, param=p,
+                        seed=50 + i)
+        frozen_case(f, "frozen1d", 1, [6, 4], seed=60)
+        frozen_case(f, "frozen1d_ncl", 1, [3, 4, 5], eps=1e-3, seed=61)
+        frozen_case(f, "frozen3d_ndhwc", 3, [2, 3, 2, 3, 2], layout="nhwc", seed=62)
     # PyTorch weights in .safetensors (the ecosystem issue's fixtures).
     write_cnn()
     print(f"wrote fixtures to {os.path.normpath(OUT)}", file=sys.stderr)

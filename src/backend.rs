@@ -87,6 +87,46 @@ pub trait Backend: Sized + Send + Sync {
         grads: Grads<'_, Self, T, P>,
         workspace: &mut Self::Workspace,
     ) -> Result<()>;
+
+    /// A frozen BatchNorm's forward, `y = x * scale + shift` per channel, validated
+    /// then run ([`crate::frozen`]).
+    fn batch_norm_frozen<T: Float>(
+        &self,
+        args: Frozen<'_, Self, T>,
+        output: &mut Self::TensorMut<'_, T>,
+    ) -> Result<()>;
+
+    /// Its backward, `dx = dy * scale` per channel (`args.input` is dy; the shift is not
+    /// read), validated then run.
+    fn batch_norm_frozen_backward<T: Float>(
+        &self,
+        args: Frozen<'_, Self, T>,
+        grad_input: &mut Self::TensorMut<'_, T>,
+    ) -> Result<()>;
+}
+
+/// A frozen BatchNorm call's arguments: the coefficients are computed once
+/// ([`crate::frozen::coefficients`]) and only read here.
+pub struct Frozen<'a, B: Backend, T: Float> {
+    /// x for the forward, dy for the backward; `shape.numel()` elements.
+    pub input: &'a B::Tensor<'a, T>,
+    /// Its size and memory format.
+    pub shape: Shape,
+    /// `Acc[2C]`: scale (C) then shift (C).
+    pub scale_shift: &'a B::Tensor<'a, T::Acc>,
+}
+
+impl<B: Backend, T: Float> Frozen<'_, B, T> {
+    /// Validates the call ([`validate::frozen`]) given the buffer it writes;
+    /// `Ok(false)`: the input is empty and there is nothing to do.
+    pub fn validate(&self, output: &B::TensorMut<'_, T>) -> Result<bool> {
+        validate::frozen(
+            &self.shape,
+            self.input.len(),
+            output.len(),
+            self.scale_shift.len(),
+        )
+    }
 }
 
 /// `torch.nn.functional.batch_norm`'s arguments, output and saved statistics apart.

@@ -33,6 +33,14 @@ pub type BatchNorm1d<T, P = T> = crate::module::BatchNorm<1, Cpu, T, P>;
 pub type BatchNorm2d<T, P = T> = crate::module::BatchNorm<2, Cpu, T, P>;
 /// `BatchNorm3d` on the CPU.
 pub type BatchNorm3d<T, P = T> = crate::module::BatchNorm<3, Cpu, T, P>;
+/// A frozen BatchNorm call's arguments on host slices.
+pub type Frozen<'a, T> = backend::Frozen<'a, Cpu, T>;
+/// torchvision's `FrozenBatchNorm2d`, 1-D and 3-D too, on the CPU.
+pub type FrozenBatchNorm1d<T, P = T> = crate::frozen::FrozenBatchNorm<1, Cpu, T, P>;
+/// `FrozenBatchNorm2d` on the CPU.
+pub type FrozenBatchNorm2d<T, P = T> = crate::frozen::FrozenBatchNorm<2, Cpu, T, P>;
+/// `FrozenBatchNorm3d` on the CPU.
+pub type FrozenBatchNorm3d<T, P = T> = crate::frozen::FrozenBatchNorm<3, Cpu, T, P>;
 
 impl Backend for Cpu {
     type Tensor<'t, E: Float> = [E];
@@ -98,6 +106,18 @@ impl Backend for Cpu {
         _workspace: &mut (),
     ) -> Result<()> {
         batch_norm_backward(args, grads)
+    }
+
+    fn batch_norm_frozen<T: Float>(&self, args: Frozen<'_, T>, output: &mut [T]) -> Result<()> {
+        batch_norm_frozen(args, output)
+    }
+
+    fn batch_norm_frozen_backward<T: Float>(
+        &self,
+        args: Frozen<'_, T>,
+        grad_input: &mut [T],
+    ) -> Result<()> {
+        batch_norm_frozen_backward(args, grad_input)
     }
 }
 
@@ -383,6 +403,43 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         }
     }
     Ok(())
+}
+
+/// A frozen BatchNorm's forward on the CPU: `y = x * scale + shift`, one multiply-add
+/// per element rounded once (in f64) then to `T`.
+pub fn batch_norm_frozen<T: Float>(args: Frozen<'_, T>, output: &mut [T]) -> Result<()> {
+    if args.validate(output)? {
+        frozen_apply(&args, output, true);
+    }
+    Ok(())
+}
+
+/// Its backward on the CPU: `dx = dy * scale`.
+pub fn batch_norm_frozen_backward<T: Float>(
+    args: Frozen<'_, T>,
+    grad_input: &mut [T],
+) -> Result<()> {
+    if args.validate(grad_input)? {
+        frozen_apply(&args, grad_input, false);
+    }
+    Ok(())
+}
+
+/// `out = input * scale (+ shift)` per channel, on a validated call.
+fn frozen_apply<T: Float>(args: &Frozen<'_, T>, out: &mut [T], with_shift: bool) {
+    let shape = &args.shape;
+    let (c, s, numel) = (shape.c(), shape.spatial(), shape.numel());
+    let (scale, shift) = args.scale_shift.split_at(c);
+    let last = shape.format() == crate::shape::MemoryFormat::ChannelsLast;
+    for (i, (o, x)) in out[..numel]
+        .iter_mut()
+        .zip(&args.input[..numel])
+        .enumerate()
+    {
+        let ch = if last { i % c } else { (i / s) % c };
+        let b = if with_shift { shift[ch].to_f64() } else { 0.0 };
+        *o = T::from_f64(x.to_f64().mul_add(scale[ch].to_f64(), b));
+    }
 }
 
 /// The backward on the CPU.

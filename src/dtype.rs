@@ -92,6 +92,9 @@ pub trait Float:
     const DTYPE: DType;
     /// The type kernels accumulate this type in (f32, or f64 for f64).
     type Acc: Float;
+    /// This type as its own parameter type (always `Self`): names the kernels of
+    /// `(T, T)` where a call has no parameters of its own (a frozen BatchNorm's).
+    type Native: ParamFor<Self>;
     /// Exact widening to f64.
     fn to_f64(self) -> f64;
     /// Rounding (to nearest even) from f64.
@@ -101,6 +104,7 @@ pub trait Float:
 impl Float for f32 {
     const DTYPE: DType = DType::F32;
     type Acc = f32;
+    type Native = f32;
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
@@ -112,6 +116,7 @@ impl Float for f32 {
 impl Float for f64 {
     const DTYPE: DType = DType::F64;
     type Acc = f64;
+    type Native = f64;
     fn to_f64(self) -> f64 {
         self
     }
@@ -123,6 +128,7 @@ impl Float for f64 {
 impl Float for f16 {
     const DTYPE: DType = DType::F16;
     type Acc = f32;
+    type Native = f16;
     fn to_f64(self) -> f64 {
         self.to_f64()
     }
@@ -134,6 +140,7 @@ impl Float for f16 {
 impl Float for bf16 {
     const DTYPE: DType = DType::BF16;
     type Acc = f32;
+    type Native = bf16;
     fn to_f64(self) -> f64 {
         self.to_f64()
     }

@@ -31,6 +31,18 @@ pub enum BnError {
         size: Vec<usize>,
     },
 
+    /// A frozen BatchNorm given an input of another channel count (torchvision's
+    /// `x * scale` broadcast error).
+    #[error(
+        "The size of tensor a ({input}) must match the size of tensor b ({features}) at non-singleton dimension 1"
+    )]
+    FrozenChannels {
+        /// The input's channel count.
+        input: usize,
+        /// The module's.
+        features: usize,
+    },
+
     /// A parameter or running buffer whose length is not the input's channel count.
     #[error("{name} should contain {expected} elements not {got}")]
     FeatureCount {

@@ -173,6 +173,8 @@ pub type Backward<'a, T, P> = backend::Backward<'a, Cuda, T, P>;
 pub type BackwardStats<'a, A, P> = backend::BackwardStats<'a, Cuda, A, P>;
 /// A backward's outputs on CUDA buffers.
 pub type Grads<'a, T, P> = backend::Grads<'a, Cuda, T, P>;
+/// A frozen BatchNorm call's arguments on CUDA buffers.
+pub type Frozen<'a, T> = backend::Frozen<'a, Cuda, T>;
 
 /// The eval forward's arguments: running statistics, no state changes.
 pub struct Eval<'a, T: Float, P: ParamFor<T>> {
@@ -294,6 +296,22 @@ impl Backend for Cuda {
         workspace: &mut Workspace,
     ) -> Result<()> {
         batch_norm_backward(&self.stream, args, grads, workspace)
+    }
+
+    fn batch_norm_frozen<T: Float>(
+        &self,
+        args: Frozen<'_, T>,
+        output: &mut (dyn DevicePtrMut<T> + '_),
+    ) -> Result<()> {
+        batch_norm_frozen(&self.stream, args, output)
+    }
+
+    fn batch_norm_frozen_backward<T: Float>(
+        &self,
+        args: Frozen<'_, T>,
+        grad_input: &mut (dyn DevicePtrMut<T> + '_),
+    ) -> Result<()> {
+        batch_norm_frozen_backward(&self.stream, args, grad_input)
     }
 }
 
@@ -443,6 +461,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         update_running,
         eps,
         momentum,
+        frozen: 0,
     };
     // SAFETY: validation checked every buffer's length against the shape and that all
     // belong to the stream's context; the guards above keep them alive and ordered until
@@ -520,6 +539,78 @@ pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
             &a,
             &kernels.tuning(),
         )
+    }
+}
+
+/// A frozen BatchNorm's forward, `y = x * scale + shift` per channel with the
+/// coefficients of [`crate::frozen::coefficients`]: one read of x, one write of y, a
+/// multiply-add per element. Shared references only, on any stream of the buffers'
+/// context; needs no workspace, allocates nothing on the device and never waits for the
+/// stream, so it can be captured into a CUDA graph.
+pub fn batch_norm_frozen<T: Float>(
+    stream: &Arc<CudaStream>,
+    args: Frozen<'_, T>,
+    output: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    frozen_call(stream, &args, output, true)
+}
+
+/// Its backward, `dx = dy * scale` per channel (`args.input` is dy).
+pub fn batch_norm_frozen_backward<T: Float>(
+    stream: &Arc<CudaStream>,
+    args: Frozen<'_, T>,
+    grad_input: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    frozen_call(stream, &args, grad_input, false)
+}
+
+fn frozen_call<T: Float>(
+    stream: &Arc<CudaStream>,
+    args: &Frozen<'_, T>,
+    output: &mut dyn DevicePtrMut<T>,
+    forward: bool,
+) -> Result<()> {
+    if !args.validate(output)? {
+        return Ok(());
+    }
+    same_context(stream, "input", args.input)?;
+    same_context(stream, "output", &*output)?;
+    same_context(stream, "scale_shift", args.scale_shift)?;
+    let kernels = Kernels::for_context(stream.context())?;
+    let launcher = CudaLauncher::new(stream, &kernels);
+    let (input, _gi) = args.input.device_ptr(stream);
+    let (out, _go) = output.device_ptr_mut(stream);
+    let (coeffs, _gc) = args.scale_shift.device_ptr(stream);
+    let shape = args.shape;
+    // Frozen calls have no parameter type of their own: the kernels of (T, T) read
+    // T::Acc coefficients, which is all a frozen launch reads per channel.
+    if forward {
+        let a = raw::ForwardArgs {
+            x: input,
+            y: out,
+            frozen: coeffs,
+            ..raw::ForwardArgs::default()
+        };
+        // SAFETY: validation checked the input, output and coefficient lengths against
+        // the shape and that all belong to the stream's context; the guards keep them
+        // alive and ordered until the launch is queued; a frozen eval uses no workspace.
+        unsafe { raw::forward::<T, T::Native>(&launcher, &shape, &a, &kernels.tuning()) }
+    } else {
+        let a = raw::BackwardArgs {
+            dy: input,
+            x: 0,
+            dx: out,
+            weight: 0,
+            stats: raw::BackwardStats::Frozen {
+                scale_shift: coeffs,
+            },
+            grad_weight: 0,
+            grad_bias: 0,
+            counters: 0,
+            scratch: 0,
+        };
+        // SAFETY: as above; the eval dx launch reads dy and the coefficients only.
+        unsafe { raw::backward::<T, T::Native>(&launcher, &shape, &a, &kernels.tuning()) }
     }
 }
 

@@ -41,6 +41,9 @@ pub mod flags {
     pub const BATCH_STATS: u32 = 1 << 2;
     /// Fold the batch statistics into running_mean / running_var.
     pub const UPDATE_RUNNING: u32 = 1 << 3;
+    /// Eval with precomputed coefficients: `ws_channel` holds `Acc[2C]`, scale then
+    /// shift, and `y = x * scale + shift` (`dx = dy * scale`).
+    pub const FROZEN: u32 = 1 << 4;
 }
 
 /// The one argument of every kernel; mirrors `struct BnParams` in `kernels/params.h`

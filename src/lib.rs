@@ -70,6 +70,7 @@ pub mod backend;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod frozen;
 pub mod functional;
 #[cfg(feature = "candle")]
 pub mod interop;
@@ -87,6 +88,7 @@ pub use backend::Backend;
 pub use cpu::Cpu;
 pub use dtype::{DType, Float, ParamFor};
 pub use error::{BnError, Result};
+pub use frozen::FrozenBatchNorm;
 pub use functional::{Cuda, Workspace};
 pub use kernels::{driver_present, driver_version, open_device, ptx_unavailable};
 pub use module::{BatchNorm, BatchNormOptions, Gradients, IncompatibleKeys, StateDict};
@@ -105,7 +107,10 @@ pub mod prelude {
     pub use crate::functional::{Cuda, Workspace};
     pub use crate::kernels::{open_device, ptx_unavailable};
     pub use crate::module::{BatchNormOptions, Gradients, StateDict};
-    pub use crate::nn::{BatchNorm1d, BatchNorm2d, BatchNorm3d};
+    pub use crate::nn::{
+        BatchNorm1d, BatchNorm2d, BatchNorm3d, FrozenBatchNorm1d, FrozenBatchNorm2d,
+        FrozenBatchNorm3d,
+    };
     pub use crate::shape::{MemoryFormat, Shape};
     #[cfg(feature = "safetensors")]
     pub use crate::weights::{Weights, WeightsWriter};

@@ -577,56 +577,14 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         unexpected: Vec<String>,
         strict: bool,
     ) -> Result<IncompatibleKeys> {
-        let c = self.num_features;
         let (affine, track) = (self.options.affine, self.options.track_running_stats);
-        let names = ["weight", "bias", "running_mean", "running_var"];
-        let expected = [affine, affine, track, track];
-        let mut keys = IncompatibleKeys {
-            missing_keys: Vec::new(),
-            unexpected_keys: unexpected,
+        let layout = Layout {
+            module: self.name(),
+            c: self.num_features,
+            expected: [affine, affine, track, track],
+            counter: track,
         };
-        let mut sizes = Vec::new();
-        for ((name, expected), got) in names.iter().zip(expected).zip(shapes) {
-            match (expected, got) {
-                (true, None) => keys.missing_keys.push(key(name)),
-                (false, Some(_)) => keys.unexpected_keys.push(key(name)),
-                (true, Some(s)) if s.as_slice() != [c] => sizes.push(format!(
-                    "size mismatch for {}: copying a param with shape {s:?} from checkpoint, the shape in current model is [{c}].",
-                    key(name)
-                )),
-                _ => {}
-            }
-        }
-        if !track && sd.num_batches_tracked.is_some() {
-            keys.unexpected_keys.push(key("num_batches_tracked"));
-        }
-        let quoted = |v: &[String]| {
-            v.iter()
-                .map(|k| format!("\"{k}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // PyTorch's order: missing, unexpected (strict only), then the size mismatches.
-        let mut msgs = Vec::new();
-        if strict && !keys.missing_keys.is_empty() {
-            msgs.push(format!(
-                "Missing key(s) in state_dict: {}. ",
-                quoted(&keys.missing_keys)
-            ));
-        }
-        if strict && !keys.unexpected_keys.is_empty() {
-            msgs.push(format!(
-                "Unexpected key(s) in state_dict: {}. ",
-                quoted(&keys.unexpected_keys)
-            ));
-        }
-        msgs.extend(sizes);
-        if !msgs.is_empty() {
-            return Err(BnError::StateDict {
-                module: self.name(),
-                detail: msgs.join("\n\t"),
-            });
-        }
+        let keys = check_state_dict(&layout, sd, shapes, key, unexpected, strict)?;
         // Staged: every value goes into a new buffer first, and the module takes them
         // only once all copies succeeded, so a failed copy changes nothing.
         let staged =
@@ -671,4 +629,77 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         }
         Ok(keys)
     }
+}
+
+/// What a module's state dict must hold: which of weight, bias, running_mean and
+/// running_var (C values each), and whether `num_batches_tracked` is a key of it
+/// (else it is unexpected).
+pub(crate) struct Layout {
+    pub module: &'static str,
+    pub c: usize,
+    pub expected: [bool; 4],
+    pub counter: bool,
+}
+
+/// The check of a state dict against a module's [`Layout`], as PyTorch's
+/// `load_state_dict(sd, strict)` makes it: the keys that do not fit, or the error in
+/// PyTorch's words, before anything is loaded.
+pub(crate) fn check_state_dict<P: Float>(
+    layout: &Layout,
+    sd: &StateDict<P>,
+    shapes: &[Option<Vec<usize>>; 4],
+    key: &dyn Fn(&str) -> String,
+    unexpected: Vec<String>,
+    strict: bool,
+) -> Result<IncompatibleKeys> {
+    let c = layout.c;
+    let names = ["weight", "bias", "running_mean", "running_var"];
+    let expected = layout.expected;
+    let mut keys = IncompatibleKeys {
+        missing_keys: Vec::new(),
+        unexpected_keys: unexpected,
+    };
+    let mut sizes = Vec::new();
+    for ((name, expected), got) in names.iter().zip(expected).zip(shapes) {
+        match (expected, got) {
+            (true, None) => keys.missing_keys.push(key(name)),
+            (false, Some(_)) => keys.unexpected_keys.push(key(name)),
+            (true, Some(s)) if s.as_slice() != [c] => sizes.push(format!(
+                "size mismatch for {}: copying a param with shape {s:?} from checkpoint, the shape in current model is [{c}].",
+                key(name)
+            )),
+            _ => {}
+        }
+    }
+    if !layout.counter && sd.num_batches_tracked.is_some() {
+        keys.unexpected_keys.push(key("num_batches_tracked"));
+    }
+    let quoted = |v: &[String]| {
+        v.iter()
+            .map(|k| format!("\"{k}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // PyTorch's order: missing, unexpected (strict only), then the size mismatches.
+    let mut msgs = Vec::new();
+    if strict && !keys.missing_keys.is_empty() {
+        msgs.push(format!(
+            "Missing key(s) in state_dict: {}. ",
+            quoted(&keys.missing_keys)
+        ));
+    }
+    if strict && !keys.unexpected_keys.is_empty() {
+        msgs.push(format!(
+            "Unexpected key(s) in state_dict: {}. ",
+            quoted(&keys.unexpected_keys)
+        ));
+    }
+    msgs.extend(sizes);
+    if !msgs.is_empty() {
+        return Err(BnError::StateDict {
+            module: layout.module,
+            detail: msgs.join("\n\t"),
+        });
+    }
+    Ok(keys)
 }

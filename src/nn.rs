@@ -34,6 +34,13 @@ pub type BatchNorm1d<T, P = T> = BatchNorm<1, Cuda, T, P>;
 pub type BatchNorm2d<T, P = T> = BatchNorm<2, Cuda, T, P>;
 /// `torch.nn.BatchNorm3d` on CUDA: inputs (N, C, D, H, W).
 pub type BatchNorm3d<T, P = T> = BatchNorm<3, Cuda, T, P>;
+/// torchvision's `FrozenBatchNorm2d` for inputs (N, C) or (N, C, L), on CUDA
+/// ([`crate::frozen`]).
+pub type FrozenBatchNorm1d<T, P = T> = crate::frozen::FrozenBatchNorm<1, Cuda, T, P>;
+/// torchvision's `FrozenBatchNorm2d` on CUDA: inputs (N, C, H, W).
+pub type FrozenBatchNorm2d<T, P = T> = crate::frozen::FrozenBatchNorm<2, Cuda, T, P>;
+/// `FrozenBatchNorm3d` on CUDA: inputs (N, C, D, H, W).
+pub type FrozenBatchNorm3d<T, P = T> = crate::frozen::FrozenBatchNorm<3, Cuda, T, P>;
 
 impl<const D: usize, T: Float, P: ParamFor<T>> BatchNorm<D, Cuda, T, P> {
     /// The eval forward with the running statistics, through a shared reference and on

@@ -119,6 +119,10 @@ pub struct ForwardArgs {
     pub eps: f64,
     /// The running-average factor of this call.
     pub momentum: f64,
+    /// `Acc[2C]` or 0: a frozen eval, `y = x * scale + shift` with scale then shift
+    /// here (see [`crate::frozen::coefficients`]); the statistics, weight and bias are not
+    /// read, and `batch_stats` / `update_running` must be false.
+    pub frozen: u64,
 }
 
 /// Statistics the backward differentiates through.
@@ -139,6 +143,12 @@ pub enum BackwardStats {
         var: u64,
         /// eps.
         eps: f64,
+    },
+    /// A frozen eval's coefficients (`Acc[2C]`, scale then shift): `dx = dy * scale`.
+    /// There are no parameter gradients: `grad_weight` and `grad_bias` are not written.
+    Frozen {
+        /// scale then shift.
+        scale_shift: u64,
     },
 }
 
@@ -511,6 +521,17 @@ impl Workspace {
     }
 }
 
+/// The region of a frozen eval's coefficients (`Acc[2C]`), read only.
+fn frozen_region(addr: u64, c: usize, acc: DType) -> Result<Region> {
+    region(
+        addr,
+        c.saturating_mul(2),
+        acc,
+        "scale_shift",
+        RegionKind::Input,
+    )
+}
+
 /// The region of `elems` values of `dtype` at `addr` (none at address 0), or an error
 /// when its byte count cannot be represented.
 fn region(
@@ -608,12 +629,14 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
 ) -> Result<()> {
     let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
     let ws = Workspace::new(plan, c, acc, a.counters, a.scratch);
+    let frozen = a.frozen != 0;
     let mode = if a.batch_stats { flags::BATCH_STATS } else { 0 }
         | if a.update_running {
             flags::UPDATE_RUNNING
         } else {
             0
-        };
+        }
+        | if frozen { flags::FROZEN } else { 0 };
     let input = RegionKind::Input;
     let x = region(a.x, numel, T::DTYPE, "input", input)?;
     // fwd_stats reads the running statistics and stages their update; fwd_norm commits
@@ -636,7 +659,7 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
         p.eps = a.eps;
         p.running_mean = a.running_mean;
         p.running_var = a.running_var;
-        p.ws_channel = ws.channel();
+        p.ws_channel = if frozen { a.frozen } else { ws.channel() };
         let stats = matches!(id.stage, Stage::FwdStats | Stage::FwdFused);
         let norm = matches!(id.stage, Stage::FwdNorm | Stage::FwdFused);
         let mut regions = vec![x];
@@ -671,7 +694,9 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
                 region(a.weight, c, P::DTYPE, "weight", input)?,
                 region(a.bias, c, P::DTYPE, "bias", input)?,
             ]);
-            if !stats {
+            if frozen {
+                regions.push(frozen_region(a.frozen, c, acc)?);
+            } else if !stats {
                 match (a.batch_stats, a.update_running) {
                     (false, _) => regions.extend(running(input)?),
                     (true, true) => regions.extend(running(RegionKind::InOut)?),
@@ -714,7 +739,8 @@ pub fn plan_backward<T: Float, P: ParamFor<T>>(
     tuning: &Tuning,
 ) -> Result<OpPlan> {
     let batch = matches!(a.stats, BackwardStats::Batch { .. });
-    let reduce = batch || a.grad_weight != 0 || a.grad_bias != 0;
+    let frozen = matches!(a.stats, BackwardStats::Frozen { .. });
+    let reduce = batch || (!frozen && (a.grad_weight != 0 || a.grad_bias != 0));
     plan_op(
         Op::Backward { batch, reduce },
         shape,
@@ -757,7 +783,12 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
             ],
             0,
         ),
+        BackwardStats::Frozen { scale_shift } => (
+            [frozen_region(scale_shift, c, acc)?, Region::NONE],
+            flags::FROZEN,
+        ),
     };
+    let frozen = mode == flags::FROZEN;
     let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
     for l in &plan.launches {
@@ -769,6 +800,7 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
         p.weight = a.weight;
         p.ws_channel = ws.channel();
         match a.stats {
+            BackwardStats::Frozen { scale_shift } => p.ws_channel = scale_shift,
             BackwardStats::Batch {
                 save_mean,
                 save_invstd,
@@ -795,7 +827,7 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
             stats_regions[0],
             stats_regions[1],
         ];
-        if reduce {
+        if reduce && !frozen {
             p.grad_weight = a.grad_weight;
             p.grad_bias = a.grad_bias;
             p.ws_counters = ws.counters();

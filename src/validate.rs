@@ -250,6 +250,22 @@ pub fn backward(s: &BackwardSpec) -> Result<bool> {
     Ok(true)
 }
 
+/// A frozen BatchNorm call ([`crate::backend::Frozen`]): the input's channel count
+/// must be the coefficients' (torchvision's `x * scale` broadcast, and its message),
+/// and the input and output must hold the shape. `Ok(false)`: nothing to compute.
+pub fn frozen(shape: &Shape, input: usize, output: usize, scale_shift: usize) -> Result<bool> {
+    let features = scale_shift / 2;
+    if shape.c() != features || !scale_shift.is_multiple_of(2) {
+        return Err(BnError::FrozenChannels {
+            input: shape.c(),
+            features,
+        });
+    }
+    buffer("input", shape.numel(), input, shape)?;
+    buffer("output", shape.numel(), output, shape)?;
+    Ok(shape.numel() != 0)
+}
+
 /// The rank a `BatchNorm{1,2,3}d` module accepts, with PyTorch's sentence.
 pub fn module_rank(dims: usize, shape: &Shape) -> Result<()> {
     let (ok, expected) = match dims {

@@ -195,7 +195,7 @@ fn decode(e: &Entry, b: &[u8]) -> Result<Vec<f64>> {
 }
 
 /// The full key of a layer's tensor: `prefix.name`, or `name` for an empty prefix.
-fn join(prefix: &str, name: &str) -> String {
+pub(crate) fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         name.to_string()
     } else {
@@ -227,35 +227,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         prefix: &str,
         strict: bool,
     ) -> Result<IncompatibleKeys> {
-        let under = join(prefix, "");
-        let unexpected: Vec<String> = weights
-            .keys()
-            .filter(|k| {
-                (prefix.is_empty() || k.starts_with(under.as_str()))
-                    && !KEYS.contains(&&k[under.len()..])
-            })
-            .map(str::to_string)
-            .collect();
-        let mut shapes: [Option<Vec<usize>>; 4] = Default::default();
-        let mut values: [Option<Vec<P>>; 4] = Default::default();
-        for (i, name) in KEYS[..4].iter().enumerate() {
-            let key = join(prefix, name);
-            if let Some(v) = weights.values::<P>(&key) {
-                shapes[i] = weights.shape(&key).map(<[usize]>::to_vec);
-                values[i] = Some(v?);
-            }
-        }
-        let counter = weights
-            .scalar_i64(&join(prefix, "num_batches_tracked"))
-            .transpose()?;
-        let [weight, bias, running_mean, running_var] = values;
-        let sd = StateDict {
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked: counter,
-        };
+        let (sd, shapes, unexpected) = read_layer::<P>(weights, prefix)?;
         self.load_checked(&sd, &shapes, &|name| join(prefix, name), unexpected, strict)
     }
 }
@@ -391,4 +363,42 @@ impl WeightsWriter {
         std::fs::write(path, self.to_bytes()?)
             .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))
     }
+}
+
+/// A BatchNorm layer's tensors under `prefix` as `P`: the state dict, the stored shape
+/// of weight, bias, running_mean and running_var (when present), and the other keys
+/// under the prefix.
+pub(crate) type Layer<P> = (StateDict<P>, [Option<Vec<usize>>; 4], Vec<String>);
+
+pub(crate) fn read_layer<P: Float>(weights: &Weights, prefix: &str) -> Result<Layer<P>> {
+    let under = join(prefix, "");
+    let unexpected: Vec<String> = weights
+        .keys()
+        .filter(|k| {
+            (prefix.is_empty() || k.starts_with(under.as_str()))
+                && !KEYS.contains(&&k[under.len()..])
+        })
+        .map(str::to_string)
+        .collect();
+    let mut shapes: [Option<Vec<usize>>; 4] = Default::default();
+    let mut values: [Option<Vec<P>>; 4] = Default::default();
+    for (i, name) in KEYS[..4].iter().enumerate() {
+        let key = join(prefix, name);
+        if let Some(v) = weights.values::<P>(&key) {
+            shapes[i] = weights.shape(&key).map(<[usize]>::to_vec);
+            values[i] = Some(v?);
+        }
+    }
+    let counter = weights
+        .scalar_i64(&join(prefix, "num_batches_tracked"))
+        .transpose()?;
+    let [weight, bias, running_mean, running_var] = values;
+    let sd = StateDict {
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked: counter,
+    };
+    Ok((sd, shapes, unexpected))
 }

@@ -19,13 +19,14 @@ use common::{
     CASES, TYPE_PAIRS,
 };
 use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
+use cuda_batchnorm::cpu::reference;
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::launch::{
     Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, Variant,
 };
 use cuda_batchnorm::raw::{self, Launcher, Region, RegionKind};
 use cuda_batchnorm::validate::ForwardKind;
-use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Result, Shape};
+use cuda_batchnorm::{BnError, Cpu, DType, Float, MemoryFormat, ParamFor, Result, Shape};
 use cuda_batchnorm_emu as emu;
 
 /// Kernel names launched by any test of this binary.
@@ -230,6 +231,7 @@ impl Backend for Emu {
             update_running,
             eps: args.eps,
             momentum: args.momentum,
+            frozen: 0,
         };
         // SAFETY: validation checked every slice against the shape; the slices and the
         // workspace live across the call; host memory is what the emulator executes on.
@@ -276,6 +278,49 @@ impl Backend for Emu {
         };
         // SAFETY: as in batch_norm.
         unsafe { raw::backward::<T, P>(&self.launcher(), &args.shape, &a, &self.tuning) }
+    }
+
+    fn batch_norm_frozen<T: Float>(
+        &self,
+        args: backend::Frozen<'_, Emu, T>,
+        output: &mut [T],
+    ) -> Result<()> {
+        if !args.validate(output)? {
+            return Ok(());
+        }
+        let a = raw::ForwardArgs {
+            x: addr(args.input),
+            y: addr(output),
+            frozen: addr(args.scale_shift),
+            ..raw::ForwardArgs::default()
+        };
+        // SAFETY: as in batch_norm; a frozen eval uses no workspace.
+        unsafe { raw::forward::<T, T::Native>(&self.launcher(), &args.shape, &a, &self.tuning) }
+    }
+
+    fn batch_norm_frozen_backward<T: Float>(
+        &self,
+        args: backend::Frozen<'_, Emu, T>,
+        grad_input: &mut [T],
+    ) -> Result<()> {
+        if !args.validate(grad_input)? {
+            return Ok(());
+        }
+        let a = raw::BackwardArgs {
+            dy: addr(args.input),
+            x: 0,
+            dx: addr(grad_input),
+            weight: 0,
+            stats: raw::BackwardStats::Frozen {
+                scale_shift: addr(args.scale_shift),
+            },
+            grad_weight: 0,
+            grad_bias: 0,
+            counters: 0,
+            scratch: 0,
+        };
+        // SAFETY: as in batch_norm.
+        unsafe { raw::backward::<T, T::Native>(&self.launcher(), &args.shape, &a, &self.tuning) }
     }
 }
 
@@ -1406,4 +1451,146 @@ fn every_kernel_runs() {
     );
     let missing: Vec<_> = compiled.difference(&mine).collect();
     assert!(missing.is_empty(), "kernels never launched: {missing:?}");
+}
+
+/// torchvision's frozen fixtures through the frozen modules over the emulated kernels,
+/// under the default plan and with each family that has an eval forced.
+#[test]
+fn frozen_fixtures_on_emulated_kernels() {
+    let mut failures = Vec::new();
+    for variant in [
+        None,
+        Some(Variant::Baseline),
+        Some(Variant::Ilp),
+        Some(Variant::Flat),
+    ] {
+        let tuning = Tuning { variant, ..SPLIT };
+        for case in fixtures::frozen() {
+            let emu = Emu::new(SMALL, tuning);
+            let r = with_types!((case.dtype, case.param), |T, P| {
+                fixtures::replay_frozen::<Emu, T, P>(emu, &case)
+            });
+            match r {
+                Err(e) if variant.is_some() && e.contains("cannot run this call") => {}
+                Err(e) => failures.push(format!("{variant:?} {e}")),
+                Ok(()) => {}
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The frozen forward and backward kernels of every input type and family, both
+/// layouts, 16-byte aligned and not, with sentinels around every output: the CPU's
+/// numbers, and NCHW and NHWC results equal bit for bit.
+#[test]
+fn frozen_kernels_on_every_type_and_layout() {
+    let shapes: &[&[usize]] = &[
+        &[4, 3, 5, 7],
+        &[2, 5, 7, 7],
+        &[8, 16, 2, 2],
+        &[6, 5],
+        &[2, 3, 2, 3, 4],
+    ];
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for variant in [
+        None,
+        Some(Variant::Baseline),
+        Some(Variant::Ilp),
+        Some(Variant::Flat),
+    ] {
+        let emu = Emu::new(SMALL, Tuning { variant, ..SPLIT });
+        for dims in shapes {
+            for pad in [8, 3] {
+                for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+                    let r = match dtype {
+                        DType::F32 => check_frozen::<f32>(emu, dims, pad),
+                        DType::F64 => check_frozen::<f64>(emu, dims, pad),
+                        DType::F16 => check_frozen::<f16>(emu, dims, pad),
+                        _ => check_frozen::<cuda_batchnorm::half::bf16>(emu, dims, pad),
+                    };
+                    match r {
+                        Ok(n) => runs += n,
+                        Err(e) if variant.is_some() && e.contains("cannot run this call") => {}
+                        Err(e) => {
+                            failures.push(format!("{variant:?} {dims:?} pad {pad} {dtype}: {e}"))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert!(runs >= 4 * shapes.len() * 2 * 4, "{runs} runs");
+}
+
+/// One shape in both layouts: forward and backward on the emulator against the CPU, and
+/// the two layouts' results compared bit for bit. Returns the number of runs (2).
+fn check_frozen<T: Float>(
+    emu: Emu,
+    dims: &[usize],
+    pad: usize,
+) -> std::result::Result<usize, String> {
+    let e = |e: BnError| e.to_string();
+    let c = dims[1];
+    let mut rng = common::Rng::new(dims.iter().product::<usize>() as u64 + pad as u64);
+    let coeffs: Vec<T::Acc> = (0..2 * c)
+        .map(|_| T::Acc::from_f64(rng.normal() * 1.5))
+        .collect();
+    let contiguous = Shape::new(dims, MemoryFormat::Contiguous).map_err(e)?;
+    let numel = contiguous.numel();
+    let x: Vec<f64> = (0..numel).map(|_| rng.normal() * 3.0).collect();
+    let dy: Vec<f64> = (0..numel).map(|_| rng.normal()).collect();
+    let mut results: Vec<(Shape, Vec<T>, Vec<T>)> = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let shape = contiguous.with_format(format);
+        let cast = |v: &[f64]| -> Vec<T> {
+            common::cnn::to_format(v, dims, format)
+                .iter()
+                .map(|&a| T::from_f64(a))
+                .collect()
+        };
+        let (xt, dyt) = (Padded::new(&cast(&x), pad), Padded::new(&cast(&dy), pad));
+        let mut y = Padded::<T>::output(numel, pad);
+        let mut dx = Padded::<T>::output(numel, pad);
+        let args = |input| backend::Frozen::<Emu, T> {
+            input,
+            shape,
+            scale_shift: &coeffs,
+        };
+        emu.batch_norm_frozen(args(xt.payload()), y.payload_mut())
+            .map_err(e)?;
+        emu.batch_norm_frozen_backward(args(dyt.payload()), dx.payload_mut())
+            .map_err(e)?;
+        let (y, dx) = (y.checked("y")?, dx.checked("dx")?);
+        let cpu_args = |input| backend::Frozen::<Cpu, T> {
+            input,
+            shape,
+            scale_shift: &coeffs,
+        };
+        let mut want_y = vec![T::default(); numel];
+        let mut want_dx = vec![T::default(); numel];
+        Cpu.batch_norm_frozen(cpu_args(xt.payload()), &mut want_y)
+            .map_err(e)?;
+        Cpu.batch_norm_frozen_backward(cpu_args(dyt.payload()), &mut want_dx)
+            .map_err(e)?;
+        common::check_close("y", &y, &reference::to_f64(&want_y))?;
+        common::check_close("dx", &dx, &reference::to_f64(&want_dx))?;
+        results.push((shape, y, dx));
+    }
+    let (a, b) = (&results[0], &results[1]);
+    for n in 0..a.0.n() {
+        for ch in 0..c {
+            for s in 0..a.0.spatial() {
+                let (i, j) = (a.0.offset(n, ch, s), b.0.offset(n, ch, s));
+                if a.1[i].to_f64().to_bits() != b.1[j].to_f64().to_bits()
+                    || a.2[i].to_f64().to_bits() != b.2[j].to_f64().to_bits()
+                {
+                    return Err(format!("nchw and nhwc differ at ({n}, {ch}, {s})"));
+                }
+            }
+        }
+    }
+    Ok(2)
 }

@@ -979,3 +979,122 @@ fn safetensors_layers_on_the_gpu() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// torchvision's frozen fixtures and every layer of the CNN fixture, frozen, through
+/// the CUDA frozen modules (tests/frozen.rs does the same on the CPU backend).
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn frozen_on_the_gpu() {
+    let Some(Gpu { stream, .. }) = gpu("frozen_on_the_gpu") else {
+        return;
+    };
+    use common::cnn::{self, LAYERS};
+    let cuda = Cuda::new(&stream);
+    let mut failures = Vec::new();
+    for case in fixtures::frozen() {
+        let r = with_types!((case.dtype, case.param), |T, P| {
+            fixtures::replay_frozen::<Cuda, T, P>(cuda.clone(), &case)
+        });
+        if let Err(e) = r {
+            failures.push(e);
+        }
+    }
+    let (weights, io) = cnn::load();
+    for prefix in LAYERS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            for r in [
+                cnn::check_layer_as::<Cuda, f32, f32>(
+                    true,
+                    cuda.clone(),
+                    &weights,
+                    &io,
+                    prefix,
+                    format,
+                ),
+                cnn::check_layer_as::<Cuda, f16, f32>(
+                    true,
+                    cuda.clone(),
+                    &weights,
+                    &io,
+                    prefix,
+                    format,
+                ),
+            ] {
+                if let Err(e) = r {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// One frozen module shared by threads, each on its own stream: every result equal bit
+/// for bit to a serial run's.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn frozen_infer_from_many_threads() {
+    let Some(Gpu { stream, .. }) = gpu("frozen_infer_from_many_threads") else {
+        return;
+    };
+    let shape = Shape::nchw(2, 24, 7, 7).unwrap();
+    let c = 24;
+    let sd = cuda_batchnorm::StateDict {
+        weight: Some((0..c).map(|i| 0.5 + i as f32 * 0.1).collect()),
+        bias: Some((0..c).map(|i| i as f32 * -0.05).collect()),
+        running_mean: Some((0..c).map(|i| (i % 5) as f32 - 2.0).collect()),
+        running_var: Some((0..c).map(|i| 0.25 + (i % 3) as f32).collect()),
+        num_batches_tracked: None,
+    };
+    let bn = cuda_batchnorm::nn::FrozenBatchNorm2d::<f32>::from_state_dict(
+        Cuda::new(&stream),
+        c,
+        1e-5,
+        &sd,
+    )
+    .unwrap();
+    let host: Vec<f32> = (0..shape.numel())
+        .map(|i| (i % 13) as f32 * 0.4 - 2.0)
+        .collect();
+    let x = stream.clone_htod(&host).unwrap();
+    let expect = stream.clone_dtoh(&bn.forward(&x, &shape).unwrap()).unwrap();
+    let cpu = cuda_batchnorm::cpu::FrozenBatchNorm2d::<f32>::from_state_dict(
+        cuda_batchnorm::Cpu,
+        c,
+        1e-5,
+        &sd,
+    )
+    .unwrap();
+    let cpu_y = cpu.forward(&host, &shape).unwrap();
+    common::check_close(
+        "frozen y",
+        &expect,
+        &cuda_batchnorm::cpu::reference::to_f64(&cpu_y),
+    )
+    .unwrap();
+    let bn = Arc::new(bn);
+    let ctx = stream.context().clone();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (bn, ctx, host) = (bn.clone(), ctx.clone(), host.clone());
+            std::thread::spawn(move || {
+                let s = ctx.new_stream().unwrap();
+                let x = s.clone_htod(&host).unwrap();
+                let mut y = s.alloc_zeros::<f32>(host.len()).unwrap();
+                for _ in 0..10 {
+                    bn.infer(&s, &x, &shape, &mut y).unwrap();
+                }
+                s.clone_dtoh(&y).unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), expect);
+    }
+}

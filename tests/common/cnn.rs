@@ -5,7 +5,9 @@
 
 use cuda_batchnorm::cpu::reference::to_f64;
 use cuda_batchnorm::weights::Weights;
-use cuda_batchnorm::{Backend, BatchNorm, BatchNormOptions, Float, MemoryFormat, ParamFor, Shape};
+use cuda_batchnorm::{
+    Backend, BatchNorm, BatchNormOptions, Float, FrozenBatchNorm, MemoryFormat, ParamFor, Shape,
+};
 
 /// The fixture's path.
 pub fn fixture(name: &str) -> String {
@@ -57,6 +59,18 @@ pub fn check_layer<B: Backend, T: Float, P: ParamFor<T>>(
     prefix: &str,
     format: MemoryFormat,
 ) -> Result<(), String> {
+    check_layer_as::<B, T, P>(false, backend, weights, io, prefix, format)
+}
+
+/// As [`check_layer`], the layer loaded as a `FrozenBatchNorm{1,2}d` when `frozen`.
+pub fn check_layer_as<B: Backend, T: Float, P: ParamFor<T>>(
+    frozen: bool,
+    backend: B,
+    weights: &Weights,
+    io: &Weights,
+    prefix: &str,
+    format: MemoryFormat,
+) -> Result<(), String> {
     let e = |e: cuda_batchnorm::BnError| format!("{prefix}: {e}");
     let dims = io
         .shape(&format!("{prefix}.input"))
@@ -70,7 +84,18 @@ pub fn check_layer<B: Backend, T: Float, P: ParamFor<T>>(
     let shape = Shape::new(&dims, format).map_err(e)?;
     let xt: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
     let input = backend.upload(&xt).map_err(e)?;
-    let y = if dims.len() == 2 {
+    let eps = BatchNormOptions::default().eps;
+    let y = if frozen && dims.len() == 2 {
+        let m = FrozenBatchNorm::<1, B, T, P>::from_safetensors(backend, weights, prefix, eps)
+            .map_err(e)?;
+        let out = m.forward(B::tensor(&input), &shape).map_err(e)?;
+        m.backend().to_host(&out).map_err(e)?
+    } else if frozen {
+        let m = FrozenBatchNorm::<2, B, T, P>::from_safetensors(backend, weights, prefix, eps)
+            .map_err(e)?;
+        let out = m.forward(B::tensor(&input), &shape).map_err(e)?;
+        m.backend().to_host(&out).map_err(e)?
+    } else if dims.len() == 2 {
         let mut m =
             BatchNorm::<1, B, T, P>::new(backend, c, BatchNormOptions::default()).map_err(e)?;
         let keys = m.load_safetensors(weights, prefix, true).map_err(e)?;

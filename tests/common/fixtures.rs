@@ -2,7 +2,8 @@
 //! the parser, and a replay of each case's steps through a module on any backend.
 
 use cuda_batchnorm::{
-    Backend, BatchNorm, BatchNormOptions, DType, Float, MemoryFormat, ParamFor, Shape, StateDict,
+    Backend, BatchNorm, BatchNormOptions, DType, Float, FrozenBatchNorm, MemoryFormat, ParamFor,
+    Shape, StateDict,
 };
 
 use super::check_close;
@@ -150,6 +151,68 @@ pub fn parse(text: &str) -> Result<Vec<FixtureCase>, String> {
         return Err("the last case has no `end`".into());
     }
     Ok(cases)
+}
+
+/// The frozen BatchNorm cases (tests/fixtures/frozen.txt, torchvision's formula).
+pub fn frozen() -> Vec<FixtureCase> {
+    parse(include_str!("../fixtures/frozen.txt")).expect("fixtures parse")
+}
+
+/// Replays a frozen case through a `FrozenBatchNorm{module}d` built from its state dict
+/// on `backend`: y and dx against torchvision's.
+pub fn replay_frozen<B: Backend, T: Float, P: ParamFor<T>>(
+    backend: B,
+    case: &FixtureCase,
+) -> Result<(), String> {
+    match case.module {
+        1 => replay_frozen_d::<1, B, T, P>(backend, case),
+        2 => replay_frozen_d::<2, B, T, P>(backend, case),
+        3 => replay_frozen_d::<3, B, T, P>(backend, case),
+        m => Err(format!("module {m}")),
+    }
+}
+
+fn replay_frozen_d<const D: usize, B: Backend, T: Float, P: ParamFor<T>>(
+    backend: B,
+    case: &FixtureCase,
+) -> Result<(), String> {
+    assert_eq!(
+        (T::DTYPE, P::DTYPE),
+        (case.dtype, case.param),
+        "{}",
+        case.name
+    );
+    let ctx = |e: String| format!("{}: {e}", case.name);
+    let step = case.steps.first().ok_or(ctx("no step".into()))?;
+    let need = |name: &str| step.need(name).map_err(ctx);
+    let sd = StateDict {
+        weight: case.weight.as_deref().map(cast),
+        bias: case.bias.as_deref().map(cast),
+        running_mean: Some(cast(need("running_mean")?)),
+        running_var: Some(cast(need("running_var")?)),
+        num_batches_tracked: None,
+    };
+    let shape = Shape::new(&case.dims, case.format).map_err(|e| ctx(e.to_string()))?;
+    let bn = FrozenBatchNorm::<D, B, T, P>::from_state_dict(backend, case.dims[1], case.eps, &sd)
+        .map_err(|e| ctx(e.to_string()))?;
+    let x = bn
+        .backend()
+        .upload(&cast::<T>(need("x")?))
+        .map_err(|e| ctx(e.to_string()))?;
+    let dy = bn
+        .backend()
+        .upload(&cast::<T>(need("dy")?))
+        .map_err(|e| ctx(e.to_string()))?;
+    let y = bn
+        .forward(B::tensor(&x), &shape)
+        .map_err(|e| ctx(e.to_string()))?;
+    let dx = bn
+        .backward(B::tensor(&dy), &shape)
+        .map_err(|e| ctx(e.to_string()))?;
+    let host = |b: &B::Buffer<T>| bn.backend().to_host(b).map_err(|e| ctx(e.to_string()));
+    check_close("y", &host(&y)?, need("y")?).map_err(ctx)?;
+    check_close("dx", &host(&dx)?, need("dx")?).map_err(ctx)?;
+    Ok(())
 }
 
 /// Every fixture case in tests/fixtures/.
