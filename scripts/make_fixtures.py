@@ -28,6 +28,11 @@ Format (line based, whitespace separated; tests/common/fixtures.rs parses it):
       running_mean V...  running_var V...  num_batches_tracked K   (track; after the step)
     end
 
+tests/fixtures/fold.txt holds BatchNorm folded into the layer before it (tests/fold.rs
+parses it): per case kind conv|transposed|linear, dtype (the layer's), param (the
+BatchNorm's), groups, wshape, eps, weight, bias (or none), bn_weight, bn_bias,
+bn_running_mean, bn_running_var, then PyTorch's fused_weight and fused_bias.
+
 tests/fixtures/frozen.txt holds frozen BatchNorm cases in the same format: one eval
 step whose running_mean / running_var are the buffers (written first), then x, dy, y
 and dx.
@@ -36,6 +41,7 @@ Values are the shortest decimals that round back to the stored value in its dtyp
 (bf16 values are written through float32, exactly).
 """
 
+import copy
 import os
 import sys
 
@@ -173,6 +179,101 @@ def frozen_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, e
     f.write("end\n")
 
 
+def fold_reference(kind, conv, bn):
+    """The folded weight and bias of `conv` (a Conv*d, ConvTranspose*d or Linear) and the
+    eval BatchNorm after it: torch.nn.utils.fusion's functions where they apply; for a
+    grouped transposed convolution, which fuse_conv_bn_eval cannot take, the same
+    formula with the output channel of weight[i, j] being (i // (in / groups)) *
+    (out / groups) + j."""
+    from torch.nn.utils import fusion
+    if kind == "linear":
+        fused = fusion.fuse_linear_bn_eval(conv, bn)
+        return fused.weight, fused.bias
+    if kind == "conv" or conv.groups == 1:
+        fused = fusion.fuse_conv_bn_eval(conv, bn, transpose=(kind == "transposed"))
+        return fused.weight, fused.bias
+    w = conv.weight
+    factor = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    ipg, opg = w.shape[0] // conv.groups, w.shape[1]
+    rows = [factor[(i // ipg) * opg:(i // ipg + 1) * opg] for i in range(w.shape[0])]
+    scale = torch.stack(rows).reshape([w.shape[0], opg] + [1] * (w.dim() - 2))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return (w * scale).to(w.dtype), ((bias - bn.running_mean) * factor + bn.bias).to(w.dtype)
+
+
+def fold_case(f, name, kind, layer, bn, x, dtype="f32", param=None):
+    """Writes one folding case, after checking in PyTorch that the folded layer computes
+    what the layer followed by the BatchNorm computes on `x`."""
+    param = param or dtype
+    gen = torch.Generator().manual_seed(len(name))
+    c = bn.num_features
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.5)
+        bn.bias.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        bn.running_mean.copy_(torch.randn(c, generator=gen, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(c, generator=gen, dtype=torch.float64) + 0.25)
+    layer.eval()
+    bn.eval()
+    with torch.no_grad():
+        w, b = fold_reference(kind, layer, bn)
+        # the folded layer's output against layer-then-BN, evaluated in f64
+        ref_layer = copy.deepcopy(layer).double()
+        want = bn.double()(ref_layer(x.double()))
+        ref_layer.weight.copy_(w.double())
+        if ref_layer.bias is None:
+            ref_layer.bias = nn.Parameter(b.double())
+        else:
+            ref_layer.bias.copy_(b.double())
+        got = ref_layer(x.double())
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-5, (name, err)  # the fold was computed in f32
+        layer.to(DTYPES[dtype])
+        bn.to(DTYPES[param])
+        w, b = fold_reference(kind, layer, bn)
+    groups = getattr(layer, "groups", 1)
+    f.write(f"case {name}\nkind {kind}\ndtype {dtype}\nparam {param}\ngroups {groups}\n")
+    f.write(f"wshape {' '.join(map(str, layer.weight.shape))}\neps {bn.eps!r}\n")
+    f.write(f"weight {fmt(layer.weight)}\n")
+    f.write(f"bias {fmt(layer.bias) if layer.bias is not None else 'none'}\n")
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        f.write(f"bn_{key} {fmt(getattr(bn, key))}\n")
+    f.write(f"fused_weight {fmt(w)}\nfused_bias {fmt(b)}\nend\n")
+
+
+def write_fold():
+    """fold.txt: BatchNorm folded into the layer before it, on real layer shapes."""
+    torch.manual_seed(3)
+    gen = torch.Generator().manual_seed(4)
+    x2 = lambda c, hw: torch.randn(2, c, hw, hw, generator=gen)
+    with open(os.path.join(OUT, "fold.txt"), "w") as f:
+        f.write(HEADER)
+        # ResNet-50's stem: 7x7 stride 2, no bias
+        fold_case(f, "resnet50_conv1", "conv", nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                  x2(3, 16))
+        fold_case(f, "depthwise3x3", "conv", nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False),
+                  nn.BatchNorm2d(32), x2(32, 6))
+        fold_case(f, "grouped_with_bias", "conv", nn.Conv2d(16, 12, 3, 1, 1, groups=4), nn.BatchNorm2d(12),
+                  x2(16, 5))
+        fold_case(f, "conv1d", "conv", nn.Conv1d(4, 8, 3), nn.BatchNorm1d(8), torch.randn(2, 4, 9, generator=gen))
+        fold_case(f, "conv3d", "conv", nn.Conv3d(3, 6, 2, bias=False), nn.BatchNorm3d(6),
+                  torch.randn(2, 3, 4, 4, 4, generator=gen))
+        fold_case(f, "transposed", "transposed", nn.ConvTranspose2d(16, 8, 4, 2, 1, bias=False),
+                  nn.BatchNorm2d(8), x2(16, 4))
+        fold_case(f, "transposed_grouped", "transposed", nn.ConvTranspose2d(8, 6, 3, groups=2),
+                  nn.BatchNorm2d(6), x2(8, 4))
+        fold_case(f, "linear_head", "linear", nn.Linear(64, 10), nn.BatchNorm1d(10),
+                  torch.randn(4, 64, generator=gen))
+        fold_case(f, "depthwise3x3_f16", "conv", nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False),
+                  nn.BatchNorm2d(16), x2(16, 6), dtype="f16")
+        fold_case(f, "conv_bf16", "conv", nn.Conv2d(8, 16, 3, 1, 1), nn.BatchNorm2d(16), x2(8, 5), dtype="bf16")
+        fold_case(f, "conv_f16_bn_f32", "conv", nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), x2(8, 5),
+                  dtype="f16", param="f32")
+        fold_case(f, "transposed_f64", "transposed", nn.ConvTranspose2d(6, 4, 3, 1, 1), nn.BatchNorm2d(4),
+                  x2(6, 4), dtype="f64")
+        fold_case(f, "linear_f16", "linear", nn.Linear(32, 8, bias=False), nn.BatchNorm1d(8),
+                  torch.randn(4, 32, generator=gen), dtype="f16")
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock, small: conv-BN-ReLU, conv-BN, + shortcut, ReLU."""
 
@@ -250,9 +351,12 @@ def write_cnn():
     save_file(records, os.path.join(OUT, "cnn_layers.safetensors"))
 
 
+HEADER = f"# Generated by scripts/make_fixtures.py with torch {torch.__version__}; do not edit.\n"
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
-    header = f"# Generated by scripts/make_fixtures.py with torch {torch.__version__}; do not edit.\n"
+    header = HEADER
     # Modules, modes and options, f32 (the foundation's fixtures).
     with open(os.path.join(OUT, "modules_f32.txt"), "w") as f:
         f.write(header)
@@ -293,6 +397,8 @@ def main():
         frozen_case(f, "frozen1d", 1, [6, 4], seed=60)
         frozen_case(f, "frozen1d_ncl", 1, [3, 4, 5], eps=1e-3, seed=61)
         frozen_case(f, "frozen3d_ndhwc", 3, [2, 3, 2, 3, 2], layout="nhwc", seed=62)
+    # BatchNorm folded into the layer before it (the inference issue's fixtures).
+    write_fold()
     # PyTorch weights in .safetensors (the ecosystem issue's fixtures).
     write_cnn()
     print(f"wrote fixtures to {os.path.normpath(OUT)}", file=sys.stderr)

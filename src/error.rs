@@ -31,17 +31,25 @@ pub enum BnError {
         size: Vec<usize>,
     },
 
-    /// A frozen BatchNorm given an input of another channel count (torchvision's
-    /// `x * scale` broadcast error).
+    /// Sizes that do not broadcast, in PyTorch's sentence: a frozen BatchNorm given an
+    /// input of another channel count (torchvision's `x * scale`, dimension 1), a layer
+    /// folded with a BatchNorm of another channel count.
     #[error(
-        "The size of tensor a ({input}) must match the size of tensor b ({features}) at non-singleton dimension 1"
+        "The size of tensor a ({a}) must match the size of tensor b ({b}) at non-singleton dimension {dim}"
     )]
-    FrozenChannels {
-        /// The input's channel count.
-        input: usize,
-        /// The module's.
-        features: usize,
+    SizeMismatch {
+        /// The first operand's size there.
+        a: usize,
+        /// The second's.
+        b: usize,
+        /// The dimension.
+        dim: usize,
     },
+
+    /// A layer to fold a BatchNorm into whose weight does not make sense (its size, rank
+    /// or groups).
+    #[error("{0}")]
+    InvalidLayer(String),
 
     /// A parameter or running buffer whose length is not the input's channel count.
     #[error("{name} should contain {expected} elements not {got}")]

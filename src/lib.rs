@@ -70,6 +70,7 @@ pub mod backend;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod fold;
 pub mod frozen;
 pub mod functional;
 #[cfg(feature = "candle")]

@@ -256,9 +256,10 @@ pub fn backward(s: &BackwardSpec) -> Result<bool> {
 pub fn frozen(shape: &Shape, input: usize, output: usize, scale_shift: usize) -> Result<bool> {
     let features = scale_shift / 2;
     if shape.c() != features || !scale_shift.is_multiple_of(2) {
-        return Err(BnError::FrozenChannels {
-            input: shape.c(),
-            features,
+        return Err(BnError::SizeMismatch {
+            a: shape.c(),
+            b: features,
+            dim: 1,
         });
     }
     buffer("input", shape.numel(), input, shape)?;

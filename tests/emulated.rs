@@ -1594,3 +1594,20 @@ fn check_frozen<T: Float>(
     }
     Ok(2)
 }
+
+/// PyTorch's folded weights and biases (tests/fixtures/fold.txt) with the folding done
+/// by the emulated frozen kernels.
+#[test]
+fn folding_on_emulated_kernels() {
+    let mut failures = Vec::new();
+    for case in fixtures::fold_cases() {
+        let emu = Emu::new(SMALL, SPLIT);
+        let r = with_types!((case.dtype, case.param), |T, P| {
+            fixtures::replay_fold::<Emu, T, P>(emu, &case)
+        });
+        if let Err(e) = r {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -1032,6 +1032,28 @@ fn frozen_on_the_gpu() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
+/// PyTorch's folded weights and biases with the folding done on the GPU.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn folding_on_the_gpu() {
+    let Some(Gpu { stream, .. }) = gpu("folding_on_the_gpu") else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for case in fixtures::fold_cases() {
+        let r = with_types!((case.dtype, case.param), |T, P| {
+            fixtures::replay_fold::<Cuda, T, P>(Cuda::new(&stream), &case)
+        });
+        if let Err(e) = r {
+            failures.push(e);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
 /// One frozen module shared by threads, each on its own stream: every result equal bit
 /// for bit to a serial run's.
 #[test]

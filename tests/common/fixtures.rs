@@ -339,3 +339,138 @@ fn replay_d<const D: usize, B: Backend, T: Float, P: ParamFor<T>>(
     }
     Ok(())
 }
+
+/// One case of tests/fixtures/fold.txt: a layer, the BatchNorm after it, and PyTorch's
+/// folded weight and bias.
+#[derive(Clone, Debug)]
+pub struct FoldCase {
+    pub name: String,
+    pub kind: cuda_batchnorm::fold::LayerKind,
+    pub dtype: DType,
+    pub param: DType,
+    pub shape: Vec<usize>,
+    pub eps: f64,
+    pub tensors: Vec<(String, Vec<f64>)>,
+    pub has_bias: bool,
+}
+
+impl FoldCase {
+    pub fn get(&self, name: &str) -> Result<&[f64], String> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+            .ok_or(format!("{}: no {name}", self.name))
+    }
+}
+
+/// The folding cases.
+pub fn fold_cases() -> Vec<FoldCase> {
+    use cuda_batchnorm::fold::LayerKind;
+    let text = include_str!("../fixtures/fold.txt");
+    let mut out = Vec::new();
+    let mut cur: Option<FoldCase> = None;
+    let (mut kind, mut groups) = (String::new(), 1usize);
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (key, rest) = (words[0], &words[1..]);
+        if key == "case" {
+            cur = Some(FoldCase {
+                name: rest[0].to_string(),
+                kind: LayerKind::Linear,
+                dtype: DType::F32,
+                param: DType::F32,
+                shape: Vec::new(),
+                eps: 1e-5,
+                tensors: Vec::new(),
+                has_bias: false,
+            });
+            continue;
+        }
+        let c = cur.as_mut().expect("a key outside a case");
+        match key {
+            "kind" => kind = rest[0].to_string(),
+            "groups" => groups = rest[0].parse().unwrap(),
+            "dtype" => c.dtype = DType::parse(rest[0]).unwrap(),
+            "param" => c.param = DType::parse(rest[0]).unwrap(),
+            "wshape" => c.shape = rest.iter().map(|w| w.parse().unwrap()).collect(),
+            "eps" => c.eps = rest[0].parse().unwrap(),
+            "bias" if rest == ["none"] => {}
+            "end" => {
+                let mut c = cur.take().unwrap();
+                c.kind = match kind.as_str() {
+                    "conv" => LayerKind::Conv { groups },
+                    "transposed" => LayerKind::Transposed { groups },
+                    _ => LayerKind::Linear,
+                };
+                c.has_bias = c.tensors.iter().any(|(n, _)| n == "bias");
+                out.push(c);
+            }
+            name => {
+                let v = floats(rest).expect("fold fixture numbers");
+                c.tensors.push((name.to_string(), v));
+            }
+        }
+    }
+    out
+}
+
+/// Folds `case`'s BatchNorm into its layer on `backend` and compares the weight and bias
+/// with PyTorch's. `T` is the layer's type, `P` the BatchNorm's.
+pub fn replay_fold<B: Backend, T: Float, P: ParamFor<T>>(
+    backend: B,
+    case: &FoldCase,
+) -> Result<(), String> {
+    use cuda_batchnorm::fold::Layer;
+    assert_eq!(
+        (T::DTYPE, P::DTYPE),
+        (case.dtype, case.param),
+        "{}",
+        case.name
+    );
+    let ctx = |e: cuda_batchnorm::BnError| format!("{}: {e}", case.name);
+    let sd = StateDict {
+        weight: Some(cast(case.get("bn_weight")?)),
+        bias: Some(cast(case.get("bn_bias")?)),
+        running_mean: Some(cast(case.get("bn_running_mean")?)),
+        running_var: Some(cast(case.get("bn_running_var")?)),
+        num_batches_tracked: None,
+    };
+    let c = case.get("bn_running_mean")?.len();
+    let bn =
+        FrozenBatchNorm::<2, B, T, P>::from_state_dict(backend, c, case.eps, &sd).map_err(ctx)?;
+    let weight = bn
+        .backend()
+        .upload(&cast::<T>(case.get("weight")?))
+        .map_err(ctx)?;
+    let bias = if case.has_bias {
+        Some(
+            bn.backend()
+                .upload(&cast::<T>(case.get("bias")?))
+                .map_err(ctx)?,
+        )
+    } else {
+        None
+    };
+    let folded = bn
+        .fold(Layer {
+            kind: case.kind,
+            weight: B::tensor(&weight),
+            shape: &case.shape,
+            bias: bias.as_ref().map(B::tensor),
+        })
+        .map_err(ctx)?;
+    let host = |b: &B::Buffer<T>| bn.backend().to_host(b).map_err(ctx);
+    let named = |e: String| format!("{}: {e}", case.name);
+    check_close(
+        "fused weight",
+        &host(&folded.weight)?,
+        case.get("fused_weight")?,
+    )
+    .map_err(named)?;
+    check_close("fused bias", &host(&folded.bias)?, case.get("fused_bias")?).map_err(named)?;
+    Ok(())
+}
