@@ -25,6 +25,9 @@
 //! * [`nn`]: `BatchNorm1d`, `BatchNorm2d`, `BatchNorm3d` modules with parameters,
 //!   running statistics, train/eval, forward, backward and state dicts; [`cpu`] has the
 //!   same modules on host memory.
+//! * [`frozen`]: `FrozenBatchNorm1d`/`2d`/`3d` (torchvision's `FrozenBatchNorm2d`:
+//!   fixed statistics, one multiply-add per element); [`fold`]: a BatchNorm folded into
+//!   the convolution or linear layer before it.
 //! * [`functional`]: `batch_norm` (all modes), `batch_norm_eval` (shared references, for
 //!   inference) and `batch_norm_backward` on cudarc buffers, validated exactly as PyTorch
 //!   validates.
