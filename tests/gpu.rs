@@ -581,24 +581,37 @@ fn infer_from_many_threads() {
     )
     .unwrap();
     let bn = Arc::new(bn);
+    for y in on_threads(&stream, &host, move |s, x, y| {
+        bn.infer(s, x, &shape, y).unwrap()
+    }) {
+        assert_eq!(y, expect);
+    }
+}
+
+/// Four threads, each with its own stream of `stream`'s context, upload `host` and run
+/// `infer` on it ten times; their outputs.
+fn on_threads(
+    stream: &Arc<CudaStream>,
+    host: &[f32],
+    infer: impl Fn(&Arc<CudaStream>, &CudaSlice<f32>, &mut CudaSlice<f32>) + Send + Sync + 'static,
+) -> Vec<Vec<f32>> {
+    let infer = Arc::new(infer);
     let ctx = stream.context().clone();
     let handles: Vec<_> = (0..4)
         .map(|_| {
-            let (bn, ctx, host) = (bn.clone(), ctx.clone(), host.clone());
+            let (infer, ctx, host) = (infer.clone(), ctx.clone(), host.to_vec());
             std::thread::spawn(move || {
                 let s = ctx.new_stream().unwrap();
                 let x = s.clone_htod(&host).unwrap();
                 let mut y = s.alloc_zeros::<f32>(host.len()).unwrap();
                 for _ in 0..10 {
-                    bn.infer(&s, &x, &shape, &mut y).unwrap();
+                    infer(&s, &x, &mut y);
                 }
                 s.clone_dtoh(&y).unwrap()
             })
         })
         .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), expect);
-    }
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
 /// A sized workspace serves every later call on its shape without growing.
@@ -1101,22 +1114,9 @@ fn frozen_infer_from_many_threads() {
     )
     .unwrap();
     let bn = Arc::new(bn);
-    let ctx = stream.context().clone();
-    let handles: Vec<_> = (0..4)
-        .map(|_| {
-            let (bn, ctx, host) = (bn.clone(), ctx.clone(), host.clone());
-            std::thread::spawn(move || {
-                let s = ctx.new_stream().unwrap();
-                let x = s.clone_htod(&host).unwrap();
-                let mut y = s.alloc_zeros::<f32>(host.len()).unwrap();
-                for _ in 0..10 {
-                    bn.infer(&s, &x, &shape, &mut y).unwrap();
-                }
-                s.clone_dtoh(&y).unwrap()
-            })
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), expect);
+    for y in on_threads(&stream, &host, move |s, x, y| {
+        bn.infer(s, x, &shape, y).unwrap()
+    }) {
+        assert_eq!(y, expect);
     }
 }
