@@ -588,6 +588,141 @@ fn infer_from_many_threads() {
     }
 }
 
+/// The eval hot path, as a server captures it into a CUDA graph: a module's `infer`, a
+/// frozen module's and the functional eval, captured on a stream of their own and
+/// replayed with new input. The capture runs nothing (the outputs keep their
+/// sentinels), every replay equals the uncaptured calls on its input bitwise, and a host
+/// synchronisation inside a capture fails it, as a driver does.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn eval_captured_in_a_graph_and_replayed() {
+    use cuda_batchnorm::cudarc::driver::sys::{
+        CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus,
+    };
+    let Some(Gpu { stream, .. }) = gpu("eval_captured_in_a_graph_and_replayed") else {
+        return;
+    };
+    let ctx = stream.context().clone();
+    // SAFETY: the context is this test's own (gpu() opens one per test). Every buffer
+    // below is used on `s` alone and read back in its order, so no event has to order
+    // it; with tracking on, each launch would make the capturing stream wait on events
+    // recorded before the capture, which a capture cannot take.
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let shape = Shape::nchw(2, 24, 7, 7).unwrap();
+    let (c, n) = (24, shape.numel());
+    let sd = cuda_batchnorm::StateDict {
+        weight: Some((0..c).map(|i| 0.5 + i as f32 * 0.1).collect()),
+        bias: Some((0..c).map(|i| i as f32 * -0.05).collect()),
+        running_mean: Some((0..c).map(|i| (i % 5) as f32 - 2.0).collect()),
+        running_var: Some((0..c).map(|i| 0.25 + (i % 3) as f32).collect()),
+        num_batches_tracked: None,
+    };
+    let mut bn = BatchNorm2d::<f32>::new(Cuda::new(&s), c, BatchNormOptions::default()).unwrap();
+    bn.load_state_dict(&sd).unwrap();
+    bn.eval();
+    let frozen =
+        cuda_batchnorm::nn::FrozenBatchNorm2d::<f32>::from_state_dict(Cuda::new(&s), c, 1e-5, &sd)
+            .unwrap();
+    let upload = |v: &Option<Vec<f32>>| s.clone_htod(v.as_ref().unwrap()).unwrap();
+    let (rm, rv, w, b) = (
+        upload(&sd.running_mean),
+        upload(&sd.running_var),
+        upload(&sd.weight),
+        upload(&sd.bias),
+    );
+    let run = |x: &CudaSlice<f32>, ys: &mut [CudaSlice<f32>]| {
+        let [y0, y1, y2] = ys else {
+            unreachable!("three outputs")
+        };
+        bn.infer(&s, x, &shape, y0)?;
+        frozen.infer(&s, x, &shape, y1)?;
+        let args = Eval {
+            input: x,
+            shape,
+            running_mean: &rm,
+            running_var: &rv,
+            weight: Some(&w),
+            bias: Some(&b),
+            eps: 1e-5,
+        };
+        batch_norm_eval(&s, args, y2)
+    };
+    let inputs: Vec<Vec<f32>> = (0..3)
+        .map(|k| {
+            (0..n)
+                .map(|i| ((i * (k + 2)) % 19) as f32 * 0.3 - 2.5)
+                .collect()
+        })
+        .collect();
+    let mut x = s.clone_htod(&inputs[0]).unwrap();
+    let mut ys: Vec<CudaSlice<f32>> = (0..3).map(|_| s.alloc_zeros(n).unwrap()).collect();
+    // Uncaptured, for each input (this also loads the kernels before any capture).
+    let expect: Vec<Vec<Vec<f32>>> = inputs
+        .iter()
+        .map(|input| {
+            s.memcpy_htod(input, &mut x).unwrap();
+            run(&x, &mut ys).unwrap();
+            ys.iter().map(|y| s.clone_dtoh(y).unwrap()).collect()
+        })
+        .collect();
+    assert_ne!(
+        expect[0][0], expect[1][0],
+        "the inputs must give different outputs"
+    );
+    let sentinel = vec![-7.0f32; n];
+    for y in &mut ys {
+        s.memcpy_htod(&sentinel, y).unwrap();
+    }
+    s.memcpy_htod(&inputs[0], &mut x).unwrap();
+    s.synchronize().unwrap();
+
+    let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    s.begin_capture(mode).unwrap();
+    assert_eq!(
+        s.capture_status().unwrap(),
+        CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE
+    );
+    run(&x, &mut ys).unwrap();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the capture's graph");
+    for y in &ys {
+        assert_eq!(
+            s.clone_dtoh(y).unwrap(),
+            sentinel,
+            "the capture ran a kernel"
+        );
+    }
+    for k in [1, 0, 2, 2] {
+        s.memcpy_htod(&inputs[k], &mut x).unwrap();
+        graph.launch().unwrap();
+        for (j, y) in ys.iter().enumerate() {
+            assert_eq!(
+                s.clone_dtoh(y).unwrap(),
+                expect[k][j],
+                "replay with input {k}, output {j}"
+            );
+        }
+    }
+    drop(graph);
+
+    s.begin_capture(mode).unwrap();
+    run(&x, &mut ys).unwrap();
+    assert!(
+        s.synchronize().is_err(),
+        "a stream synchronised while capturing"
+    );
+    assert!(
+        s.end_capture(CUgraphInstantiate_flags(0)).is_err(),
+        "a capture with a host synchronisation in it was instantiated"
+    );
+}
+
 /// Four threads, each with its own stream of `stream`'s context, upload `host` and run
 /// `infer` on it ten times; their outputs.
 fn on_threads(

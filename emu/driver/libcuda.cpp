@@ -34,7 +34,23 @@
 //     can play a device whose kernels fit fewer; cuLaunchCooperativeKernel refuses a
 //     grid above that many blocks per multiprocessor with
 //     CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, as the driver does;
-//   * one lock serialises every call, so launches from several threads take turns.
+//   * one lock serialises every call, so launches from several threads take turns;
+//   * stream capture (CUDA graphs), for one stream at a time: while a created stream
+//     captures, its kernel launches, device-to-device copies and memsets are checked
+//     and recorded instead of run; cuStreamEndCapture returns them as a graph, which
+//     cuGraphInstantiateWithFlags turns into an executable graph and cuGraphLaunch
+//     replays in order (each launch against the allocations live at replay). What a
+//     hot path must not do while it is captured fails as on a real driver and
+//     invalidates the capture (cuStreamEndCapture then fails with
+//     CUDA_ERROR_STREAM_CAPTURE_INVALIDATED): synchronising or querying the capturing
+//     stream, a synchronous copy, memset, cuMemAlloc, cuMemFree or cuCtxSynchronize
+//     from a thread the capture's mode forbids them (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED),
+//     querying or synchronising an event recorded during the capture
+//     (CUDA_ERROR_CAPTURED_EVENT). Not emulated, and refused the same way: a host copy
+//     on the capturing stream (there is no pinned memory here), stream-ordered
+//     allocation on it (graph memory nodes), waiting from it on an event recorded
+//     outside the capture without CU_EVENT_WAIT_EXTERNAL, and a second stream joining
+//     the capture through an event (CUDA_ERROR_NOT_SUPPORTED).
 
 #include <chrono>
 #include <cstdint>
@@ -44,7 +60,9 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ffi.h"
@@ -65,13 +83,22 @@ enum : int {
     kInvalidPtx = 218,
     kUnsupportedPtxVersion = 222,
     kInvalidHandle = 400,
+    kIllegalState = 401,
     kNotFound = 500,
     kIllegalAddress = 700,
     kLaunchOutOfResources = 701,
     kLaunchFailed = 719,
     kCooperativeLaunchTooLarge = 720,
     kNotSupported = 801,
+    kCaptureUnsupported = 900,
+    kCaptureInvalidated = 901,
+    kCaptureWrongThread = 908,
+    kCapturedEvent = 907,
 };
+
+// CUstreamCaptureMode and CUstreamCaptureStatus values.
+enum : int { kCaptureGlobal = 0, kCaptureThreadLocal = 1, kCaptureRelaxed = 2 };
+enum : int { kStatusNone = 0, kStatusActive = 1, kStatusInvalidated = 2 };
 
 constexpr int kDriverVersion = 13000;  // CUDA 13.0, unless BN_EMU_DRIVER_VERSION says otherwise
 constexpr int kSmCount = 8;
@@ -84,11 +111,45 @@ struct Function {
     std::string name;
 };
 
-struct Stream {};
+// One operation of a graph, with its arguments as they were at capture.
+struct Node {
+    enum Kind { kLaunch, kCopy, kMemset } kind = kLaunch;
+    Function* function = nullptr;
+    uint32_t grid[3] = {1, 1, 1};
+    uint32_t block[3] = {1, 1, 1};
+    uint32_t shared = 0;
+    bool cooperative = false;
+    BnParams params{};
+    uint64_t dst = 0, src = 0;
+    size_t bytes = 0;
+    uint8_t value = 0;
+};
+
+struct Graph {
+    std::vector<Node> nodes;
+};
+
+struct GraphExec {
+    std::vector<Node> nodes;
+};
+
+// A stream's capture in progress.
+struct Capture {
+    uint64_t id;
+    int mode;
+    std::thread::id thread;
+    bool invalidated = false;
+    std::vector<Node> nodes;
+};
+
+struct Stream {
+    std::unique_ptr<Capture> capture;
+};
 
 struct Event {
     std::chrono::steady_clock::time_point at;
     bool recorded = false;
+    uint64_t captured_in = 0;  // the capture that recorded it last, or 0
 };
 
 struct State {
@@ -101,6 +162,9 @@ struct State {
     std::set<Module*> modules;
     std::set<Function*> functions;
     std::set<Event*> events;
+    std::set<Graph*> graphs;
+    std::set<GraphExec*> execs;
+    uint64_t captures_begun = 0;
 };
 
 State& state() {
@@ -137,6 +201,39 @@ std::pair<uint64_t, uint64_t> allocation_of(const State& s, uint64_t addr) {
 bool stream_ok(const State& s, void* stream) {
     const uintptr_t h = reinterpret_cast<uintptr_t>(stream);
     return h <= 2 || s.streams.count(static_cast<Stream*>(stream)) != 0;
+}
+
+// The capture `stream` is in, or nullptr (the null and legacy streams never capture).
+Capture* capture_of(const State& s, void* stream) {
+    if (reinterpret_cast<uintptr_t>(stream) <= 2) return nullptr;
+    Stream* st = static_cast<Stream*>(stream);
+    return s.streams.count(st) != 0 ? st->capture.get() : nullptr;
+}
+
+// Whether a capture forbids this thread the calls that could synchronise with it
+// (CUDA's "potentially unsafe API calls"): its own thread's unless it is relaxed, and
+// every thread's when it is global.
+bool capture_forbids(const Capture& c) {
+    return c.mode == kCaptureGlobal || (c.mode == kCaptureThreadLocal && c.thread == std::this_thread::get_id());
+}
+
+// For such a call: kSuccess when no capture forbids it; otherwise every capture that
+// does is invalidated and the call fails.
+int unsafe_call(State& s) {
+    int rc = kSuccess;
+    for (Stream* st : s.streams) {
+        if (st->capture != nullptr && capture_forbids(*st->capture)) {
+            st->capture->invalidated = true;
+            rc = kCaptureUnsupported;
+        }
+    }
+    return rc;
+}
+
+// An operation the capture cannot take: it invalidates the capture.
+int refuse(Capture* c, int rc) {
+    c->invalidated = true;
+    return rc;
 }
 
 int attribute(int attr, int* out) {
@@ -234,6 +331,17 @@ int do_copy(State& s, const char* what, uint64_t dst, bool dst_device, uint64_t 
         complain(what, src, bytes);
         return kInvalidValue;
     }
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        if (!dst_device || !src_device) return refuse(c, kCaptureUnsupported);
+        Node n;
+        n.kind = Node::kCopy;
+        n.dst = dst;
+        n.src = src;
+        n.bytes = bytes;
+        c->nodes.push_back(n);
+        return kSuccess;
+    }
     std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
     return kSuccess;
 }
@@ -246,6 +354,16 @@ int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream)
     if (!inside(s, dst, bytes)) {
         complain("cuMemsetD8", dst, bytes);
         return kInvalidValue;
+    }
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        Node n;
+        n.kind = Node::kMemset;
+        n.dst = dst;
+        n.value = value;
+        n.bytes = bytes;
+        c->nodes.push_back(n);
+        return kSuccess;
     }
     std::memset(reinterpret_cast<void*>(dst), value, bytes);
     return kSuccess;
@@ -307,6 +425,9 @@ int occupancy(unsigned threads, size_t shared) {
     return n;
 }
 
+int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared,
+               bool cooperative, const BnParams& p);
+
 int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared, void* stream,
               void** params, void** extra, bool cooperative) {
     int rc = check_ready(s);
@@ -321,7 +442,28 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
     }
     BnParams p;
     std::memcpy(&p, params[0], sizeof p);
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        Node n;
+        n.kind = Node::kLaunch;
+        n.function = f;
+        for (int i = 0; i < 3; ++i) {
+            n.grid[i] = grid[i];
+            n.block[i] = block[i];
+        }
+        n.shared = shared;
+        n.cooperative = cooperative;
+        n.params = p;
+        c->nodes.push_back(n);
+        return kSuccess;
+    }
+    return run_launch(s, f, grid, block, shared, cooperative, p);
+}
 
+// Runs one launch on the emulator, with the allocations that its parameters point into
+// as its regions.
+int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared,
+               bool cooperative, const BnParams& p) {
     struct Field {
         uint64_t addr;
         const char* name;
@@ -399,6 +541,34 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
     return kSuccess;
 }
 
+// Runs a graph's nodes in order, each against the allocations live now.
+int replay(State& s, const std::vector<Node>& nodes) {
+    for (const Node& n : nodes) {
+        switch (n.kind) {
+            case Node::kLaunch: {
+                const int rc = run_launch(s, n.function, n.grid, n.block, n.shared, n.cooperative, n.params);
+                if (rc != kSuccess) return rc;
+                break;
+            }
+            case Node::kCopy:
+                if (!inside(s, n.dst, n.bytes) || !inside(s, n.src, n.bytes)) {
+                    complain("a graph's copy", inside(s, n.dst, n.bytes) ? n.src : n.dst, n.bytes);
+                    return kInvalidValue;
+                }
+                std::memmove(reinterpret_cast<void*>(n.dst), reinterpret_cast<const void*>(n.src), n.bytes);
+                break;
+            case Node::kMemset:
+                if (!inside(s, n.dst, n.bytes)) {
+                    complain("a graph's memset", n.dst, n.bytes);
+                    return kInvalidValue;
+                }
+                std::memset(reinterpret_cast<void*>(n.dst), n.value, n.bytes);
+                break;
+        }
+    }
+    return kSuccess;
+}
+
 bool registered(const std::string& name) {
     const size_t n = bn_emu_kernel_count();
     for (size_t i = 0; i < n; ++i) {
@@ -427,6 +597,11 @@ const char* error_name(int e) {
         case kLaunchFailed: return "CUDA_ERROR_LAUNCH_FAILED";
         case kLaunchOutOfResources: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
         case kNotSupported: return "CUDA_ERROR_NOT_SUPPORTED";
+        case kIllegalState: return "CUDA_ERROR_ILLEGAL_STATE";
+        case kCaptureUnsupported: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case kCaptureInvalidated: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case kCapturedEvent: return "CUDA_ERROR_CAPTURED_EVENT";
+        case kCaptureWrongThread: return "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD";
         default: return nullptr;
     }
 }
@@ -449,6 +624,11 @@ const char* error_string(int e) {
         case kLaunchFailed: return "unspecified launch failure";
         case kLaunchOutOfResources: return "too many resources requested for launch (injected)";
         case kNotSupported: return "operation not supported";
+        case kIllegalState: return "the operation cannot be performed in the present state";
+        case kCaptureUnsupported: return "operation not permitted when stream is capturing";
+        case kCaptureInvalidated: return "operation failed due to a previous error during capture";
+        case kCapturedEvent: return "operation not permitted on an event last recorded in a capturing stream";
+        case kCaptureWrongThread: return "attempt to terminate a thread-local capture sequence from another thread";
         default: return nullptr;
     }
 }
@@ -596,7 +776,8 @@ BN_API int cuCtxGetDevice(int* dev) {
 
 BN_API int cuCtxSynchronize(void) {
     LOCKED;
-    return check_ready(s);
+    const int rc = check_ready(s);
+    return rc != kSuccess ? rc : unsafe_call(s);
 }
 
 BN_API int cuCtxPushCurrent_v2(void* ctx) { return cuCtxSetCurrent(ctx); }
@@ -624,7 +805,8 @@ BN_API int cuGetErrorString(int e, const char** out) {
 BN_API int cuMemAlloc_v2(uint64_t* dptr, size_t bytes) {
     if (injected(kInjectAlloc)) return kOutOfMemory;
     LOCKED;
-    const int rc = check_ready(s);
+    int rc = check_ready(s);
+    if (rc == kSuccess) rc = unsafe_call(s);
     return rc != kSuccess ? rc : do_alloc(s, dptr, bytes);
 }
 
@@ -634,17 +816,20 @@ BN_API int cuMemAllocAsync(uint64_t* dptr, size_t bytes, void* stream) {
     const int rc = check_ready(s);
     if (rc != kSuccess) return rc;
     if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (Capture* c = capture_of(s, stream)) return refuse(c, kNotSupported);
     return do_alloc(s, dptr, bytes);
 }
 
 BN_API int cuMemFree_v2(uint64_t dptr) {
     LOCKED;
-    return do_free(s, dptr);
+    const int rc = unsafe_call(s);
+    return rc != kSuccess ? rc : do_free(s, dptr);
 }
 
 BN_API int cuMemFreeAsync(uint64_t dptr, void* stream) {
     LOCKED;
     if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (Capture* c = capture_of(s, stream)) return refuse(c, kNotSupported);
     return do_free(s, dptr);
 }
 
@@ -672,14 +857,25 @@ BN_API int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* 
     return do_copy(s, "cuMemcpyDtoD", dst, true, src, true, bytes, stream);
 }
 
-BN_API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
-    return cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr);
+// The synchronous calls wait for the device: a capture may forbid them.
+static int sync_call() {
+    LOCKED;
+    return unsafe_call(s);
 }
 
-BN_API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr); }
+BN_API int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
+    const int rc = sync_call();
+    return rc != kSuccess ? rc : cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr);
+}
+
+BN_API int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
+    const int rc = sync_call();
+    return rc != kSuccess ? rc : cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr);
+}
 
 BN_API int cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes) {
-    return cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
+    const int rc = sync_call();
+    return rc != kSuccess ? rc : cuMemcpyDtoDAsync_v2(dst, src, bytes, nullptr);
 }
 
 BN_API int cuMemsetD8Async(uint64_t dst, unsigned char value, size_t bytes, void* stream) {
@@ -688,7 +884,8 @@ BN_API int cuMemsetD8Async(uint64_t dst, unsigned char value, size_t bytes, void
 }
 
 BN_API int cuMemsetD8_v2(uint64_t dst, unsigned char value, size_t bytes) {
-    return cuMemsetD8Async(dst, value, bytes, nullptr);
+    const int rc = sync_call();
+    return rc != kSuccess ? rc : cuMemsetD8Async(dst, value, bytes, nullptr);
 }
 
 // ---- streams and events -------------------------------------------------------------------
@@ -711,18 +908,98 @@ BN_API int cuStreamDestroy_v2(void* stream) {
 
 BN_API int cuStreamSynchronize(void* stream) {
     LOCKED;
-    return stream_ok(s, stream) ? kSuccess : kInvalidHandle;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (Capture* c = capture_of(s, stream)) return refuse(c, kCaptureUnsupported);
+    // The legacy stream synchronises with every stream.
+    return reinterpret_cast<uintptr_t>(stream) <= 1 ? unsafe_call(s) : kSuccess;
 }
 
 BN_API int cuStreamQuery(void* stream) { return cuStreamSynchronize(stream); }
 
-// Stream capture (CUDA graphs) is not emulated: no stream is ever capturing.
+// ---- stream capture and graphs -------------------------------------------------------------
+
+BN_API int cuStreamBeginCapture_v2(void* stream, int mode) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    if (mode != kCaptureGlobal && mode != kCaptureThreadLocal && mode != kCaptureRelaxed) return kInvalidValue;
+    // The null, legacy and per-thread streams do not capture here.
+    if (reinterpret_cast<uintptr_t>(stream) <= 2) return kCaptureUnsupported;
+    Stream* st = static_cast<Stream*>(stream);
+    if (st->capture != nullptr) return kIllegalState;
+    st->capture.reset(new Capture{++s.captures_begun, mode, std::this_thread::get_id(), false, {}});
+    return kSuccess;
+}
+
+BN_API int cuStreamBeginCapture(void* stream, int mode) { return cuStreamBeginCapture_v2(stream, mode); }
+
+BN_API int cuStreamEndCapture(void* stream, void** graph) {
+    LOCKED;
+    if (graph == nullptr) return kInvalidValue;
+    if (!stream_ok(s, stream)) return kInvalidHandle;
+    Capture* c = capture_of(s, stream);
+    if (c == nullptr) return kIllegalState;
+    if (c->mode != kCaptureRelaxed && c->thread != std::this_thread::get_id()) return kCaptureWrongThread;
+    std::unique_ptr<Capture> ended = std::move(static_cast<Stream*>(stream)->capture);
+    *graph = nullptr;
+    if (ended->invalidated) return kCaptureInvalidated;
+    Graph* g = new Graph{std::move(ended->nodes)};
+    s.graphs.insert(g);
+    *graph = g;
+    return kSuccess;
+}
+
 BN_API int cuStreamIsCapturing(void* stream, int* status) {
     LOCKED;
     if (status == nullptr) return kInvalidValue;
     if (!stream_ok(s, stream)) return kInvalidHandle;
-    *status = 0;  // CU_STREAM_CAPTURE_STATUS_NONE
+    const Capture* c = capture_of(s, stream);
+    *status = c == nullptr ? kStatusNone : (c->invalidated ? kStatusInvalidated : kStatusActive);
     return kSuccess;
+}
+
+BN_API int cuGraphDestroy(void* graph) {
+    LOCKED;
+    return destroy(s.graphs, graph);
+}
+
+// CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH (1), _UPLOAD (2) and
+// _USE_NODE_PRIORITY (8) change nothing here; _DEVICE_LAUNCH (4) is not emulated.
+BN_API int cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long flags) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (exec == nullptr || (flags & ~0xBull) != 0) return kInvalidValue;
+    Graph* g = static_cast<Graph*>(graph);
+    if (s.graphs.count(g) == 0) return kInvalidHandle;
+    return create(s, s.execs, exec, new GraphExec{g->nodes});
+}
+
+BN_API int cuGraphExecDestroy(void* exec) {
+    LOCKED;
+    return destroy(s.execs, exec);
+}
+
+BN_API int cuGraphUpload(void* exec, void* stream) {
+    LOCKED;
+    if (s.execs.count(static_cast<GraphExec*>(exec)) == 0 || !stream_ok(s, stream)) return kInvalidHandle;
+    return kSuccess;
+}
+
+// A launch on a capturing stream records the graph's nodes into that capture.
+BN_API int cuGraphLaunch(void* exec, void* stream) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    GraphExec* e = static_cast<GraphExec*>(exec);
+    if (s.execs.count(e) == 0 || !stream_ok(s, stream)) return kInvalidHandle;
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        c->nodes.insert(c->nodes.end(), e->nodes.begin(), e->nodes.end());
+        return kSuccess;
+    }
+    return replay(s, e->nodes);
 }
 
 // One device: no peer copies.
@@ -731,11 +1008,35 @@ BN_API int cuMemcpyPeerAsync(uint64_t dst, void* dst_ctx, uint64_t src, void* sr
     return kNotSupported;
 }
 
+// Whether the capture `id` is still in progress on some stream.
+static bool capturing(const State& s, uint64_t id) {
+    for (const Stream* st : s.streams) {
+        if (st->capture != nullptr && st->capture->id == id) return true;
+    }
+    return false;
+}
+
 BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
-    (void)flags;
     LOCKED;
     if (!stream_ok(s, stream)) return kInvalidHandle;
-    return s.events.count(static_cast<Event*>(event)) != 0 ? kSuccess : kInvalidHandle;
+    Event* e = static_cast<Event*>(event);
+    if (s.events.count(e) == 0) return kInvalidHandle;
+    Capture* c = capture_of(s, stream);
+    if (c != nullptr) {
+        if (c->invalidated) return kCaptureInvalidated;
+        // An event of this capture orders nothing more on one stream; an outside one
+        // needs CU_EVENT_WAIT_EXTERNAL (1), which is a no-op in a synchronous driver.
+        if (e->captured_in != c->id && e->recorded && (flags & 1u) == 0) return refuse(c, kNotSupported);
+        return kSuccess;
+    }
+    if (e->captured_in != 0 && capturing(s, e->captured_in)) {
+        // Another stream would join the capture: not emulated.
+        for (Stream* st : s.streams) {
+            if (st->capture != nullptr && st->capture->id == e->captured_in) st->capture->invalidated = true;
+        }
+        return kNotSupported;
+    }
+    return kSuccess;
 }
 
 BN_API int cuEventCreate(void** event, unsigned flags) {
@@ -753,8 +1054,14 @@ BN_API int cuEventRecord(void* event, void* stream) {
     LOCKED;
     Event* e = static_cast<Event*>(event);
     if (s.events.count(e) == 0 || !stream_ok(s, stream)) return kInvalidHandle;
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        e->captured_in = c->id;
+        return kSuccess;
+    }
     e->at = std::chrono::steady_clock::now();
     e->recorded = true;
+    e->captured_in = 0;
     return kSuccess;
 }
 
@@ -765,7 +1072,9 @@ BN_API int cuEventRecordWithFlags(void* event, void* stream, unsigned flags) {
 
 BN_API int cuEventSynchronize(void* event) {
     LOCKED;
-    return s.events.count(static_cast<Event*>(event)) != 0 ? kSuccess : kInvalidHandle;
+    Event* e = static_cast<Event*>(event);
+    if (s.events.count(e) == 0) return kInvalidHandle;
+    return e->captured_in != 0 ? kCapturedEvent : kSuccess;
 }
 
 BN_API int cuEventQuery(void* event) { return cuEventSynchronize(event); }
@@ -776,6 +1085,7 @@ BN_API int cuEventElapsedTime(float* ms, void* start, void* end) {
     Event* b = static_cast<Event*>(end);
     if (ms == nullptr) return kInvalidValue;
     if (s.events.count(a) == 0 || s.events.count(b) == 0) return kInvalidHandle;
+    if (a->captured_in != 0 || b->captured_in != 0) return kCapturedEvent;
     if (!a->recorded || !b->recorded) return kInvalidHandle;
     *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
     return kSuccess;
