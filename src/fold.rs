@@ -172,7 +172,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, B,
         let backend = self.backend();
         let expanded = match plan.grouped_transposed {
             Some((ipg, opg)) => {
-                let host = backend.to_host(self.scale_shift())?;
+                let host = self.host_coefficients()?;
                 let (scale, shift) = host.split_at(plan.out);
                 let rows = plan.weight.c();
                 let mut e = crate::cpu::host_vec(2 * rows, T::Acc::default())?;

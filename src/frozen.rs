@@ -159,8 +159,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, B,
         if eps < 0.0 {
             return Err(BnError::EpsNegative { eps });
         }
-        let [w, b, rm, rv] = &buffers;
-        let host = coefficients::<P, T::Acc>(Some(w), Some(b), rm, rv, eps)?;
+        let host = host_coefficients::<T, P>(&buffers, eps)?;
         let scale_shift = backend.upload(&host)?;
         Ok(FrozenBatchNorm {
             backend,
@@ -168,6 +167,12 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, B,
             buffers,
             scale_shift,
         })
+    }
+
+    /// The coefficients as [`Self::scale_shift`] holds them, computed again on the host
+    /// from the buffers (no device round trip).
+    pub(crate) fn host_coefficients(&self) -> Result<Vec<T::Acc>> {
+        host_coefficients::<T, P>(&self.buffers, self.eps)
     }
 
     /// `FrozenBatchNorm1d`, `FrozenBatchNorm2d` or `FrozenBatchNorm3d`.
@@ -307,6 +312,14 @@ impl<const D: usize, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, Cuda, T, P> {
     }
 }
 
+fn host_coefficients<T: Float, P: ParamFor<T>>(
+    buffers: &[Vec<P>; 4],
+    eps: f64,
+) -> Result<Vec<T::Acc>> {
+    let [w, b, rm, rv] = buffers;
+    coefficients::<P, T::Acc>(Some(w), Some(b), rm, rv, eps)
+}
+
 fn frozen_name(d: usize) -> &'static str {
     match d {
         1 => "FrozenBatchNorm1d",
@@ -333,15 +346,7 @@ pub fn coefficients<P: Float, A: Float>(
         ("weight", weight.map(<[P]>::len)),
         ("bias", bias.map(<[P]>::len)),
     ] {
-        if let Some(len) = len {
-            if len != c {
-                return Err(BnError::FeatureCount {
-                    name,
-                    expected: c,
-                    got: len,
-                });
-            }
-        }
+        validate::feature(name, c, len)?;
     }
     let mut out = crate::cpu::host_vec(2 * c, A::default())?;
     let acc = |v: f64| A::from_f64(v).to_f64();

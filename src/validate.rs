@@ -62,7 +62,7 @@ pub enum ForwardKind {
     },
 }
 
-fn feature(name: &'static str, c: usize, len: Option<usize>) -> Result<()> {
+pub(crate) fn feature(name: &'static str, c: usize, len: Option<usize>) -> Result<()> {
     match len {
         Some(got) if got != c => Err(BnError::FeatureCount {
             name,
