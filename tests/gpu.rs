@@ -614,13 +614,7 @@ fn eval_captured_in_a_graph_and_replayed() {
     let s = ctx.new_stream().unwrap();
     let shape = Shape::nchw(2, 24, 7, 7).unwrap();
     let (c, n) = (24, shape.numel());
-    let sd = cuda_batchnorm::StateDict {
-        weight: Some((0..c).map(|i| 0.5 + i as f32 * 0.1).collect()),
-        bias: Some((0..c).map(|i| i as f32 * -0.05).collect()),
-        running_mean: Some((0..c).map(|i| (i % 5) as f32 - 2.0).collect()),
-        running_var: Some((0..c).map(|i| 0.25 + (i % 3) as f32).collect()),
-        num_batches_tracked: None,
-    };
+    let sd = trained_state(c);
     let mut bn = BatchNorm2d::<f32>::new(Cuda::new(&s), c, BatchNormOptions::default()).unwrap();
     bn.load_state_dict(&sd).unwrap();
     bn.eval();
@@ -721,6 +715,18 @@ fn eval_captured_in_a_graph_and_replayed() {
         s.end_capture(CUgraphInstantiate_flags(0)).is_err(),
         "a capture with a host synchronisation in it was instantiated"
     );
+}
+
+/// A trained BatchNorm's state of `c` channels: weights, biases and running statistics
+/// that differ per channel.
+fn trained_state(c: usize) -> cuda_batchnorm::StateDict<f32> {
+    cuda_batchnorm::StateDict {
+        weight: Some((0..c).map(|i| 0.5 + i as f32 * 0.1).collect()),
+        bias: Some((0..c).map(|i| i as f32 * -0.05).collect()),
+        running_mean: Some((0..c).map(|i| (i % 5) as f32 - 2.0).collect()),
+        running_var: Some((0..c).map(|i| 0.25 + (i % 3) as f32).collect()),
+        num_batches_tracked: None,
+    }
 }
 
 /// Four threads, each with its own stream of `stream`'s context, upload `host` and run
@@ -1215,13 +1221,7 @@ fn frozen_infer_from_many_threads() {
     };
     let shape = Shape::nchw(2, 24, 7, 7).unwrap();
     let c = 24;
-    let sd = cuda_batchnorm::StateDict {
-        weight: Some((0..c).map(|i| 0.5 + i as f32 * 0.1).collect()),
-        bias: Some((0..c).map(|i| i as f32 * -0.05).collect()),
-        running_mean: Some((0..c).map(|i| (i % 5) as f32 - 2.0).collect()),
-        running_var: Some((0..c).map(|i| 0.25 + (i % 3) as f32).collect()),
-        num_batches_tracked: None,
-    };
+    let sd = trained_state(c);
     let bn = cuda_batchnorm::nn::FrozenBatchNorm2d::<f32>::from_state_dict(
         Cuda::new(&stream),
         c,

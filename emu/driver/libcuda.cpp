@@ -121,6 +121,7 @@ struct Node {
     bool cooperative = false;
     BnParams params{};
     uint64_t dst = 0, src = 0;
+    bool dst_device = true, src_device = true;  // a copy's sides: device or host memory
     size_t bytes = 0;
     uint8_t value = 0;
 };
@@ -317,6 +318,45 @@ void complain(const char* what, uint64_t addr, uint64_t bytes) {
                  static_cast<unsigned long long>(addr), static_cast<unsigned long long>(bytes));
 }
 
+int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared,
+               bool cooperative, const BnParams& p);
+
+// Runs one operation now, against the allocations live now (a graph's replay checks
+// its copies again: an allocation may have gone since the capture).
+int run_node(State& s, const Node& n) {
+    switch (n.kind) {
+        case Node::kLaunch:
+            return run_launch(s, n.function, n.grid, n.block, n.shared, n.cooperative, n.params);
+        case Node::kCopy:
+            for (const auto& [device, addr] : {std::pair{n.dst_device, n.dst}, std::pair{n.src_device, n.src}}) {
+                if (device && !inside(s, addr, n.bytes)) {
+                    complain("a copy", addr, n.bytes);
+                    return kInvalidValue;
+                }
+            }
+            std::memmove(reinterpret_cast<void*>(n.dst), reinterpret_cast<const void*>(n.src), n.bytes);
+            return kSuccess;
+        case Node::kMemset:
+            if (!inside(s, n.dst, n.bytes)) {
+                complain("a memset", n.dst, n.bytes);
+                return kInvalidValue;
+            }
+            std::memset(reinterpret_cast<void*>(n.dst), n.value, n.bytes);
+            return kSuccess;
+    }
+    return kInvalidValue;
+}
+
+// A checked operation on `stream`: recorded if the stream captures, run otherwise.
+int submit(State& s, void* stream, const Node& n) {
+    if (Capture* c = capture_of(s, stream)) {
+        if (c->invalidated) return kCaptureInvalidated;
+        c->nodes.push_back(n);
+        return kSuccess;
+    }
+    return run_node(s, n);
+}
+
 int do_copy(State& s, const char* what, uint64_t dst, bool dst_device, uint64_t src, bool src_device, size_t bytes,
             void* stream) {
     int rc = check_ready(s);
@@ -331,19 +371,16 @@ int do_copy(State& s, const char* what, uint64_t dst, bool dst_device, uint64_t 
         complain(what, src, bytes);
         return kInvalidValue;
     }
-    if (Capture* c = capture_of(s, stream)) {
-        if (c->invalidated) return kCaptureInvalidated;
-        if (!dst_device || !src_device) return refuse(c, kCaptureUnsupported);
-        Node n;
-        n.kind = Node::kCopy;
-        n.dst = dst;
-        n.src = src;
-        n.bytes = bytes;
-        c->nodes.push_back(n);
-        return kSuccess;
-    }
-    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
-    return kSuccess;
+    Capture* c = capture_of(s, stream);
+    if (c != nullptr && !c->invalidated && (!dst_device || !src_device)) return refuse(c, kCaptureUnsupported);
+    Node n;
+    n.kind = Node::kCopy;
+    n.dst = dst;
+    n.src = src;
+    n.dst_device = dst_device;
+    n.src_device = src_device;
+    n.bytes = bytes;
+    return submit(s, stream, n);
 }
 
 int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream) {
@@ -355,18 +392,12 @@ int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream)
         complain("cuMemsetD8", dst, bytes);
         return kInvalidValue;
     }
-    if (Capture* c = capture_of(s, stream)) {
-        if (c->invalidated) return kCaptureInvalidated;
-        Node n;
-        n.kind = Node::kMemset;
-        n.dst = dst;
-        n.value = value;
-        n.bytes = bytes;
-        c->nodes.push_back(n);
-        return kSuccess;
-    }
-    std::memset(reinterpret_cast<void*>(dst), value, bytes);
-    return kSuccess;
+    Node n;
+    n.kind = Node::kMemset;
+    n.dst = dst;
+    n.value = value;
+    n.bytes = bytes;
+    return submit(s, stream, n);
 }
 
 // The CUDA version the driver reports: BN_EMU_DRIVER_VERSION (e.g. 12080 for 12.8) lets a
@@ -425,9 +456,6 @@ int occupancy(unsigned threads, size_t shared) {
     return n;
 }
 
-int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared,
-               bool cooperative, const BnParams& p);
-
 int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared, void* stream,
               void** params, void** extra, bool cooperative) {
     int rc = check_ready(s);
@@ -440,24 +468,17 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
         const int per_sm = occupancy(block[0] * block[1] * block[2], shared);
         if (blocks > static_cast<uint64_t>(per_sm) * kSmCount) return kCooperativeLaunchTooLarge;
     }
-    BnParams p;
-    std::memcpy(&p, params[0], sizeof p);
-    if (Capture* c = capture_of(s, stream)) {
-        if (c->invalidated) return kCaptureInvalidated;
-        Node n;
-        n.kind = Node::kLaunch;
-        n.function = f;
-        for (int i = 0; i < 3; ++i) {
-            n.grid[i] = grid[i];
-            n.block[i] = block[i];
-        }
-        n.shared = shared;
-        n.cooperative = cooperative;
-        n.params = p;
-        c->nodes.push_back(n);
-        return kSuccess;
+    Node n;
+    n.kind = Node::kLaunch;
+    n.function = f;
+    for (int i = 0; i < 3; ++i) {
+        n.grid[i] = grid[i];
+        n.block[i] = block[i];
     }
-    return run_launch(s, f, grid, block, shared, cooperative, p);
+    n.shared = shared;
+    n.cooperative = cooperative;
+    std::memcpy(&n.params, params[0], sizeof n.params);
+    return submit(s, stream, n);
 }
 
 // Runs one launch on the emulator, with the allocations that its parameters point into
@@ -541,30 +562,11 @@ int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t blo
     return kSuccess;
 }
 
-// Runs a graph's nodes in order, each against the allocations live now.
+// Runs a graph's nodes in order.
 int replay(State& s, const std::vector<Node>& nodes) {
     for (const Node& n : nodes) {
-        switch (n.kind) {
-            case Node::kLaunch: {
-                const int rc = run_launch(s, n.function, n.grid, n.block, n.shared, n.cooperative, n.params);
-                if (rc != kSuccess) return rc;
-                break;
-            }
-            case Node::kCopy:
-                if (!inside(s, n.dst, n.bytes) || !inside(s, n.src, n.bytes)) {
-                    complain("a graph's copy", inside(s, n.dst, n.bytes) ? n.src : n.dst, n.bytes);
-                    return kInvalidValue;
-                }
-                std::memmove(reinterpret_cast<void*>(n.dst), reinterpret_cast<const void*>(n.src), n.bytes);
-                break;
-            case Node::kMemset:
-                if (!inside(s, n.dst, n.bytes)) {
-                    complain("a graph's memset", n.dst, n.bytes);
-                    return kInvalidValue;
-                }
-                std::memset(reinterpret_cast<void*>(n.dst), n.value, n.bytes);
-                break;
-        }
+        const int rc = run_node(s, n);
+        if (rc != kSuccess) return rc;
     }
     return kSuccess;
 }
