@@ -321,30 +321,33 @@ void complain(const char* what, uint64_t addr, uint64_t bytes) {
 int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t block[3], uint32_t shared,
                bool cooperative, const BnParams& p);
 
-// Runs one operation now, against the allocations live now (a graph's replay checks
-// its copies again: an allocation may have gone since the capture).
+// Runs one operation whose copy ranges were checked against the live allocations (a
+// launch finds its regions itself).
 int run_node(State& s, const Node& n) {
     switch (n.kind) {
         case Node::kLaunch:
             return run_launch(s, n.function, n.grid, n.block, n.shared, n.cooperative, n.params);
         case Node::kCopy:
-            for (const auto& [device, addr] : {std::pair{n.dst_device, n.dst}, std::pair{n.src_device, n.src}}) {
-                if (device && !inside(s, addr, n.bytes)) {
-                    complain("a copy", addr, n.bytes);
-                    return kInvalidValue;
-                }
-            }
             std::memmove(reinterpret_cast<void*>(n.dst), reinterpret_cast<const void*>(n.src), n.bytes);
             return kSuccess;
         case Node::kMemset:
-            if (!inside(s, n.dst, n.bytes)) {
-                complain("a memset", n.dst, n.bytes);
-                return kInvalidValue;
-            }
             std::memset(reinterpret_cast<void*>(n.dst), n.value, n.bytes);
             return kSuccess;
     }
     return kInvalidValue;
+}
+
+// Whether a recorded copy or memset still lies in live allocations when its graph
+// replays (one may have been freed since the capture).
+bool still_inside(const State& s, const Node& n) {
+    if (n.kind == Node::kLaunch) return true;
+    for (const auto& [device, addr] : {std::pair{n.dst_device, n.dst}, std::pair{n.src_device, n.src}}) {
+        if (device && !inside(s, addr, n.bytes)) {
+            complain("a graph's copy or memset", addr, n.bytes);
+            return false;
+        }
+    }
+    return true;
 }
 
 // A checked operation on `stream`: recorded if the stream captures, run otherwise.
@@ -395,6 +398,7 @@ int do_memset(State& s, uint64_t dst, uint8_t value, size_t bytes, void* stream)
     Node n;
     n.kind = Node::kMemset;
     n.dst = dst;
+    n.src_device = false;  // no source
     n.value = value;
     n.bytes = bytes;
     return submit(s, stream, n);
@@ -565,6 +569,7 @@ int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t blo
 // Runs a graph's nodes in order.
 int replay(State& s, const std::vector<Node>& nodes) {
     for (const Node& n : nodes) {
+        if (!still_inside(s, n)) return kInvalidValue;
         const int rc = run_node(s, n);
         if (rc != kSuccess) return rc;
     }
@@ -1010,12 +1015,12 @@ BN_API int cuMemcpyPeerAsync(uint64_t dst, void* dst_ctx, uint64_t src, void* sr
     return kNotSupported;
 }
 
-// Whether the capture `id` is still in progress on some stream.
-static bool capturing(const State& s, uint64_t id) {
+// The capture `id` if it is still in progress on some stream, or nullptr.
+static Capture* capture_by_id(const State& s, uint64_t id) {
     for (const Stream* st : s.streams) {
-        if (st->capture != nullptr && st->capture->id == id) return true;
+        if (st->capture != nullptr && st->capture->id == id) return st->capture.get();
     }
-    return false;
+    return nullptr;
 }
 
 BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
@@ -1031,12 +1036,9 @@ BN_API int cuStreamWaitEvent(void* stream, void* event, unsigned flags) {
         if (e->captured_in != c->id && e->recorded && (flags & 1u) == 0) return refuse(c, kNotSupported);
         return kSuccess;
     }
-    if (e->captured_in != 0 && capturing(s, e->captured_in)) {
-        // Another stream would join the capture: not emulated.
-        for (Stream* st : s.streams) {
-            if (st->capture != nullptr && st->capture->id == e->captured_in) st->capture->invalidated = true;
-        }
-        return kNotSupported;
+    // Another stream would join the capture: not emulated.
+    if (e->captured_in != 0) {
+        if (Capture* joined = capture_by_id(s, e->captured_in)) return refuse(joined, kNotSupported);
     }
     return kSuccess;
 }
