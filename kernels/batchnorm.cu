@@ -19,6 +19,12 @@
 //   bwd_dx      training: dx = (dy - (x - mean) * dotp * invstd^2 / M - sum_dy / M) * invstd * w
 //               eval:     dx = dy * invstd * w
 //
+// Fused epilogues (this family only; BN_F_RELU, BN_F_ADD): fwd_norm writes
+// y = relu(bn(x) + z), the add and the ReLU in the accumulator type before the one
+// rounding to T; bwd_reduce and bwd_dx differentiate through it with dy masked by the
+// forward's output (zero where y <= 0, as PyTorch's threshold_backward), and bwd_dx also
+// writes that masked dy as the residual's gradient dz.
+//
 // Layouts:
 //   nchw   channel planes of S contiguous values (contiguous format with S > 1). A block
 //          owns one slice (`chunk` values) of one channel: whole planes when planes are
@@ -30,7 +36,8 @@
 //          channels per thread), y across rows; the grid is channel tiles x row splits.
 //
 // Variants, chosen per launch from BnParams.flags: 32- or 64-bit index arithmetic
-// (BN_F_INDEX64) and scalar or 16-byte access (BN_F_VEC).
+// (BN_F_INDEX64) and scalar or 16-byte access (BN_F_VEC); the epilogue flags are read at
+// run time (uniform branches).
 //
 // Types: T storage, P parameters and running statistics, A accumulator. Entry points
 // bn_<stage>_<layout>_<tag> are stamped out at the bottom for f32, f64, f16, bf16,
@@ -42,7 +49,7 @@
 //     nhwc (tile_x, 256 / tile_x, 1), tile_x a power of two <= 32, grid (tiles, splits);
 //   * M >= 1 and C >= 1 (empty inputs never launch);
 //   * no split is empty, and a split holds at most 2^24 values (counts exact in f32);
-//   * BN_F_VEC: nchw: x, y, dy and dx share one misalignment modulo 16 bytes;
+//   * BN_F_VEC: nchw: x, y, dy, dx, z and dz share one misalignment modulo 16 bytes;
 //     nhwc: all of them 16-byte aligned and C a multiple of the vector width;
 //   * without BN_F_INDEX64 every index the kernels form stays below 2^31;
 //   * ws_counters are zero on entry; every launch leaves them zero again.
@@ -57,6 +64,56 @@
 #include "stages.cuh"
 
 namespace bn {
+
+// ---------------------------------------------------------------------------------------
+// The fused epilogues, applied to V values at element i.
+
+// PyTorch's relu: NaN stays NaN (clamp_min, not fmax), and so does -0.
+template <class A>
+__device__ __forceinline__ A relu(A v) {
+    return v < A(0) ? A(0) : v;
+}
+
+template <class T>
+struct Epilogue {
+    Gmem<const T> z, y;  // residual (forward) and the forward's output (backward mask)
+    Gmem<T> dz;          // residual gradient (backward)
+    bool add, use_relu;
+    __device__ __forceinline__ explicit Epilogue(const BnParams& p)
+        : z(p.z), y(p.y), dz(p.dz), add((p.flags & BN_F_ADD) != 0), use_relu((p.flags & BN_F_RELU) != 0) {}
+
+    // forward: v = relu(v + z)
+    template <int V, class A, class I>
+    __device__ __forceinline__ void forward(I i, A (&v)[V]) const {
+        if (add) {
+            A r[V];
+            load_acc<V>(z, i, r);
+            BN_UNROLL
+            for (int j = 0; j < V; ++j) v[j] += r[j];
+        }
+        if (use_relu) {
+            BN_UNROLL
+            for (int j = 0; j < V; ++j) v[j] = relu(v[j]);
+        }
+    }
+
+    // backward: g = 0 where the forward's output is <= 0, else dy (threshold_backward's
+    // test: a NaN output passes its gradient)
+    template <int V, class A, class I>
+    __device__ __forceinline__ void mask(I i, A (&g)[V]) const {
+        if (!use_relu) return;
+        A out[V];
+        load_acc<V>(y, i, out);
+        BN_UNROLL
+        for (int j = 0; j < V; ++j) g[j] = out[j] <= A(0) ? A(0) : g[j];
+    }
+
+    // backward dx stage: the residual's gradient is the masked dy
+    template <int V, class A, class I>
+    __device__ __forceinline__ void residual_grad(I i, const A (&g)[V]) const {
+        if (add) store_acc<V>(dz, i, g);
+    }
+};
 
 // ---------------------------------------------------------------------------------------
 // nchw: iteration over one block's slice of one channel.
@@ -152,13 +209,20 @@ struct FwdNormNchw {
         if ((p.flags & BN_F_UPDATE_RUNNING) && b.k == 0 && threadIdx.x == 0) commit_running<P, A>(p, b.c);
         const Gmem<const T> x(p.x);
         const Gmem<T> y(p.y);
+        const Epilogue<T> ep(p);
         nchw_slice<V, I>(
-            p, x, b.c, b.k, [&](I i) { y.st(i, from_acc<T>(k.apply(to_acc<A>(x.ld(i))))); },
+            p, x, b.c, b.k,
+            [&](I i) {
+                A v[1] = {k.apply(to_acc<A>(x.ld(i)))};
+                ep.template forward<1>(i, v);
+                y.st(i, from_acc<T>(v[0]));
+            },
             [&](I i) {
                 A v[V];
                 load_acc<V>(x, i, v);
                 BN_UNROLL
                 for (int j = 0; j < V; ++j) v[j] = k.apply(v[j]);
+                ep.template forward<V>(i, v);
                 store_acc<V>(y, i, v);
             });
     }
@@ -172,18 +236,21 @@ struct BwdReduceNchw {
         const BwdStats<A> st = bwd_stats<P, A>(p, b.c);
         const Gmem<const T> x(p.x);
         const Gmem<const T> dy(p.dy);
+        const Epilogue<T> ep(p);
         Sum2<A> s{A(0), A(0)};
         nchw_slice<V, I>(
             p, x, b.c, b.k,
             [&](I i) {
-                const A g = to_acc<A>(dy.ld(i));
-                s.a += g;
-                s.b += g * (to_acc<A>(x.ld(i)) - st.mean);
+                A g[1] = {to_acc<A>(dy.ld(i))};
+                ep.template mask<1>(i, g);
+                s.a += g[0];
+                s.b += g[0] * (to_acc<A>(x.ld(i)) - st.mean);
             },
             [&](I i) {
                 A xv[V], gv[V];
                 load_acc<V>(x, i, xv);
                 load_acc<V>(dy, i, gv);
+                ep.template mask<V>(i, gv);
                 BN_UNROLL
                 for (int j = 0; j < V; ++j) {
                     s.a += gv[j];
@@ -222,15 +289,20 @@ struct BwdDxNchw {
         const Gmem<T> dx(p.dx);
         // Eval's dx does not depend on x; it is not read then.
         const bool need_x = (p.flags & BN_F_BATCH_STATS) != 0;
+        const Epilogue<T> ep(p);
         nchw_slice<V, I>(
             p, dy, b.c, b.k,
             [&](I i) {
-                const A g = to_acc<A>(dy.ld(i));
-                dx.st(i, from_acc<T>(need_x ? k.apply(g, to_acc<A>(x.ld(i))) : k.apply_eval(g)));
+                A g[1] = {to_acc<A>(dy.ld(i))};
+                ep.template mask<1>(i, g);
+                ep.template residual_grad<1>(i, g);
+                dx.st(i, from_acc<T>(need_x ? k.apply(g[0], to_acc<A>(x.ld(i))) : k.apply_eval(g[0])));
             },
             [&](I i) {
                 A gv[V], xv[V];
                 load_acc<V>(dy, i, gv);
+                ep.template mask<V>(i, gv);
+                ep.template residual_grad<V>(i, gv);
                 if (need_x) {
                     load_acc<V>(x, i, xv);
                     BN_UNROLL
@@ -411,11 +483,13 @@ struct FwdNormNhwc {
         }
         const Gmem<const T> x(p.x);
         const Gmem<T> y(p.y);
+        const Epilogue<T> ep(p);
         nhwc_rows(p, th.c0, th.k, [&](I i) {
             A v[V];
             load_acc<V>(x, i, v);
             BN_UNROLL
             for (int j = 0; j < V; ++j) v[j] = k[j].apply(v[j]);
+            ep.template forward<V>(i, v);
             store_acc<V>(y, i, v);
         });
     }
@@ -439,10 +513,12 @@ struct BwdReduceNhwc {
             for (int j = 0; j < V; ++j) st[j] = bwd_stats<P, A>(p, th.c0 + j);
             const Gmem<const T> x(p.x);
             const Gmem<const T> dy(p.dy);
+            const Epilogue<T> ep(p);
             nhwc_rows(p, th.c0, th.k, [&](I i) {
                 A xv[V], gv[V];
                 load_acc<V>(x, i, xv);
                 load_acc<V>(dy, i, gv);
+                ep.template mask<V>(i, gv);
                 BN_UNROLL
                 for (int j = 0; j < V; ++j) {
                     s[j].a += gv[j];
@@ -500,9 +576,12 @@ struct BwdDxNhwc {
         const Gmem<const T> dy(p.dy);
         const Gmem<T> dx(p.dx);
         const bool need_x = (p.flags & BN_F_BATCH_STATS) != 0;
+        const Epilogue<T> ep(p);
         nhwc_rows(p, th.c0, th.k, [&](I i) {
             A gv[V], xv[V];
             load_acc<V>(dy, i, gv);
+            ep.template mask<V>(i, gv);
+            ep.template residual_grad<V>(i, gv);
             if (need_x) {
                 load_acc<V>(x, i, xv);
                 BN_UNROLL
@@ -537,16 +616,17 @@ __device__ __forceinline__ void run_stage(const BnParams& p) {
     }
 }
 
-// Writes every BnParams field, widened to 64 bits, to y (as u64[26]), so tests can
+// Writes every BnParams field, widened to 64 bits, to y (as u64[28]), so tests can
 // check that Rust and C++ agree on the struct's layout.
 __device__ __forceinline__ void selftest_params(const BnParams& p) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     const Gmem<uint64_t> out(p.y);
-    const uint64_t ptrs[15] = {p.x,           p.y,           p.dy,          p.dx,          p.weight,
+    const uint64_t ptrs[17] = {p.x,           p.y,           p.dy,          p.dx,          p.weight,
                                p.bias,        p.running_mean, p.running_var, p.save_mean,   p.save_invstd,
-                               p.grad_weight, p.grad_bias,   p.ws_counters, p.ws_partials, p.ws_channel};
+                               p.grad_weight, p.grad_bias,   p.ws_counters, p.ws_partials, p.ws_channel,
+                               p.z,           p.dz};
     int i = 0;
-    for (int j = 0; j < 15; ++j) out.st(i++, ptrs[j]);
+    for (int j = 0; j < 17; ++j) out.st(i++, ptrs[j]);
     out.st(i++, static_cast<uint64_t>(p.n));
     out.st(i++, static_cast<uint64_t>(p.c));
     out.st(i++, static_cast<uint64_t>(p.s));

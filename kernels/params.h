@@ -14,6 +14,9 @@
 #define BN_F_BATCH_STATS (1u << 2) // normalise with this batch's statistics (else running)
 #define BN_F_UPDATE_RUNNING (1u << 3) // fold the batch statistics into running_mean/var
 #define BN_F_FROZEN (1u << 4)    // eval with precomputed coefficients: ws_channel = A[2C] scale, shift
+// Fused epilogues (baseline family only): out = relu(bn(x) [+ z]).
+#define BN_F_RELU (1u << 5)      // forward: y = relu(v); backward: dy zeroed where the forward's output y <= 0
+#define BN_F_ADD (1u << 6)       // forward: v = bn(x) + z; backward: dz = the (masked) dy, written
 
 struct BnParams {
     // Device addresses; 0 means absent. T = input storage type, P = parameter type,
@@ -34,6 +37,8 @@ struct BnParams {
     uint64_t ws_partials;   // A[3 * splits * C]: per-split partial results
     uint64_t ws_channel;    // A[5 * C]: per-channel results one kernel leaves for the next
                             // (BN_F_FROZEN: A[2 * C], scale then shift, read only)
+    uint64_t z;             // T[N*C*S] residual added before the ReLU (BN_F_ADD, forward)
+    uint64_t dz;            // T[N*C*S] gradient of the residual (BN_F_ADD, backward dx stage)
 
     int64_t n;              // batch size N
     int64_t c;              // channels C

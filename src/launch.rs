@@ -44,6 +44,12 @@ pub mod flags {
     /// Eval with precomputed coefficients: `ws_channel` holds `Acc[2C]`, scale then
     /// shift, and `y = x * scale + shift` (`dx = dy * scale`).
     pub const FROZEN: u32 = 1 << 4;
+    /// Fused ReLU (baseline family): the forward writes `max(v, 0)` (NaN kept); the
+    /// backward zeroes dy where the forward's output (read from `y`) is `<= 0`.
+    pub const RELU: u32 = 1 << 5;
+    /// Fused residual add (baseline family): the forward adds `z` before the ReLU; the
+    /// backward's dx stage writes the (masked) dy to `dz`.
+    pub const ADD: u32 = 1 << 6;
 }
 
 /// The one argument of every kernel; mirrors `struct BnParams` in `kernels/params.h`
@@ -81,6 +87,10 @@ pub struct BnParams {
     pub ws_partials: u64,
     /// Acc[CHANNEL_SLOTS * C] per-channel data for the next kernel.
     pub ws_channel: u64,
+    /// Residual `T[N*C*S]` added before the ReLU (`flags::ADD`, forward).
+    pub z: u64,
+    /// Gradient of the residual `T[N*C*S]` (`flags::ADD`, backward).
+    pub dz: u64,
     /// Batch size N.
     pub n: i64,
     /// Channels C.
@@ -109,7 +119,7 @@ impl BnParams {
     /// The struct's bytes, as a kernel parameter buffer.
     pub fn as_bytes(&self) -> &[u8] {
         // SAFETY: BnParams is #[repr(C)], made only of integers and floats, with no
-        // padding (every field is 8 bytes, then four 4-byte fields: 22*8 + 4*4 = 192),
+        // padding (every field is 8 bytes, then four 4-byte fields: 24*8 + 4*4 = 208),
         // so all of its bytes are initialised.
         unsafe {
             std::slice::from_raw_parts(
@@ -1311,8 +1321,8 @@ mod tests {
     }
 
     #[test]
-    fn params_struct_is_192_bytes_without_padding() {
-        assert_eq!(std::mem::size_of::<BnParams>(), 192);
+    fn params_struct_is_208_bytes_without_padding() {
+        assert_eq!(std::mem::size_of::<BnParams>(), 208);
         assert_eq!(std::mem::align_of::<BnParams>(), 8);
     }
 }

@@ -123,6 +123,83 @@ pub struct ForwardArgs {
     /// here (see [`crate::frozen::coefficients`]); the statistics, weight and bias are not
     /// read, and `batch_stats` / `update_running` must be false.
     pub frozen: u64,
+    /// What the normalisation pass applies before it writes y.
+    pub epilogue: Epilogue,
+}
+
+/// A forward's fused epilogue, as the kernels see it (run by the baseline family; see
+/// [`crate::backend::Epilogue`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = bn(x)`.
+    #[default]
+    None,
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + z)`.
+    AddRelu {
+        /// `T[N*C*S]`, in the input's memory format.
+        residual: u64,
+    },
+}
+
+/// A backward's fused epilogue: the ReLU mask comes from the forward's output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EpilogueGrad {
+    /// A plain BatchNorm.
+    #[default]
+    None,
+    /// The forward was `y = relu(bn(x))`.
+    Relu {
+        /// The forward's output y, `T[N*C*S]`.
+        output: u64,
+    },
+    /// The forward was `y = relu(bn(x) + z)`.
+    AddRelu {
+        /// The forward's output y.
+        output: u64,
+        /// `T[N*C*S]`, written with the residual's gradient (the masked dy).
+        grad_residual: u64,
+    },
+}
+
+impl Epilogue {
+    fn flags(self) -> u32 {
+        match self {
+            Epilogue::None => 0,
+            Epilogue::Relu => flags::RELU,
+            Epilogue::AddRelu { .. } => flags::RELU | flags::ADD,
+        }
+    }
+
+    fn residual(self) -> u64 {
+        match self {
+            Epilogue::AddRelu { residual } => residual,
+            _ => 0,
+        }
+    }
+}
+
+impl EpilogueGrad {
+    fn flags(self) -> u32 {
+        match self {
+            EpilogueGrad::None => 0,
+            EpilogueGrad::Relu { .. } => flags::RELU,
+            EpilogueGrad::AddRelu { .. } => flags::RELU | flags::ADD,
+        }
+    }
+
+    /// (output, grad_residual), 0 where absent.
+    fn addrs(self) -> (u64, u64) {
+        match self {
+            EpilogueGrad::None => (0, 0),
+            EpilogueGrad::Relu { output } => (output, 0),
+            EpilogueGrad::AddRelu {
+                output,
+                grad_residual,
+            } => (output, grad_residual),
+        }
+    }
 }
 
 /// Statistics the backward differentiates through.
@@ -173,6 +250,8 @@ pub struct BackwardArgs {
     pub counters: u64,
     /// Scratch buffer of at least [`WorkspaceSize::scratch_bytes`] bytes.
     pub scratch: u64,
+    /// The forward's fused epilogue, differentiated through.
+    pub epilogue: EpilogueGrad,
 }
 
 /// The workspace every forward and backward call on a shape needs.
@@ -371,10 +450,33 @@ pub fn plan_op(
     launcher: &impl Launcher,
     tuning: &Tuning,
 ) -> Result<OpPlan> {
+    plan_op_fused(op, false, shape, types, align, launcher, tuning)
+}
+
+/// [`plan_op`] for a call with a fused epilogue when `fused`: only the baseline family
+/// runs epilogues, so it is the plan (and any other family asked for is unavailable).
+pub fn plan_op_fused(
+    op: Op,
+    fused: bool,
+    shape: &Shape,
+    types: (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
     if shape.numel() == 0 {
         return Err(BnError::EmptyInput {
             size: shape.dims().to_vec(),
         });
+    }
+    if fused {
+        return match tuning.variant {
+            Some(v) if v != Variant::Baseline => Err(BnError::VariantUnavailable {
+                variant: v.name(),
+                reason: "fused epilogues (ReLU, residual add) run on the baseline kernels".into(),
+            }),
+            _ => plan_variant(Variant::Baseline, op, shape, types, align, launcher, tuning),
+        };
     }
     if let Some(v) = tuning.variant {
         return plan_variant(v, op, shape, types, align, launcher, tuning);
@@ -605,13 +707,14 @@ pub fn plan_forward<T: Float, P: ParamFor<T>>(
     a: &ForwardArgs,
     tuning: &Tuning,
 ) -> Result<OpPlan> {
-    plan_op(
+    plan_op_fused(
         Op::Forward {
             batch_stats: a.batch_stats,
         },
+        a.epilogue != Epilogue::None,
         shape,
         (T::DTYPE, P::DTYPE),
-        Alignment::of(&[a.x, a.y]),
+        Alignment::of(&[a.x, a.y, a.epilogue.residual()]),
         launcher,
         tuning,
     )
@@ -636,7 +739,8 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
         } else {
             0
         }
-        | if frozen { flags::FROZEN } else { 0 };
+        | if frozen { flags::FROZEN } else { 0 }
+        | a.epilogue.flags();
     let input = RegionKind::Input;
     let x = region(a.x, numel, T::DTYPE, "input", input)?;
     // fwd_stats reads the running statistics and stages their update; fwd_norm commits
@@ -689,10 +793,12 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
             p.y = a.y;
             p.weight = a.weight;
             p.bias = a.bias;
+            p.z = a.epilogue.residual();
             regions.extend([
                 region(a.y, numel, T::DTYPE, "output", RegionKind::Output)?,
                 region(a.weight, c, P::DTYPE, "weight", input)?,
                 region(a.bias, c, P::DTYPE, "bias", input)?,
+                region(p.z, numel, T::DTYPE, "residual", input)?,
             ]);
             if frozen {
                 regions.push(frozen_region(a.frozen, c, acc)?);
@@ -741,11 +847,13 @@ pub fn plan_backward<T: Float, P: ParamFor<T>>(
     let batch = matches!(a.stats, BackwardStats::Batch { .. });
     let frozen = matches!(a.stats, BackwardStats::Frozen { .. });
     let reduce = batch || (!frozen && (a.grad_weight != 0 || a.grad_bias != 0));
-    plan_op(
+    let (y, dz) = a.epilogue.addrs();
+    plan_op_fused(
         Op::Backward { batch, reduce },
+        a.epilogue != EpilogueGrad::None,
         shape,
         (T::DTYPE, P::DTYPE),
-        Alignment::of(&[a.x, a.dy, a.dx]),
+        Alignment::of(&[a.x, a.dy, a.dx, y, dz]),
         launcher,
         tuning,
     )
@@ -789,14 +897,16 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
         ),
     };
     let frozen = mode == flags::FROZEN;
+    let (y, dz) = a.epilogue.addrs();
     let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
     for l in &plan.launches {
         let (stage_plan, id) = (&l.plan, l.kernel);
         let mut p = base_params(shape, stage_plan);
-        p.flags |= mode;
+        p.flags |= mode | a.epilogue.flags();
         p.x = a.x;
         p.dy = a.dy;
+        p.y = y;
         p.weight = a.weight;
         p.ws_channel = ws.channel();
         match a.stats {
@@ -824,6 +934,7 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
                 Region::NONE
             },
             region(a.dy, numel, T::DTYPE, "grad_output", input)?,
+            region(y, numel, T::DTYPE, "output", input)?,
             stats_regions[0],
             stats_regions[1],
         ];
@@ -850,11 +961,19 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
         regions.push(region(a.weight, c, P::DTYPE, "weight", input)?);
         if dx {
             p.dx = a.dx;
+            p.dz = dz;
             regions.push(region(
                 a.dx,
                 numel,
                 T::DTYPE,
                 "grad_input",
+                RegionKind::Output,
+            )?);
+            regions.push(region(
+                dz,
+                numel,
+                T::DTYPE,
+                "grad_residual",
                 RegionKind::Output,
             )?);
             // a dx launch of its own reads the sums the reduction left

@@ -25,7 +25,7 @@
 //     that the emulator has registered;
 //   * every kernel takes one BnParams (kernels/params.h). A launch hands the emulator
 //     the allocations that BnParams' addresses point into as its regions: those of x,
-//     dy, weight and bias read-only, the counters' as Counters (zero before and after),
+//     dy, weight, bias and z read-only, the counters' as Counters (zero before and after),
 //     the rest read-write. A violation inside the kernel fails the launch with
 //     CUDA_ERROR_ILLEGAL_ADDRESS and prints the emulator's message on stderr;
 //   * occupancy: cuOccupancyMaxActiveBlocksPerMultiprocessor answers from threads and
@@ -510,6 +510,8 @@ int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t blo
         {p.ws_counters, "ws_counters", false},
         {p.ws_partials, "ws_partials", false},
         {p.ws_channel, "ws_channel", false},
+        {p.z, "z", true},
+        {p.dz, "dz", false},
     };
     // One region per allocation that some address points into, named after the first
     // field that does.
