@@ -78,12 +78,37 @@ pub trait Backend: Sized + Send + Sync {
         output: &mut Self::TensorMut<'_, T>,
         save: Option<SaveStats<'_, Self, T::Acc>>,
         workspace: &mut Self::Workspace,
+    ) -> Result<()> {
+        self.batch_norm_fused(args, None, output, save, workspace)
+    }
+
+    /// The forward with a fused epilogue (`relu(bn(x))`, `relu(bn(x) + z)`) when one is
+    /// given, validated then run.
+    fn batch_norm_fused<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Forward<'_, Self, T, P>,
+        epilogue: Option<Epilogue<'_, Self, T>>,
+        output: &mut Self::TensorMut<'_, T>,
+        save: Option<SaveStats<'_, Self, T::Acc>>,
+        workspace: &mut Self::Workspace,
     ) -> Result<()>;
 
     /// The backward, validated then run.
     fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         &self,
         args: Backward<'_, Self, T, P>,
+        grads: Grads<'_, Self, T, P>,
+        workspace: &mut Self::Workspace,
+    ) -> Result<()> {
+        self.batch_norm_backward_fused(args, None, grads, workspace)
+    }
+
+    /// The backward of a fused forward: `args.grad_output` is the gradient of the
+    /// epilogue's output, masked by the ReLU here.
+    fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
+        &self,
+        args: Backward<'_, Self, T, P>,
+        epilogue: Option<EpilogueGrad<'_, Self, T>>,
         grads: Grads<'_, Self, T, P>,
         workspace: &mut Self::Workspace,
     ) -> Result<()>;
@@ -94,6 +119,16 @@ pub trait Backend: Sized + Send + Sync {
         &self,
         args: Frozen<'_, Self, T>,
         output: &mut Self::TensorMut<'_, T>,
+    ) -> Result<()> {
+        self.batch_norm_frozen_fused(args, None, output)
+    }
+
+    /// The frozen forward with a fused epilogue when one is given.
+    fn batch_norm_frozen_fused<T: Float>(
+        &self,
+        args: Frozen<'_, Self, T>,
+        epilogue: Option<Epilogue<'_, Self, T>>,
+        output: &mut Self::TensorMut<'_, T>,
     ) -> Result<()>;
 
     /// Its backward, `dx = dy * scale` per channel (`args.input` is dy; the shift is not
@@ -102,7 +137,94 @@ pub trait Backend: Sized + Send + Sync {
         &self,
         args: Frozen<'_, Self, T>,
         grad_input: &mut Self::TensorMut<'_, T>,
+    ) -> Result<()> {
+        self.batch_norm_frozen_backward_fused(args, None, grad_input)
+    }
+
+    /// The frozen backward of a fused forward (dy masked by the ReLU first).
+    fn batch_norm_frozen_backward_fused<T: Float>(
+        &self,
+        args: Frozen<'_, Self, T>,
+        epilogue: Option<EpilogueGrad<'_, Self, T>>,
+        grad_input: &mut Self::TensorMut<'_, T>,
     ) -> Result<()>;
+}
+
+/// What a fused call applies to the normalised values before it writes them, in the
+/// same pass (cuDNN's `BN_ACTIVATION` and `BN_ADD_ACTIVATION`): PyTorch's
+/// `relu(bn(x))` and ResNet's `relu(bn(x) + z)`. The add and the ReLU run in the
+/// accumulator type, and y is rounded once.
+pub enum Epilogue<'a, B: Backend, T: Float> {
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + residual)`.
+    AddRelu {
+        /// z: `shape.numel()` elements in the input's memory format.
+        residual: &'a B::Tensor<'a, T>,
+    },
+}
+
+impl<B: Backend, T: Float> Epilogue<'_, B, T> {
+    /// Checks the residual's length against the shape.
+    pub fn validate(&self, shape: &Shape) -> Result<()> {
+        match self {
+            Epilogue::Relu => Ok(()),
+            Epilogue::AddRelu { residual } => {
+                validate::buffer("residual", shape.numel(), residual.len(), shape)
+            }
+        }
+    }
+}
+
+/// The backward of an [`Epilogue`]: the ReLU's mask is recovered from the forward's
+/// output (a zero gradient where `y <= 0`, as PyTorch's `threshold_backward`), and the
+/// residual's gradient, the masked dy, is written where there was a residual.
+pub enum EpilogueGrad<'a, B: Backend, T: Float> {
+    /// The forward was `y = relu(bn(x))`.
+    Relu {
+        /// Its output y.
+        output: &'a B::Tensor<'a, T>,
+    },
+    /// The forward was `y = relu(bn(x) + z)`.
+    AddRelu {
+        /// Its output y.
+        output: &'a B::Tensor<'a, T>,
+        /// Written with d loss / d z.
+        grad_residual: &'a mut B::TensorMut<'a, T>,
+    },
+}
+
+impl<B: Backend, T: Float> EpilogueGrad<'_, B, T> {
+    /// Checks the output's and the residual gradient's lengths against the shape.
+    pub fn validate(&self, shape: &Shape) -> Result<()> {
+        let numel = shape.numel();
+        match self {
+            EpilogueGrad::Relu { output } => validate::buffer("output", numel, output.len(), shape),
+            EpilogueGrad::AddRelu {
+                output,
+                grad_residual,
+            } => {
+                validate::buffer("output", numel, output.len(), shape)?;
+                validate::buffer("grad_residual", numel, grad_residual.len(), shape)
+            }
+        }
+    }
+}
+
+/// Checks an optional epilogue (see [`Epilogue::validate`]).
+pub fn validate_epilogue<B: Backend, T: Float>(
+    e: &Option<Epilogue<'_, B, T>>,
+    shape: &Shape,
+) -> Result<()> {
+    e.as_ref().map_or(Ok(()), |e| e.validate(shape))
+}
+
+/// Checks an optional backward epilogue (see [`EpilogueGrad::validate`]).
+pub fn validate_epilogue_grad<B: Backend, T: Float>(
+    e: &Option<EpilogueGrad<'_, B, T>>,
+    shape: &Shape,
+) -> Result<()> {
+    e.as_ref().map_or(Ok(()), |e| e.validate(shape))
 }
 
 /// A frozen BatchNorm call's arguments: the coefficients are computed once

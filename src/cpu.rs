@@ -89,36 +89,100 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn batch_norm<T: Float, P: ParamFor<T>>(
+    fn batch_norm_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: Forward<'_, T, P>,
+        epilogue: Option<Epilogue<'_, T>>,
         output: &mut [T],
         save: Option<SaveStats<'_, T::Acc>>,
         _workspace: &mut (),
     ) -> Result<()> {
-        batch_norm(args, output, save)
+        batch_norm_fused(args, epilogue, output, save)
     }
 
-    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+    fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: Backward<'_, T, P>,
+        epilogue: Option<EpilogueGrad<'_, T>>,
         grads: Grads<'_, T, P>,
         _workspace: &mut (),
     ) -> Result<()> {
-        batch_norm_backward(args, grads)
+        batch_norm_backward_fused(args, epilogue, grads)
     }
 
-    fn batch_norm_frozen<T: Float>(&self, args: Frozen<'_, T>, output: &mut [T]) -> Result<()> {
-        batch_norm_frozen(args, output)
-    }
-
-    fn batch_norm_frozen_backward<T: Float>(
+    fn batch_norm_frozen_fused<T: Float>(
         &self,
         args: Frozen<'_, T>,
+        epilogue: Option<Epilogue<'_, T>>,
+        output: &mut [T],
+    ) -> Result<()> {
+        backend::validate_epilogue(&epilogue, &args.shape)?;
+        if args.validate(output)? {
+            frozen_apply(&args, output, Some(epilogue.as_ref()));
+        }
+        Ok(())
+    }
+
+    fn batch_norm_frozen_backward_fused<T: Float>(
+        &self,
+        args: Frozen<'_, T>,
+        epilogue: Option<EpilogueGrad<'_, T>>,
         grad_input: &mut [T],
     ) -> Result<()> {
-        batch_norm_frozen_backward(args, grad_input)
+        backend::validate_epilogue_grad(&epilogue, &args.shape)?;
+        if !args.validate(grad_input)? {
+            return Ok(());
+        }
+        let numel = args.shape.numel();
+        let Some(mut e) = epilogue else {
+            frozen_apply(&args, grad_input, None);
+            return Ok(());
+        };
+        let dy = masked_grad(&args.input[..numel], &mut e)?;
+        let masked = Frozen {
+            input: &dy,
+            shape: args.shape,
+            scale_shift: args.scale_shift,
+        };
+        frozen_apply(&masked, grad_input, None);
+        Ok(())
     }
+}
+
+/// The fused epilogue's arguments on host slices.
+pub type Epilogue<'a, T> = backend::Epilogue<'a, Cpu, T>;
+/// Its backward's.
+pub type EpilogueGrad<'a, T> = backend::EpilogueGrad<'a, Cpu, T>;
+
+/// The epilogue applied to the normalised value `v` of element `i` (in f64, before the
+/// one rounding), for a validated call.
+fn epilogue_at<T: Float>(e: Option<&Epilogue<'_, T>>, i: usize, v: f64) -> f64 {
+    match e {
+        None => v,
+        Some(backend::Epilogue::Relu) => reference::relu(v),
+        Some(backend::Epilogue::AddRelu { residual }) => reference::relu(v + residual[i].to_f64()),
+    }
+}
+
+/// dy masked by the forward's output (`y <= 0`: 0), in T; the residual's gradient is
+/// written where asked for. For a validated call.
+fn masked_grad<T: Float>(dy: &[T], e: &mut EpilogueGrad<'_, T>) -> Result<Vec<T>> {
+    let numel = dy.len();
+    let output = match e {
+        backend::EpilogueGrad::Relu { output } | backend::EpilogueGrad::AddRelu { output, .. } => {
+            &output[..numel]
+        }
+    };
+    let mut g = host_vec(numel, T::from_f64(0.0))?;
+    for ((g, d), y) in g.iter_mut().zip(dy).zip(output) {
+        if !reference::relu_blocks(y.to_f64()) {
+            *g = *d;
+        }
+    }
+    if let backend::EpilogueGrad::AddRelu { grad_residual, .. } = e {
+        grad_residual[..numel].copy_from_slice(&g);
+    }
+    Ok(g)
 }
 
 /// Batch-norm mathematics in f64, the reference every kernel is checked against.
@@ -217,6 +281,21 @@ pub mod reference {
             var[ch] = sq.value() / m;
         }
         Ok((mean, var))
+    }
+
+    /// PyTorch's relu: negative values to 0, NaN and -0 kept.
+    pub fn relu(v: f64) -> f64 {
+        if v < 0.0 {
+            0.0
+        } else {
+            v
+        }
+    }
+
+    /// Whether relu's backward zeroes the gradient where its output is `y` (`y <= 0`,
+    /// as `threshold_backward`; a NaN output passes its gradient).
+    pub fn relu_blocks(y: f64) -> bool {
+        y <= 0.0
     }
 
     /// `1 / sqrt(var + eps)` per channel.
@@ -346,6 +425,18 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
     output: &mut [T],
     save: Option<SaveStats<'_, T::Acc>>,
 ) -> Result<()> {
+    batch_norm_fused(args, None, output, save)
+}
+
+/// The forward with a fused epilogue on the CPU: bn(x), plus the residual, relu, in f64
+/// and rounded once.
+pub fn batch_norm_fused<T: Float, P: ParamFor<T>>(
+    args: Forward<'_, T, P>,
+    epilogue: Option<Epilogue<'_, T>>,
+    output: &mut [T],
+    save: Option<SaveStats<'_, T::Acc>>,
+) -> Result<()> {
+    backend::validate_epilogue(&epilogue, &args.shape)?;
     let ForwardKind::Run {
         batch_stats,
         update_running,
@@ -384,7 +475,10 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
     let invstd = reference::invstd(&var, acc_eps::<T>(eps));
     let w = weight.map(reference::try_to_f64).transpose()?;
     let b = bias.map(reference::try_to_f64).transpose()?;
-    let y = reference::normalize(&x, &shape, &mean, &invstd, w.as_deref(), b.as_deref())?;
+    let mut y = reference::normalize(&x, &shape, &mean, &invstd, w.as_deref(), b.as_deref())?;
+    for (i, v) in y.iter_mut().enumerate() {
+        *v = epilogue_at(epilogue.as_ref(), i, *v);
+    }
     round_into(&mut output[..numel], &y);
     if batch_stats {
         if let Some(s) = save {
@@ -408,10 +502,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
 /// A frozen BatchNorm's forward on the CPU: `y = x * scale + shift`, one multiply-add
 /// per element rounded once (in f64) then to `T`.
 pub fn batch_norm_frozen<T: Float>(args: Frozen<'_, T>, output: &mut [T]) -> Result<()> {
-    if args.validate(output)? {
-        frozen_apply(&args, output, true);
-    }
-    Ok(())
+    Cpu.batch_norm_frozen_fused(args, None, output)
 }
 
 /// Its backward on the CPU: `dx = dy * scale`.
@@ -419,14 +510,16 @@ pub fn batch_norm_frozen_backward<T: Float>(
     args: Frozen<'_, T>,
     grad_input: &mut [T],
 ) -> Result<()> {
-    if args.validate(grad_input)? {
-        frozen_apply(&args, grad_input, false);
-    }
-    Ok(())
+    Cpu.batch_norm_frozen_backward_fused(args, None, grad_input)
 }
 
-/// `out = input * scale (+ shift)` per channel, on a validated call.
-fn frozen_apply<T: Float>(args: &Frozen<'_, T>, out: &mut [T], with_shift: bool) {
+/// The forward (`forward`: the epilogue, if any): `out = epilogue(input * scale + shift)`
+/// per channel; the backward (None): `out = input * scale`. On a validated call.
+fn frozen_apply<T: Float>(
+    args: &Frozen<'_, T>,
+    out: &mut [T],
+    forward: Option<Option<&Epilogue<'_, T>>>,
+) {
     let shape = &args.shape;
     let (c, s, numel) = (shape.c(), shape.spatial(), shape.numel());
     let (scale, shift) = args.scale_shift.split_at(c);
@@ -437,8 +530,13 @@ fn frozen_apply<T: Float>(args: &Frozen<'_, T>, out: &mut [T], with_shift: bool)
         .enumerate()
     {
         let ch = if last { i % c } else { (i / s) % c };
-        let b = if with_shift { shift[ch].to_f64() } else { 0.0 };
-        *o = T::from_f64(x.to_f64().mul_add(scale[ch].to_f64(), b));
+        let b = if forward.is_some() {
+            shift[ch].to_f64()
+        } else {
+            0.0
+        };
+        let v = x.to_f64().mul_add(scale[ch].to_f64(), b);
+        *o = T::from_f64(epilogue_at(forward.flatten(), i, v));
     }
 }
 
@@ -447,6 +545,17 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
     args: Backward<'_, T, P>,
     grads: Grads<'_, T, P>,
 ) -> Result<()> {
+    batch_norm_backward_fused(args, None, grads)
+}
+
+/// The backward of a fused forward on the CPU: dy masked by the ReLU (in T, as
+/// PyTorch's autograd hands it on), the residual's gradient written, then the backward.
+pub fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
+    args: Backward<'_, T, P>,
+    epilogue: Option<EpilogueGrad<'_, T>>,
+    grads: Grads<'_, T, P>,
+) -> Result<()> {
+    backend::validate_epilogue_grad(&epilogue, &args.shape)?;
     let run = args.validate(&grads)?;
     let batch_stats = matches!(args.stats, backend::BackwardStats::Batch { .. });
     let backend::Backward {
@@ -482,8 +591,13 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         ),
     };
     let w = weight.map(reference::try_to_f64).transpose()?;
+    let masked = match epilogue {
+        Some(mut e) => Some(masked_grad(&grad_output[..numel], &mut e)?),
+        None => None,
+    };
+    let dy = masked.as_deref().unwrap_or(&grad_output[..numel]);
     let g = reference::backward(
-        &reference::try_to_f64(&grad_output[..numel])?,
+        &reference::try_to_f64(dy)?,
         &reference::try_to_f64(&input[..numel])?,
         &shape,
         &mean,

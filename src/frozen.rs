@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::backend::{Backend, Frozen, Len};
+use crate::backend::{Backend, Epilogue, EpilogueGrad, Frozen, Len};
 use crate::dtype::{Float, ParamFor};
 use crate::error::{BnError, Result};
 use crate::functional::{batch_norm_frozen, Cuda};
@@ -263,11 +263,91 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, B,
         Ok(out)
     }
 
+    /// `y = relu(x * scale + shift)` or `relu(x * scale + shift + residual)` in one pass,
+    /// into a caller's buffer.
+    pub fn forward_fused_into(
+        &self,
+        input: &B::Tensor<'_, T>,
+        epilogue: Epilogue<'_, B, T>,
+        shape: &Shape,
+        output: &mut B::TensorMut<'_, T>,
+    ) -> Result<()> {
+        let args = self.args(B::reborrow(input), shape)?;
+        self.backend
+            .batch_norm_frozen_fused(args, Some(epilogue), B::reborrow_mut(output))
+    }
+
+    /// The fused forward into a new buffer.
+    pub fn forward_fused(
+        &self,
+        input: &B::Tensor<'_, T>,
+        epilogue: Epilogue<'_, B, T>,
+        shape: &Shape,
+    ) -> Result<B::Buffer<T>> {
+        self.check(input.len(), shape)?;
+        epilogue.validate(shape)?;
+        let mut out = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
+        self.forward_fused_into(input, epilogue, shape, B::tensor_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// The gradient of the input through a fused forward, `dx = mask(dy) * scale` (the
+    /// mask from the forward's output), into a caller's buffer; the residual's gradient
+    /// goes to [`EpilogueGrad::AddRelu`]'s buffer.
+    pub fn backward_fused_into(
+        &self,
+        grad_output: &B::Tensor<'_, T>,
+        epilogue: EpilogueGrad<'_, B, T>,
+        shape: &Shape,
+        grad_input: &mut B::TensorMut<'_, T>,
+    ) -> Result<()> {
+        let args = self.args(B::reborrow(grad_output), shape)?;
+        self.backend.batch_norm_frozen_backward_fused(
+            args,
+            Some(epilogue),
+            B::reborrow_mut(grad_input),
+        )
+    }
+
+    /// The gradients through a fused forward into new buffers: the input's, and the
+    /// residual's when `residual` (the forward was `relu(bn(x) + z)`).
+    pub fn backward_fused(
+        &self,
+        grad_output: &B::Tensor<'_, T>,
+        output: &B::Tensor<'_, T>,
+        residual: bool,
+        shape: &Shape,
+    ) -> Result<FusedGrads<B, T>> {
+        self.check(grad_output.len(), shape)?;
+        crate::validate::buffer("output", shape.numel(), output.len(), shape)?;
+        let zero = T::from_f64(0.0);
+        let mut dx = self.backend.alloc(shape.numel(), zero)?;
+        let mut dz = if residual {
+            Some(self.backend.alloc(shape.numel(), zero)?)
+        } else {
+            None
+        };
+        let output = B::reborrow(output);
+        let epilogue = match dz.as_mut() {
+            None => EpilogueGrad::Relu { output },
+            Some(g) => EpilogueGrad::AddRelu {
+                output,
+                grad_residual: B::tensor_mut(g),
+            },
+        };
+        self.backward_fused_into(grad_output, epilogue, shape, B::tensor_mut(&mut dx))?;
+        Ok((dx, dz))
+    }
+
     fn check(&self, input: usize, shape: &Shape) -> Result<()> {
         validate::module_rank(D, shape)?;
         validate::frozen(shape, input, shape.numel(), 2 * self.num_features()).map(|_| ())
     }
 }
+
+/// A fused frozen backward's gradients: the input's, and the residual's after
+/// `relu(bn(x) + z)`.
+pub type FusedGrads<B, T> = (<B as Backend>::Buffer<T>, Option<<B as Backend>::Buffer<T>>);
 
 #[cfg(feature = "safetensors")]
 impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, B, T, P> {
@@ -309,6 +389,25 @@ impl<const D: usize, T: Float, P: ParamFor<T>> FrozenBatchNorm<D, Cuda, T, P> {
             scale_shift: Cuda::tensor(&self.scale_shift),
         };
         batch_norm_frozen(stream, args, output)
+    }
+
+    /// [`infer`](Self::infer) with a fused epilogue (`relu(bn(x))`, `relu(bn(x) + z)`):
+    /// one pass, shareable and capturable like `infer`.
+    pub fn infer_fused(
+        &self,
+        stream: &Arc<CudaStream>,
+        input: &dyn DevicePtr<T>,
+        epilogue: crate::functional::Epilogue<'_, T>,
+        shape: &Shape,
+        output: &mut dyn DevicePtrMut<T>,
+    ) -> Result<()> {
+        validate::module_rank(D, shape)?;
+        let args = Frozen {
+            input,
+            shape: *shape,
+            scale_shift: Cuda::tensor(&self.scale_shift),
+        };
+        crate::functional::batch_norm_frozen_fused(stream, args, Some(epilogue), output)
     }
 }
 

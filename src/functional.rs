@@ -7,6 +7,10 @@
 //!   references (for inference servers sharing one model across threads and streams);
 //!   no workspace, no allocation, no host synchronisation.
 //! * [`batch_norm_backward`]: input, weight and bias gradients, training or eval.
+//! * `*_fused`: the same with a fused epilogue ([`Epilogue`]: `relu(bn(x))`,
+//!   `relu(bn(x) + z)`) applied in the normalisation pass, and its backward
+//!   ([`EpilogueGrad`]: the ReLU's mask from the forward's output, the residual's
+//!   gradient written).
 //!
 //! Every function validates all of its arguments ([`crate::validate`]) before touching
 //! the device; an `Err` leaves every buffer as it was. Buffers may be any
@@ -175,6 +179,10 @@ pub type BackwardStats<'a, A, P> = backend::BackwardStats<'a, Cuda, A, P>;
 pub type Grads<'a, T, P> = backend::Grads<'a, Cuda, T, P>;
 /// A frozen BatchNorm call's arguments on CUDA buffers.
 pub type Frozen<'a, T> = backend::Frozen<'a, Cuda, T>;
+/// A fused epilogue on CUDA buffers.
+pub type Epilogue<'a, T> = backend::Epilogue<'a, Cuda, T>;
+/// A fused epilogue's backward on CUDA buffers.
+pub type EpilogueGrad<'a, T> = backend::EpilogueGrad<'a, Cuda, T>;
 
 /// The eval forward's arguments: running statistics, no state changes.
 pub struct Eval<'a, T: Float, P: ParamFor<T>> {
@@ -279,39 +287,115 @@ impl Backend for Cuda {
             .map_err(BnError::driver("copying a buffer to the device"))
     }
 
-    fn batch_norm<T: Float, P: ParamFor<T>>(
+    fn batch_norm_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: Forward<'_, T, P>,
+        epilogue: Option<Epilogue<'_, T>>,
         output: &mut (dyn DevicePtrMut<T> + '_),
         save: Option<SaveStats<'_, T::Acc>>,
         workspace: &mut Workspace,
     ) -> Result<()> {
-        batch_norm(&self.stream, args, output, save, workspace)
+        batch_norm_fused(&self.stream, args, epilogue, output, save, workspace)
     }
 
-    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+    fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: Backward<'_, T, P>,
+        epilogue: Option<EpilogueGrad<'_, T>>,
         grads: Grads<'_, T, P>,
         workspace: &mut Workspace,
     ) -> Result<()> {
-        batch_norm_backward(&self.stream, args, grads, workspace)
+        batch_norm_backward_fused(&self.stream, args, epilogue, grads, workspace)
     }
 
-    fn batch_norm_frozen<T: Float>(
+    fn batch_norm_frozen_fused<T: Float>(
         &self,
         args: Frozen<'_, T>,
+        epilogue: Option<Epilogue<'_, T>>,
         output: &mut (dyn DevicePtrMut<T> + '_),
     ) -> Result<()> {
-        batch_norm_frozen(&self.stream, args, output)
+        batch_norm_frozen_fused(&self.stream, args, epilogue, output)
     }
 
-    fn batch_norm_frozen_backward<T: Float>(
+    fn batch_norm_frozen_backward_fused<T: Float>(
         &self,
         args: Frozen<'_, T>,
+        epilogue: Option<EpilogueGrad<'_, T>>,
         grad_input: &mut (dyn DevicePtrMut<T> + '_),
     ) -> Result<()> {
-        batch_norm_frozen_backward(&self.stream, args, grad_input)
+        batch_norm_frozen_backward_fused(&self.stream, args, epilogue, grad_input)
+    }
+}
+
+/// Checks that an epilogue's buffers belong to the stream's context.
+fn epilogue_context<T: Float>(stream: &CudaStream, e: &Option<Epilogue<'_, T>>) -> Result<()> {
+    match e {
+        Some(backend::Epilogue::AddRelu { residual }) => {
+            same_context(stream, "residual", *residual)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that a backward epilogue's buffers belong to the stream's context.
+fn epilogue_grad_context<T: Float>(
+    stream: &CudaStream,
+    e: &Option<EpilogueGrad<'_, T>>,
+) -> Result<()> {
+    match e {
+        None => Ok(()),
+        Some(backend::EpilogueGrad::Relu { output }) => same_context(stream, "output", *output),
+        Some(backend::EpilogueGrad::AddRelu {
+            output,
+            grad_residual,
+        }) => {
+            same_context(stream, "output", *output)?;
+            same_context(stream, "grad_residual", &**grad_residual)
+        }
+    }
+}
+
+/// An epilogue's raw form, with the guard of the residual it reads.
+fn raw_epilogue<'a, T: Float>(
+    e: &'a Option<Epilogue<'_, T>>,
+    stream: &'a CudaStream,
+) -> (raw::Epilogue, Option<SyncOnDrop<'a>>) {
+    match e {
+        None => (raw::Epilogue::None, None),
+        Some(backend::Epilogue::Relu) => (raw::Epilogue::Relu, None),
+        Some(backend::Epilogue::AddRelu { residual }) => {
+            let (p, g) = residual.device_ptr(stream);
+            (raw::Epilogue::AddRelu { residual: p }, Some(g))
+        }
+    }
+}
+
+/// A backward epilogue's raw form, with the guards of the output it reads and the
+/// residual gradient it writes.
+fn raw_epilogue_grad<'a, T: Float>(
+    e: &'a mut Option<EpilogueGrad<'_, T>>,
+    stream: &'a CudaStream,
+) -> (raw::EpilogueGrad, [Option<SyncOnDrop<'a>>; 2]) {
+    match e {
+        None => (raw::EpilogueGrad::None, [None, None]),
+        Some(backend::EpilogueGrad::Relu { output }) => {
+            let (p, g) = output.device_ptr(stream);
+            (raw::EpilogueGrad::Relu { output: p }, [Some(g), None])
+        }
+        Some(backend::EpilogueGrad::AddRelu {
+            output,
+            grad_residual,
+        }) => {
+            let (p, g) = output.device_ptr(stream);
+            let (r, gr) = grad_residual.device_ptr_mut(stream);
+            (
+                raw::EpilogueGrad::AddRelu {
+                    output: p,
+                    grad_residual: r,
+                },
+                [Some(g), Some(gr)],
+            )
+        }
     }
 }
 
@@ -394,6 +478,20 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
     save: Option<SaveStats<'_, T::Acc>>,
     workspace: &mut Workspace,
 ) -> Result<()> {
+    batch_norm_fused(stream, args, None, output, save, workspace)
+}
+
+/// [`batch_norm`] with a fused epilogue: the normalisation pass writes
+/// `relu(bn(x))` or `relu(bn(x) + z)` (one read of x and z, one write of y).
+pub fn batch_norm_fused<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Forward<'_, T, P>,
+    epilogue: Option<Epilogue<'_, T>>,
+    output: &mut dyn DevicePtrMut<T>,
+    save: Option<SaveStats<'_, T::Acc>>,
+    workspace: &mut Workspace,
+) -> Result<()> {
+    backend::validate_epilogue(&epilogue, &args.shape)?;
     let ForwardKind::Run {
         batch_stats,
         update_running,
@@ -431,7 +529,9 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         same_context(stream, "save_mean", &*s.mean)?;
         same_context(stream, "save_invstd", &*s.invstd)?;
     }
+    epilogue_context(stream, &epilogue)?;
     let (kernels, tuning) = prepare(stream, workspace, &shape, T::DTYPE)?;
+    let (ep, _gz) = raw_epilogue(&epilogue, stream);
 
     let (x, _gx) = input.device_ptr(stream);
     let (y, _gy) = output.device_ptr_mut(stream);
@@ -462,6 +562,7 @@ pub fn batch_norm<T: Float, P: ParamFor<T>>(
         eps,
         momentum,
         frozen: 0,
+        epilogue: ep,
     };
     // SAFETY: validation checked every buffer's length against the shape and that all
     // belong to the stream's context; the guards above keep them alive and ordered until
@@ -476,6 +577,18 @@ pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
     args: Eval<'_, T, P>,
     output: &mut dyn DevicePtrMut<T>,
 ) -> Result<()> {
+    batch_norm_eval_fused(stream, args, None, output)
+}
+
+/// [`batch_norm_eval`] with a fused epilogue, in the one pass: `relu(bn(x))` reads x
+/// and writes y, `relu(bn(x) + z)` reads x and z and writes y.
+pub fn batch_norm_eval_fused<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Eval<'_, T, P>,
+    epilogue: Option<Epilogue<'_, T>>,
+    output: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    backend::validate_epilogue(&epilogue, &args.shape)?;
     let Eval {
         input,
         shape,
@@ -514,7 +627,9 @@ pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
             same_context(stream, name, b)?;
         }
     }
+    epilogue_context(stream, &epilogue)?;
     let kernels = Kernels::for_context(stream.context())?;
+    let (ep, _gz) = raw_epilogue(&epilogue, stream);
     let (x, _gx) = input.device_ptr(stream);
     let (y, _gy) = output.device_ptr_mut(stream);
     let (rm, _grm) = running_mean.device_ptr(stream);
@@ -529,6 +644,7 @@ pub fn batch_norm_eval<T: Float, P: ParamFor<T>>(
         running_mean: rm,
         running_var: rv,
         eps,
+        epilogue: ep,
         ..raw::ForwardArgs::default()
     };
     // SAFETY: as in batch_norm; the eval path uses no workspace.
@@ -552,7 +668,18 @@ pub fn batch_norm_frozen<T: Float>(
     args: Frozen<'_, T>,
     output: &mut dyn DevicePtrMut<T>,
 ) -> Result<()> {
-    frozen_call(stream, &args, output, true)
+    frozen_call(stream, &args, output, FrozenPass::Forward(None))
+}
+
+/// [`batch_norm_frozen`] with a fused epilogue: `relu(x * scale + shift [+ z])` in the
+/// one pass, as capturable as the plain call.
+pub fn batch_norm_frozen_fused<T: Float>(
+    stream: &Arc<CudaStream>,
+    args: Frozen<'_, T>,
+    epilogue: Option<Epilogue<'_, T>>,
+    output: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    frozen_call(stream, &args, output, FrozenPass::Forward(epilogue))
 }
 
 /// Its backward, `dx = dy * scale` per channel (`args.input` is dy).
@@ -561,21 +688,45 @@ pub fn batch_norm_frozen_backward<T: Float>(
     args: Frozen<'_, T>,
     grad_input: &mut dyn DevicePtrMut<T>,
 ) -> Result<()> {
-    frozen_call(stream, &args, grad_input, false)
+    frozen_call(stream, &args, grad_input, FrozenPass::Backward(None))
+}
+
+/// The frozen backward of a fused forward: `dx = mask(dy) * scale`, the residual's
+/// gradient `mask(dy)` written for [`EpilogueGrad::AddRelu`].
+pub fn batch_norm_frozen_backward_fused<T: Float>(
+    stream: &Arc<CudaStream>,
+    args: Frozen<'_, T>,
+    epilogue: Option<EpilogueGrad<'_, T>>,
+    grad_input: &mut dyn DevicePtrMut<T>,
+) -> Result<()> {
+    frozen_call(stream, &args, grad_input, FrozenPass::Backward(epilogue))
+}
+
+enum FrozenPass<'a, T: Float> {
+    Forward(Option<Epilogue<'a, T>>),
+    Backward(Option<EpilogueGrad<'a, T>>),
 }
 
 fn frozen_call<T: Float>(
     stream: &Arc<CudaStream>,
     args: &Frozen<'_, T>,
     output: &mut dyn DevicePtrMut<T>,
-    forward: bool,
+    mut pass: FrozenPass<'_, T>,
 ) -> Result<()> {
+    match &pass {
+        FrozenPass::Forward(e) => backend::validate_epilogue(e, &args.shape)?,
+        FrozenPass::Backward(e) => backend::validate_epilogue_grad(e, &args.shape)?,
+    }
     if !args.validate(output)? {
         return Ok(());
     }
     same_context(stream, "input", args.input)?;
     same_context(stream, "output", &*output)?;
     same_context(stream, "scale_shift", args.scale_shift)?;
+    match &pass {
+        FrozenPass::Forward(e) => epilogue_context(stream, e)?,
+        FrozenPass::Backward(e) => epilogue_grad_context(stream, e)?,
+    }
     let kernels = Kernels::for_context(stream.context())?;
     let launcher = CudaLauncher::new(stream, &kernels);
     let (input, _gi) = args.input.device_ptr(stream);
@@ -584,11 +735,13 @@ fn frozen_call<T: Float>(
     let shape = args.shape;
     // Frozen calls have no parameter type of their own: the kernels of (T, T) read
     // T::Acc coefficients, which is all a frozen launch reads per channel.
-    if forward {
+    if let FrozenPass::Forward(e) = &pass {
+        let (epilogue, _gz) = raw_epilogue(e, stream);
         let a = raw::ForwardArgs {
             x: input,
             y: out,
             frozen: coeffs,
+            epilogue,
             ..raw::ForwardArgs::default()
         };
         // SAFETY: validation checked the input, output and coefficient lengths against
@@ -596,6 +749,10 @@ fn frozen_call<T: Float>(
         // alive and ordered until the launch is queued; a frozen eval uses no workspace.
         unsafe { raw::forward::<T, T::Native>(&launcher, &shape, &a, &kernels.tuning()) }
     } else {
+        let FrozenPass::Backward(e) = &mut pass else {
+            unreachable!("the forward returned above")
+        };
+        let (epilogue, _ge) = raw_epilogue_grad(e, stream);
         let a = raw::BackwardArgs {
             dy: input,
             x: 0,
@@ -608,6 +765,7 @@ fn frozen_call<T: Float>(
             grad_bias: 0,
             counters: 0,
             scratch: 0,
+            epilogue,
         };
         // SAFETY: as above; the eval dx launch reads dy and the coefficients only.
         unsafe { raw::backward::<T, T::Native>(&launcher, &shape, &a, &kernels.tuning()) }
@@ -621,6 +779,20 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
     grads: Grads<'_, T, P>,
     workspace: &mut Workspace,
 ) -> Result<()> {
+    batch_norm_backward_fused(stream, args, None, grads, workspace)
+}
+
+/// The backward of [`batch_norm_fused`] / [`batch_norm_eval_fused`]: `args.grad_output`
+/// is the gradient of the epilogue's output; both passes mask it by the forward's
+/// output, and the dx pass writes the residual's gradient.
+pub fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
+    stream: &Arc<CudaStream>,
+    args: Backward<'_, T, P>,
+    mut epilogue: Option<EpilogueGrad<'_, T>>,
+    grads: Grads<'_, T, P>,
+    workspace: &mut Workspace,
+) -> Result<()> {
+    backend::validate_epilogue_grad(&epilogue, &args.shape)?;
     let run = args.validate(&grads)?;
     let backend::Backward {
         grad_output,
@@ -658,6 +830,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
             same_context(stream, "running_var", *var)?;
         }
     }
+    epilogue_grad_context(stream, &epilogue)?;
     if !run {
         // Empty input: the parameter gradients are zero, as in PyTorch.
         for g in [&mut grad_weight, &mut grad_bias].into_iter().flatten() {
@@ -701,6 +874,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         }
     }
     let [(counters, _gc), (scratch, _gs)] = workspace.ptrs(stream)?;
+    let (ep, _ge) = raw_epilogue_grad(&mut epilogue, stream);
     let a = raw::BackwardArgs {
         dy,
         x,
@@ -711,6 +885,7 @@ pub fn batch_norm_backward<T: Float, P: ParamFor<T>>(
         grad_bias: gb,
         counters,
         scratch,
+        epilogue: ep,
     };
     // SAFETY: validation checked every length against the shape and the contexts; the
     // guards keep the buffers alive and ordered until the launches are queued.

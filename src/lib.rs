@@ -88,7 +88,7 @@ pub mod validate;
 #[cfg(feature = "safetensors")]
 pub mod weights;
 
-pub use backend::Backend;
+pub use backend::{Backend, Epilogue, EpilogueGrad};
 pub use cpu::Cpu;
 pub use dtype::{DType, Float, ParamFor};
 pub use error::{BnError, Result};
@@ -104,7 +104,7 @@ pub use half;
 /// What most programs use: `use cuda_batchnorm::prelude::*;`. The CUDA modules are
 /// `BatchNorm1d`/`2d`/`3d` here; the CPU backend's are `cpu::BatchNorm2d` and so on.
 pub mod prelude {
-    pub use crate::backend::Backend;
+    pub use crate::backend::{Backend, Epilogue, EpilogueGrad};
     pub use crate::cpu::{self, Cpu};
     pub use crate::dtype::{DType, Float};
     pub use crate::error::{BnError, Result};

@@ -11,7 +11,9 @@
 //! advances in training). One deviation: a call that returns `Err` changes nothing, the
 //! counter included (PyTorch increments it before validating the input).
 
-use crate::backend::{Backend, BackwardStats, Forward, Grads, Len, SaveStats};
+use crate::backend::{
+    Backend, BackwardStats, Epilogue, EpilogueGrad, Forward, Grads, Len, SaveStats,
+};
 use crate::dtype::{Float, ParamFor};
 use crate::error::{BnError, Result};
 use crate::shape::Shape;
@@ -75,6 +77,9 @@ pub struct Gradients<B: Backend, T: Float, P: Float> {
     pub weight: Option<B::Buffer<P>>,
     /// d loss / d bias (affine modules).
     pub bias: Option<B::Buffer<P>>,
+    /// d loss / d residual, after a fused `relu(bn(x) + z)` forward
+    /// ([`BatchNorm::backward_fused`]).
+    pub residual: Option<B::Buffer<T>>,
 }
 
 /// Version counters of the tensors a backward reads from the module, as PyTorch's
@@ -102,6 +107,34 @@ struct LastForward {
     batch_stats: bool,
     /// The versions the forward saw, which its backward needs unchanged.
     versions: Versions,
+    /// The forward's fused epilogue, which its backward must differentiate.
+    fused: Fused,
+}
+
+/// Which epilogue a forward fused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fused {
+    None,
+    Relu,
+    AddRelu,
+}
+
+impl Fused {
+    pub(crate) fn of<B: Backend, T: Float>(e: &Option<Epilogue<'_, B, T>>) -> Fused {
+        match e {
+            None => Fused::None,
+            Some(Epilogue::Relu) => Fused::Relu,
+            Some(Epilogue::AddRelu { .. }) => Fused::AddRelu,
+        }
+    }
+
+    pub(crate) fn of_grad<B: Backend, T: Float>(e: &Option<EpilogueGrad<'_, B, T>>) -> Fused {
+        match e {
+            None => Fused::None,
+            Some(EpilogueGrad::Relu { .. }) => Fused::Relu,
+            Some(EpilogueGrad::AddRelu { .. }) => Fused::AddRelu,
+        }
+    }
 }
 
 impl<B: Backend, T: Float, P: Float> std::fmt::Debug for Gradients<B, T, P> {
@@ -312,8 +345,23 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         shape: &Shape,
         output: &mut B::TensorMut<'_, T>,
     ) -> Result<()> {
+        self.forward_fused_into(input, None, shape, output)
+    }
+
+    /// [`forward_into`](Self::forward_into) with a fused epilogue: the output is
+    /// `relu(bn(x))` or `relu(bn(x) + residual)`, written by the normalisation pass.
+    /// Its backward is [`backward_fused_into`](Self::backward_fused_into).
+    pub fn forward_fused_into(
+        &mut self,
+        input: &B::Tensor<'_, T>,
+        epilogue: Option<Epilogue<'_, B, T>>,
+        shape: &Shape,
+        output: &mut B::TensorMut<'_, T>,
+    ) -> Result<()> {
         // Everything is checked before anything is allocated for the call.
         self.check_forward(input.len(), output.len(), shape)?;
+        crate::backend::validate_epilogue(&epilogue, shape)?;
+        let fused = Fused::of(&epilogue);
         let batch_stats = self.uses_batch_stats();
         let momentum = self.factor();
         // A module with no per-channel state takes any channel count, as PyTorch's does;
@@ -347,8 +395,13 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             mean: B::tensor_mut(save_mean),
             invstd: B::tensor_mut(save_invstd),
         });
-        self.backend
-            .batch_norm(args, B::reborrow_mut(output), save, &mut self.workspace)?;
+        self.backend.batch_norm_fused(
+            args,
+            epilogue,
+            B::reborrow_mut(output),
+            save,
+            &mut self.workspace,
+        )?;
         if let Some((m, i)) = regrown {
             self.save_mean = m;
             self.save_invstd = i;
@@ -361,6 +414,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             shape: *shape,
             batch_stats,
             versions: self.versions,
+            fused,
         });
         Ok(())
     }
@@ -390,9 +444,21 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
 
     /// The forward into a new buffer.
     pub fn forward(&mut self, input: &B::Tensor<'_, T>, shape: &Shape) -> Result<B::Buffer<T>> {
+        self.forward_fused(input, None, shape)
+    }
+
+    /// The fused forward ([`forward_fused_into`](Self::forward_fused_into)) into a new
+    /// buffer.
+    pub fn forward_fused(
+        &mut self,
+        input: &B::Tensor<'_, T>,
+        epilogue: Option<Epilogue<'_, B, T>>,
+        shape: &Shape,
+    ) -> Result<B::Buffer<T>> {
         self.check_forward(input.len(), shape.numel(), shape)?;
+        crate::backend::validate_epilogue(&epilogue, shape)?;
         let mut out = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
-        self.forward_into(input, shape, B::tensor_mut(&mut out))?;
+        self.forward_fused_into(input, epilogue, shape, B::tensor_mut(&mut out))?;
         Ok(out)
     }
 
@@ -408,7 +474,37 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         grad_weight: Option<&mut B::TensorMut<'_, P>>,
         grad_bias: Option<&mut B::TensorMut<'_, P>>,
     ) -> Result<()> {
+        self.backward_fused_into(
+            grad_output,
+            input,
+            None,
+            shape,
+            grad_input,
+            grad_weight,
+            grad_bias,
+        )
+    }
+
+    /// The backward of the last forward, which fused `epilogue`'s forward (or none):
+    /// `grad_output` is the gradient of the epilogue's output; the ReLU's mask comes
+    /// from that output, and [`EpilogueGrad::AddRelu`] receives the residual's gradient.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_fused_into(
+        &mut self,
+        grad_output: &B::Tensor<'_, T>,
+        input: &B::Tensor<'_, T>,
+        epilogue: Option<EpilogueGrad<'_, B, T>>,
+        shape: &Shape,
+        grad_input: &mut B::TensorMut<'_, T>,
+        grad_weight: Option<&mut B::TensorMut<'_, P>>,
+        grad_bias: Option<&mut B::TensorMut<'_, P>>,
+    ) -> Result<()> {
         let last = self.last_forward(shape)?;
+        if Fused::of_grad(&epilogue) != last.fused {
+            return Err(BnError::Backward(
+                "the backward's epilogue must be the one the last forward fused",
+            ));
+        }
         let stats = if last.batch_stats {
             BackwardStats::Batch {
                 save_mean: B::tensor(&self.save_mean),
@@ -441,7 +537,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             bias: grad_bias.map(|g| B::reborrow_mut(g)),
         };
         self.backend
-            .batch_norm_backward(args, grads, &mut self.workspace)
+            .batch_norm_backward_fused(args, epilogue, grads, &mut self.workspace)
     }
 
     /// The last forward, which a backward on `shape` differentiates: the same shape,
@@ -490,8 +586,39 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         input: &B::Tensor<'_, T>,
         shape: &Shape,
     ) -> Result<Gradients<B, T, P>> {
+        self.backward_with(grad_output, input, None, shape)
+    }
+
+    /// The backward of a fused forward into new buffers: `output` is that forward's
+    /// output (the ReLU's mask); the residual's gradient is returned when the forward
+    /// added one.
+    pub fn backward_fused(
+        &mut self,
+        grad_output: &B::Tensor<'_, T>,
+        input: &B::Tensor<'_, T>,
+        output: &B::Tensor<'_, T>,
+        shape: &Shape,
+    ) -> Result<Gradients<B, T, P>> {
+        self.backward_with(grad_output, input, Some(output), shape)
+    }
+
+    fn backward_with(
+        &mut self,
+        grad_output: &B::Tensor<'_, T>,
+        input: &B::Tensor<'_, T>,
+        output: Option<&B::Tensor<'_, T>>,
+        shape: &Shape,
+    ) -> Result<Gradients<B, T, P>> {
         // Its shape is one a forward accepted, so the buffers below are sized sanely.
-        self.last_forward(shape)?;
+        let last = self.last_forward(shape)?;
+        if output.is_some() == (last.fused == Fused::None) {
+            return Err(BnError::Backward(
+                "the backward's epilogue must be the one the last forward fused",
+            ));
+        }
+        if let Some(out) = output {
+            validate::buffer("output", shape.numel(), out.len(), shape)?;
+        }
         let zero = P::from_f64(0.0);
         let mut g_in = self.backend.alloc(shape.numel(), T::from_f64(0.0))?;
         // The parameters' gradients have the parameters' length (an empty input's C
@@ -507,9 +634,25 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         } else {
             None
         };
-        self.backward_into(
+        let mut g_z = if last.fused == Fused::AddRelu {
+            Some(self.backend.alloc(shape.numel(), T::from_f64(0.0))?)
+        } else {
+            None
+        };
+        let epilogue = match (output, g_z.as_mut()) {
+            (None, _) => None,
+            (Some(output), None) => Some(EpilogueGrad::Relu {
+                output: B::reborrow(output),
+            }),
+            (Some(output), Some(g)) => Some(EpilogueGrad::AddRelu {
+                output: B::reborrow(output),
+                grad_residual: B::tensor_mut(g),
+            }),
+        };
+        self.backward_fused_into(
             grad_output,
             input,
+            epilogue,
             shape,
             B::tensor_mut(&mut g_in),
             g_w.as_mut().map(B::tensor_mut),
@@ -519,6 +662,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             input: g_in,
             weight: g_w,
             bias: g_b,
+            residual: g_z,
         })
     }
 

@@ -23,7 +23,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::dtype::{Float, ParamFor};
 use crate::error::{BnError, Result};
-use crate::functional::{batch_norm_eval, Cuda, Eval};
+use crate::functional::{batch_norm_eval_fused, Cuda, Epilogue, Eval};
 use crate::module::BatchNorm;
 use crate::shape::Shape;
 use crate::validate;
@@ -54,6 +54,19 @@ impl<const D: usize, T: Float, P: ParamFor<T>> BatchNorm<D, Cuda, T, P> {
         shape: &Shape,
         output: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
+        self.infer_fused(stream, input, None, shape, output)
+    }
+
+    /// [`infer`](Self::infer) with a fused epilogue (`relu(bn(x))`, `relu(bn(x) + z)`)
+    /// in the same one pass.
+    pub fn infer_fused(
+        &self,
+        stream: &Arc<CudaStream>,
+        input: &dyn DevicePtr<T>,
+        epilogue: Option<Epilogue<'_, T>>,
+        shape: &Shape,
+        output: &mut dyn DevicePtrMut<T>,
+    ) -> Result<()> {
         validate::module_rank(D, shape)?;
         let (Some(running_mean), Some(running_var)) = (self.running_mean(), self.running_var())
         else {
@@ -70,6 +83,6 @@ impl<const D: usize, T: Float, P: ParamFor<T>> BatchNorm<D, Cuda, T, P> {
             bias: self.bias().map(|b| b as &dyn DevicePtr<P>),
             eps: self.options().eps,
         };
-        batch_norm_eval(stream, args, output)
+        batch_norm_eval_fused(stream, args, epilogue, output)
     }
 }
