@@ -33,6 +33,10 @@ parses it): per case kind conv|transposed|linear, dtype (the layer's), param (th
 BatchNorm's), groups, wshape, eps, weight, bias (or none), bn_weight, bn_bias,
 bn_running_mean, bn_running_var, then PyTorch's fused_weight and fused_bias.
 
+tests/fixtures/fused.txt holds fused epilogue cases in the same format, with
+`epilogue relu|add_relu` under the case (y = relu(bn(x)), or relu(bn(x) + z)) and, for
+add_relu, each step's residual z and its gradient dz.
+
 tests/fixtures/frozen.txt holds frozen BatchNorm cases in the same format: one eval
 step whose running_mean / running_var are the buffers (written first), then x, dy, y
 and dx.
@@ -95,7 +99,10 @@ def channel_data(gen, dims, dtype, constant_channel=None):
 
 
 def run_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, affine=True, track=True,
-             momentum=0.1, eps=1e-5, steps=("train", "train", "eval"), seed=0, constant_channel=None):
+             momentum=0.1, eps=1e-5, steps=("train", "train", "eval"), seed=0, constant_channel=None,
+             epilogue=None):
+    """epilogue "relu" records relu(bn(x)), "add_relu" relu(bn(x) + z) with each step's z
+    and its gradient dz, through autograd (the unfused ops in the input's dtype)."""
     param = param or dtype
     gen = torch.Generator().manual_seed(seed)
     cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[module]
@@ -105,6 +112,8 @@ def run_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, affi
     f.write(f"case {name}\nmodule {module}\ndims {' '.join(map(str, dims))}\nformat {layout}\n")
     f.write(f"dtype {dtype}\nparam {param}\naffine {int(affine)}\ntrack {int(track)}\n")
     f.write(f"momentum {'none' if momentum is None else repr(momentum)}\neps {eps!r}\n")
+    if epilogue:
+        f.write(f"epilogue {epilogue}\n")
     if affine:
         with torch.no_grad():
             bn.weight.copy_(torch.rand(dims[1], generator=gen, dtype=torch.float64) + 0.5)
@@ -118,10 +127,21 @@ def run_case(f, name, module, dims, layout="nchw", dtype="f32", param=None, affi
         if affine:
             bn.weight.grad = None
             bn.bias.grad = None
-        y = bn(x)
+        z = None
+        if epilogue == "add_relu":
+            z = torch.randn(dims, generator=gen, dtype=torch.float64).to(DTYPES[dtype])
+            z = from_memory_order(to_memory_order(z, layout), layout, dims).detach().requires_grad_(True)
+            y = torch.relu(bn(x) + z)
+        elif epilogue == "relu":
+            y = torch.relu(bn(x))
+        else:
+            y = bn(x)
         (y.double() * dy.double()).sum().backward()
         f.write(f"step {mode}\n")
         f.write(f"x {fmt(to_memory_order(x, layout))}\n")
+        if z is not None:
+            f.write(f"z {fmt(to_memory_order(z, layout))}\n")
+            f.write(f"dz {fmt(to_memory_order(z.grad, layout))}\n")
         f.write(f"dy {fmt(to_memory_order(dy, layout))}\n")
         f.write(f"y {fmt(to_memory_order(y, layout))}\n")
         f.write(f"dx {fmt(to_memory_order(x.grad, layout))}\n")
@@ -386,6 +406,21 @@ def main():
         run_case(f, "bn2d_nhwc_bf16", 2, [3, 4, 3, 3], layout="nhwc", dtype="bf16", seed=20)
         run_case(f, "bn1d_nlc", 1, [3, 4, 6], layout="nhwc", seed=21)
         run_case(f, "bn2d_nhwc_f64_no_affine", 2, [2, 3, 3, 3], layout="nhwc", dtype="f64", affine=False, seed=22)
+    # Fused epilogues through autograd: relu(bn(x)) and relu(bn(x) + z) (the inference
+    # issue's fixtures).
+    with open(os.path.join(OUT, "fused.txt"), "w") as f:
+        f.write(header)
+        for i, (t, p) in enumerate([("f32", "f32"), ("f64", "f64"), ("f16", "f16"), ("bf16", "bf16"),
+                                    ("f16", "f32"), ("bf16", "f32")]):
+            run_case(f, f"relu2d_{t}_{p}", 2, [2, 3, 4, 5], dtype=t, param=p, seed=70 + i,
+                     epilogue="relu")
+            run_case(f, f"add_relu2d_nhwc_{t}_{p}", 2, [2, 5, 3, 4], layout="nhwc", dtype=t, param=p,
+                     seed=80 + i, epilogue="add_relu")
+        run_case(f, "add_relu2d", 2, [3, 4, 3, 3], seed=90, epilogue="add_relu")
+        run_case(f, "relu1d_nc", 1, [8, 3], seed=91, epilogue="relu")
+        run_case(f, "add_relu3d_no_affine", 3, [2, 3, 2, 2, 3], affine=False, seed=92, epilogue="add_relu")
+        run_case(f, "relu2d_nhwc_momentum_none", 2, [2, 4, 3, 3], layout="nhwc", momentum=None,
+                 seed=93, epilogue="relu")
     # Frozen BatchNorm, torchvision's formula (the inference issue's fixtures).
     with open(os.path.join(OUT, "frozen.txt"), "w") as f:
         f.write(header)

@@ -18,7 +18,7 @@ use common::{
     check_cases, check_problem, fixtures, Case, Data, GradOut, Padded, Problem, Runner, TrainOut,
     CASES, TYPE_PAIRS,
 };
-use cuda_batchnorm::backend::{self, Backend, Forward, Grads, SaveStats};
+use cuda_batchnorm::backend::{self, Backend, Epilogue, EpilogueGrad, Forward, Grads, SaveStats};
 use cuda_batchnorm::cpu::reference;
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::launch::{
@@ -166,6 +166,32 @@ fn opt_addr<E>(s: &Option<&[E]>) -> u64 {
     s.map_or(0, addr)
 }
 
+fn raw_epilogue<T: Float>(e: &Option<Epilogue<'_, Emu, T>>) -> raw::Epilogue {
+    match e {
+        None => raw::Epilogue::None,
+        Some(Epilogue::Relu) => raw::Epilogue::Relu,
+        Some(Epilogue::AddRelu { residual }) => raw::Epilogue::AddRelu {
+            residual: addr(residual),
+        },
+    }
+}
+
+fn raw_epilogue_grad<T: Float>(e: &Option<EpilogueGrad<'_, Emu, T>>) -> raw::EpilogueGrad {
+    match e {
+        None => raw::EpilogueGrad::None,
+        Some(EpilogueGrad::Relu { output }) => raw::EpilogueGrad::Relu {
+            output: addr(output),
+        },
+        Some(EpilogueGrad::AddRelu {
+            output,
+            grad_residual,
+        }) => raw::EpilogueGrad::AddRelu {
+            output: addr(output),
+            grad_residual: addr(grad_residual),
+        },
+    }
+}
+
 impl Backend for Emu {
     type Tensor<'t, E: Float> = [E];
     type TensorMut<'t, E: Float> = [E];
@@ -198,13 +224,15 @@ impl Backend for Emu {
         Ok(())
     }
 
-    fn batch_norm<T: Float, P: ParamFor<T>>(
+    fn batch_norm_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: Forward<'_, Emu, T, P>,
+        epilogue: Option<Epilogue<'_, Emu, T>>,
         output: &mut [T],
         save: Option<SaveStats<'_, Emu, T::Acc>>,
         workspace: &mut EmuWorkspace,
     ) -> Result<()> {
+        backend::validate_epilogue(&epilogue, &args.shape)?;
         let ForwardKind::Run {
             batch_stats,
             update_running,
@@ -232,18 +260,21 @@ impl Backend for Emu {
             eps: args.eps,
             momentum: args.momentum,
             frozen: 0,
+            epilogue: raw_epilogue(&epilogue),
         };
         // SAFETY: validation checked every slice against the shape; the slices and the
         // workspace live across the call; host memory is what the emulator executes on.
         unsafe { raw::forward::<T, P>(&self.launcher(), &args.shape, &a, &self.tuning) }
     }
 
-    fn batch_norm_backward<T: Float, P: ParamFor<T>>(
+    fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
         &self,
         args: backend::Backward<'_, Emu, T, P>,
+        epilogue: Option<EpilogueGrad<'_, Emu, T>>,
         grads: Grads<'_, Emu, T, P>,
         workspace: &mut EmuWorkspace,
     ) -> Result<()> {
+        backend::validate_epilogue_grad(&epilogue, &args.shape)?;
         if !args.validate(&grads)? {
             for g in [grads.weight, grads.bias].into_iter().flatten() {
                 g.fill(P::from_f64(0.0));
@@ -275,16 +306,19 @@ impl Backend for Emu {
             grad_bias: grads.bias.as_deref().map_or(0, addr),
             counters,
             scratch,
+            epilogue: raw_epilogue_grad(&epilogue),
         };
         // SAFETY: as in batch_norm.
         unsafe { raw::backward::<T, P>(&self.launcher(), &args.shape, &a, &self.tuning) }
     }
 
-    fn batch_norm_frozen<T: Float>(
+    fn batch_norm_frozen_fused<T: Float>(
         &self,
         args: backend::Frozen<'_, Emu, T>,
+        epilogue: Option<Epilogue<'_, Emu, T>>,
         output: &mut [T],
     ) -> Result<()> {
+        backend::validate_epilogue(&epilogue, &args.shape)?;
         if !args.validate(output)? {
             return Ok(());
         }
@@ -292,17 +326,20 @@ impl Backend for Emu {
             x: addr(args.input),
             y: addr(output),
             frozen: addr(args.scale_shift),
+            epilogue: raw_epilogue(&epilogue),
             ..raw::ForwardArgs::default()
         };
         // SAFETY: as in batch_norm; a frozen eval uses no workspace.
         unsafe { raw::forward::<T, T::Native>(&self.launcher(), &args.shape, &a, &self.tuning) }
     }
 
-    fn batch_norm_frozen_backward<T: Float>(
+    fn batch_norm_frozen_backward_fused<T: Float>(
         &self,
         args: backend::Frozen<'_, Emu, T>,
+        epilogue: Option<EpilogueGrad<'_, Emu, T>>,
         grad_input: &mut [T],
     ) -> Result<()> {
+        backend::validate_epilogue_grad(&epilogue, &args.shape)?;
         if !args.validate(grad_input)? {
             return Ok(());
         }
@@ -318,6 +355,7 @@ impl Backend for Emu {
             grad_bias: 0,
             counters: 0,
             scratch: 0,
+            epilogue: raw_epilogue_grad(&epilogue),
         };
         // SAFETY: as in batch_norm.
         unsafe { raw::backward::<T, T::Native>(&self.launcher(), &args.shape, &a, &self.tuning) }
@@ -1328,6 +1366,8 @@ fn params_abi_matches_the_kernels() {
         ws_counters: 13,
         ws_partials: 14,
         ws_channel: 15,
+        z: 27,
+        dz: 28,
         n: 16,
         c: 17,
         s: 18,
@@ -1340,14 +1380,14 @@ fn params_abi_matches_the_kernels() {
         tile_x: 25,
         reserved: 26,
     };
-    let mut out = vec![0u64; 26];
+    let mut out = vec![0u64; 28];
     let p = BnParams {
         y: out.as_mut_ptr() as u64,
         ..p
     };
     let region = emu::Region {
         addr: p.y,
-        bytes: 26 * 8,
+        bytes: 28 * 8,
         name: "out",
         kind: emu::RegionKind::Output,
     };
@@ -1370,7 +1410,7 @@ fn params_abi_matches_the_kernels() {
     }
     .unwrap();
     let expect: Vec<u64> = [
-        1, p.y, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+        1, p.y, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 27, 28, 16, 17, 18, 19,
     ]
     .into_iter()
     .chain([1.5f64, 2.5, 3.5].map(f64::to_bits))
@@ -1610,4 +1650,410 @@ fn folding_on_emulated_kernels() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The fused epilogues (`relu(bn(x))`, `relu(bn(x) + z)`) on every type pair, both
+/// layouts, 16-byte aligned and not, with sentinels around every output: the training
+/// forward and backward, the eval forward and backward and the frozen ones against the
+/// CPU backend (the backward masked by the emulated forward's own output), the residual's
+/// gradient equal to the masked dy bit for bit, and the eval and frozen results of NCHW
+/// and NHWC equal bit for bit.
+#[test]
+fn fused_epilogues_on_every_type_and_layout() {
+    let shapes: &[&[usize]] = &[&[4, 3, 5, 7], &[8, 16, 2, 2], &[6, 5], &[2, 3, 2, 3, 4]];
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    let emu = Emu::new(SMALL, SPLIT);
+    for &pair in TYPE_PAIRS {
+        for dims in shapes {
+            for add in [false, true] {
+                for pad in [8, 3] {
+                    let r = with_types!(pair, |T, P| check_fused::<T, P>(emu, dims, add, pad));
+                    match r {
+                        Ok(n) => runs += n,
+                        Err(e) => {
+                            failures.push(format!("{pair:?} {dims:?} add {add} pad {pad}: {e}"))
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(runs, TYPE_PAIRS.len() * shapes.len() * 2 * 2 * 2);
+    // Only the baseline family runs epilogues: forcing another is a typed error.
+    let ilp = Emu::new(
+        SMALL,
+        Tuning {
+            variant: Some(Variant::Ilp),
+            ..SPLIT
+        },
+    );
+    let shape = Shape::nchw(2, 3, 4, 4).unwrap();
+    let x = vec![1.0f32; shape.numel()];
+    let mut y = vec![0.0f32; shape.numel()];
+    let (rm, rv) = (vec![0.0f32; 3], vec![1.0f32; 3]);
+    let r = ilp.batch_norm_fused(
+        Forward {
+            input: &x,
+            shape,
+            running_mean: Some(&mut rm.clone()),
+            running_var: Some(&mut rv.clone()),
+            weight: None,
+            bias: None,
+            training: false,
+            momentum: 0.1,
+            eps: 1e-5,
+        },
+        Some(Epilogue::Relu),
+        &mut y,
+        None,
+        &mut EmuWorkspace::default(),
+    );
+    assert!(
+        matches!(r, Err(BnError::VariantUnavailable { .. })),
+        "{r:?}"
+    );
+}
+
+/// What the layout-independent checks compare: eval y, dx, dz; frozen y, dx, dz (dz
+/// empty without a residual).
+type FusedBits = [Vec<f64>; 6];
+
+/// One shape, both layouts (see [`fused_epilogues_on_every_type_and_layout`]). Returns
+/// the number of layouts run (2).
+fn check_fused<T: Float, P: ParamFor<T>>(
+    emu: Emu,
+    dims: &[usize],
+    add: bool,
+    pad: usize,
+) -> std::result::Result<usize, String> {
+    let e = |e: BnError| e.to_string();
+    let c = dims[1];
+    let mut rng = common::Rng::new(dims.iter().product::<usize>() as u64 * 3 + add as u64);
+    let per_channel = |rng: &mut common::Rng, f: &dyn Fn(f64) -> f64| -> Vec<f64> {
+        (0..c).map(|_| f(rng.normal())).collect()
+    };
+    let weight: Vec<P> = per_channel(&mut rng, &|v| 1.0 + 0.3 * v)
+        .into_iter()
+        .map(P::from_f64)
+        .collect();
+    let bias: Vec<P> = per_channel(&mut rng, &|v| 0.5 * v)
+        .into_iter()
+        .map(P::from_f64)
+        .collect();
+    let running_mean: Vec<P> = per_channel(&mut rng, &|v| v)
+        .into_iter()
+        .map(P::from_f64)
+        .collect();
+    let running_var: Vec<P> = per_channel(&mut rng, &|v| 1.0 + 0.5 * v.abs())
+        .into_iter()
+        .map(P::from_f64)
+        .collect();
+    let coeffs: Vec<T::Acc> = (0..2 * c).map(|_| T::Acc::from_f64(rng.normal())).collect();
+    let contiguous = Shape::new(dims, MemoryFormat::Contiguous).map_err(e)?;
+    let numel = contiguous.numel();
+    let logical = |rng: &mut common::Rng, k: f64| -> Vec<f64> {
+        (0..numel).map(|_| rng.normal() * k).collect()
+    };
+    let (x, z, dy) = (
+        logical(&mut rng, 2.0),
+        logical(&mut rng, 1.0),
+        logical(&mut rng, 1.0),
+    );
+    let mut layouts: Vec<(Shape, FusedBits)> = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let shape = contiguous.with_format(format);
+        let cast = |v: &[f64]| -> Padded<T> {
+            let v: Vec<T> = common::cnn::to_format(v, dims, format)
+                .iter()
+                .map(|&a| T::from_f64(a))
+                .collect();
+            Padded::new(&v, pad)
+        };
+        let (xt, zt, dyt) = (cast(&x), cast(&z), cast(&dy));
+        let epilogue = || -> Option<Epilogue<'_, Emu, T>> {
+            Some(if add {
+                Epilogue::AddRelu {
+                    residual: zt.payload(),
+                }
+            } else {
+                Epilogue::Relu
+            })
+        };
+        let cpu_epilogue = || -> Option<Epilogue<'_, Cpu, T>> {
+            Some(if add {
+                Epilogue::AddRelu {
+                    residual: zt.payload(),
+                }
+            } else {
+                Epilogue::Relu
+            })
+        };
+        // Each mode: (training, frozen).
+        let mut bits: Vec<Vec<f64>> = Vec::new();
+        for (training, frozen) in [(true, false), (false, false), (false, true)] {
+            let mode = if frozen {
+                "frozen"
+            } else if training {
+                "train"
+            } else {
+                "eval"
+            };
+            let err = |m: String| format!("{format:?} {mode}: {m}");
+            let mut y = Padded::<T>::output(numel, pad);
+            let (mut sm, mut si) = (
+                Padded::<T::Acc>::output(c, pad),
+                Padded::<T::Acc>::output(c, pad),
+            );
+            let (mut rm, mut rv) = (running_mean.clone(), running_var.clone());
+            let (mut cpu_rm, mut cpu_rv) = (running_mean.clone(), running_var.clone());
+            let mut want_y = vec![T::default(); numel];
+            let (mut cpu_sm, mut cpu_si) = (vec![T::Acc::default(); c], vec![T::Acc::default(); c]);
+            let frozen_args = |input| backend::Frozen::<Emu, T> {
+                input,
+                shape,
+                scale_shift: &coeffs,
+            };
+            let cpu_frozen_args = |input| backend::Frozen::<Cpu, T> {
+                input,
+                shape,
+                scale_shift: &coeffs,
+            };
+            if frozen {
+                emu.batch_norm_frozen_fused(frozen_args(xt.payload()), epilogue(), y.payload_mut())
+                    .map_err(e)?;
+                Cpu.batch_norm_frozen_fused(
+                    cpu_frozen_args(xt.payload()),
+                    cpu_epilogue(),
+                    &mut want_y,
+                )
+                .map_err(e)?;
+            } else {
+                let mut ws = EmuWorkspace::default();
+                emu.batch_norm_fused(
+                    Forward {
+                        input: xt.payload(),
+                        shape,
+                        running_mean: Some(&mut rm),
+                        running_var: Some(&mut rv),
+                        weight: Some(&weight),
+                        bias: Some(&bias),
+                        training,
+                        momentum: 0.1,
+                        eps: 1e-5,
+                    },
+                    epilogue(),
+                    y.payload_mut(),
+                    training.then(|| SaveStats {
+                        mean: sm.payload_mut(),
+                        invstd: si.payload_mut(),
+                    }),
+                    &mut ws,
+                )
+                .map_err(e)?;
+                Cpu.batch_norm_fused(
+                    Forward {
+                        input: xt.payload(),
+                        shape,
+                        running_mean: Some(&mut cpu_rm),
+                        running_var: Some(&mut cpu_rv),
+                        weight: Some(&weight),
+                        bias: Some(&bias),
+                        training,
+                        momentum: 0.1,
+                        eps: 1e-5,
+                    },
+                    cpu_epilogue(),
+                    &mut want_y,
+                    training.then(|| SaveStats {
+                        mean: &mut cpu_sm[..],
+                        invstd: &mut cpu_si[..],
+                    }),
+                    &mut (),
+                )
+                .map_err(e)?;
+                common::check_close("running_mean", &rm, &reference::to_f64(&cpu_rm))
+                    .map_err(err)?;
+                common::check_close("running_var", &rv, &reference::to_f64(&cpu_rv))
+                    .map_err(err)?;
+            }
+            let y = y.checked("y").map_err(err)?;
+            common::check_close("y", &y, &reference::to_f64(&want_y)).map_err(err)?;
+            if training {
+                let (sm, si) = (
+                    sm.checked("save_mean").map_err(err)?,
+                    si.checked("save_invstd").map_err(err)?,
+                );
+                common::check_close("save_mean", &sm, &reference::to_f64(&cpu_sm)).map_err(err)?;
+                common::check_close("save_invstd", &si, &reference::to_f64(&cpu_si))
+                    .map_err(err)?;
+            }
+            // The backward, masked by the emulated forward's own output on both sides.
+            let mut dx = Padded::<T>::output(numel, pad);
+            let mut dz = Padded::<T>::output(numel, pad);
+            let (mut gw, mut gb) = (Padded::<P>::output(c, pad), Padded::<P>::output(c, pad));
+            let mut want_dx = vec![T::default(); numel];
+            let mut want_dz = vec![T::default(); numel];
+            let (mut want_gw, mut want_gb) = (vec![P::default(); c], vec![P::default(); c]);
+            if frozen {
+                emu.batch_norm_frozen_backward_fused(
+                    frozen_args(dyt.payload()),
+                    emu_grad(add, &y, dz.payload_mut()),
+                    dx.payload_mut(),
+                )
+                .map_err(e)?;
+                Cpu.batch_norm_frozen_backward_fused(
+                    cpu_frozen_args(dyt.payload()),
+                    cpu_grad(add, &y, &mut want_dz),
+                    &mut want_dx,
+                )
+                .map_err(e)?;
+            } else {
+                let saved = sm.payload().to_vec();
+                let saved_invstd = si.payload().to_vec();
+                let stats = || {
+                    if training {
+                        backend::BackwardStats::Batch {
+                            save_mean: &saved[..],
+                            save_invstd: &saved_invstd[..],
+                        }
+                    } else {
+                        backend::BackwardStats::Running {
+                            mean: &running_mean[..],
+                            var: &running_var[..],
+                            eps: 1e-5,
+                        }
+                    }
+                };
+                let cpu_stats = || {
+                    if training {
+                        backend::BackwardStats::Batch {
+                            save_mean: &saved[..],
+                            save_invstd: &saved_invstd[..],
+                        }
+                    } else {
+                        backend::BackwardStats::Running {
+                            mean: &running_mean[..],
+                            var: &running_var[..],
+                            eps: 1e-5,
+                        }
+                    }
+                };
+                let mut ws = EmuWorkspace::default();
+                emu.batch_norm_backward_fused(
+                    backend::Backward {
+                        grad_output: dyt.payload(),
+                        input: xt.payload(),
+                        shape,
+                        weight: Some(&weight),
+                        stats: stats(),
+                    },
+                    emu_grad(add, &y, dz.payload_mut()),
+                    Grads {
+                        input: dx.payload_mut(),
+                        weight: Some(gw.payload_mut()),
+                        bias: Some(gb.payload_mut()),
+                    },
+                    &mut ws,
+                )
+                .map_err(e)?;
+                Cpu.batch_norm_backward_fused(
+                    backend::Backward {
+                        grad_output: dyt.payload(),
+                        input: xt.payload(),
+                        shape,
+                        weight: Some(&weight),
+                        stats: cpu_stats(),
+                    },
+                    cpu_grad(add, &y, &mut want_dz),
+                    Grads {
+                        input: &mut want_dx,
+                        weight: Some(&mut want_gw),
+                        bias: Some(&mut want_gb),
+                    },
+                    &mut (),
+                )
+                .map_err(e)?;
+                let (gw, gb) = (
+                    gw.checked("grad_weight").map_err(err)?,
+                    gb.checked("grad_bias").map_err(err)?,
+                );
+                common::check_close("grad_weight", &gw, &reference::to_f64(&want_gw))
+                    .map_err(err)?;
+                common::check_close("grad_bias", &gb, &reference::to_f64(&want_gb)).map_err(err)?;
+            }
+            let dx = dx.checked("dx").map_err(err)?;
+            common::check_close("dx", &dx, &reference::to_f64(&want_dx)).map_err(err)?;
+            let dz = if add {
+                let dz = reference::to_f64(&dz.checked("grad_residual").map_err(err)?);
+                // bits, so that NaN or a signed zero would show too
+                let same = dz
+                    .iter()
+                    .zip(reference::to_f64(&want_dz))
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                if !same {
+                    return Err(err("grad_residual is not the masked dy".into()));
+                }
+                dz
+            } else if dz.data.iter().any(|v| *v != common::sentinel::<T>()) {
+                return Err(err("relu's backward wrote a residual gradient".into()));
+            } else {
+                Vec::new()
+            };
+            if !training {
+                bits.extend([reference::to_f64(&y), reference::to_f64(&dx), dz]);
+            }
+        }
+        let bits: FusedBits = bits
+            .try_into()
+            .map_err(|_| "six layout-independent results".to_string())?;
+        layouts.push((shape, bits));
+    }
+    let (a, b) = (&layouts[0], &layouts[1]);
+    for (k, (va, vb)) in a.1.iter().zip(&b.1).enumerate() {
+        for n in 0..a.0.n() {
+            for ch in 0..c {
+                for s in 0..a.0.spatial() {
+                    let (i, j) = (a.0.offset(n, ch, s), b.0.offset(n, ch, s));
+                    if !va.is_empty() && va[i].to_bits() != vb[j].to_bits() {
+                        return Err(format!(
+                            "result {k}: nchw and nhwc differ at ({n}, {ch}, {s})"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(2)
+}
+
+fn emu_grad<'a, T: Float>(
+    add: bool,
+    output: &'a [T],
+    dz: &'a mut [T],
+) -> Option<EpilogueGrad<'a, Emu, T>> {
+    Some(if add {
+        EpilogueGrad::AddRelu {
+            output,
+            grad_residual: dz,
+        }
+    } else {
+        EpilogueGrad::Relu { output }
+    })
+}
+
+fn cpu_grad<'a, T: Float>(
+    add: bool,
+    output: &'a [T],
+    dz: &'a mut [T],
+) -> Option<EpilogueGrad<'a, Cpu, T>> {
+    Some(if add {
+        EpilogueGrad::AddRelu {
+            output,
+            grad_residual: dz,
+        }
+    } else {
+        EpilogueGrad::Relu { output }
+    })
 }

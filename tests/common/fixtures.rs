@@ -1,6 +1,7 @@
 //! PyTorch golden fixtures (tests/fixtures/*.txt, made by scripts/make_fixtures.py):
 //! the parser, and a replay of each case's steps through a module on any backend.
 
+use cuda_batchnorm::backend::Epilogue;
 use cuda_batchnorm::{
     Backend, BatchNorm, BatchNormOptions, DType, Float, FrozenBatchNorm, MemoryFormat, ParamFor,
     Shape, StateDict,
@@ -44,7 +45,17 @@ pub struct FixtureCase {
     pub eps: f64,
     pub weight: Option<Vec<f64>>,
     pub bias: Option<Vec<f64>>,
+    /// The fused epilogue PyTorch's autograd ran after the module.
+    pub epilogue: Fused,
     pub steps: Vec<Step>,
+}
+
+/// A case's epilogue: `bn(x)`, `relu(bn(x))` or `relu(bn(x) + z)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fused {
+    None,
+    Relu,
+    AddRelu,
 }
 
 fn floats(words: &[&str]) -> Result<Vec<f64>, String> {
@@ -86,6 +97,7 @@ pub fn parse(text: &str) -> Result<Vec<FixtureCase>, String> {
                 eps: 1e-5,
                 weight: None,
                 bias: None,
+                epilogue: Fused::None,
                 steps: Vec::new(),
             });
             continue;
@@ -125,6 +137,13 @@ pub fn parse(text: &str) -> Result<Vec<FixtureCase>, String> {
             "eps" => c.eps = one()?.parse().map_err(|e| err(format!("{e}")))?,
             "weight" => c.weight = Some(floats(rest).map_err(err)?),
             "bias" => c.bias = Some(floats(rest).map_err(err)?),
+            "epilogue" => {
+                c.epilogue = match one()? {
+                    "relu" => Fused::Relu,
+                    "add_relu" => Fused::AddRelu,
+                    e => return Err(err(format!("bad epilogue {e}"))),
+                }
+            }
             "step" => c.steps.push(Step {
                 train: one()? == "train",
                 ..Step::default()
@@ -221,6 +240,7 @@ pub fn all() -> Vec<FixtureCase> {
     for text in [
         include_str!("../fixtures/modules_f32.txt"),
         include_str!("../fixtures/dtypes_formats.txt"),
+        include_str!("../fixtures/fused.txt"),
     ] {
         out.extend(parse(text).expect("fixtures parse"));
     }
@@ -295,8 +315,28 @@ fn replay_d<const D: usize, B: Backend, T: Float, P: ParamFor<T>>(
         bn.backend()
             .copy_from_host(&mut dy, &cast::<T>(step.need("dy").map_err(ctx)?))
             .map_err(|e| e.to_string())?;
+        let z = match case.epilogue {
+            Fused::AddRelu => {
+                let mut z = bn
+                    .backend()
+                    .alloc(shape.numel(), T::from_f64(0.0))
+                    .map_err(|e| e.to_string())?;
+                bn.backend()
+                    .copy_from_host(&mut z, &cast::<T>(step.need("z").map_err(ctx)?))
+                    .map_err(|e| e.to_string())?;
+                Some(z)
+            }
+            _ => None,
+        };
+        let epilogue = match (case.epilogue, &z) {
+            (Fused::None, _) => None,
+            (_, Some(z)) => Some(Epilogue::AddRelu {
+                residual: B::tensor(z),
+            }),
+            (_, None) => Some(Epilogue::Relu),
+        };
         let y = bn
-            .forward(B::tensor(&x), &shape)
+            .forward_fused(B::tensor(&x), epilogue, &shape)
             .map_err(|e| ctx(e.to_string()))?;
         check_close(
             "y",
@@ -304,11 +344,26 @@ fn replay_d<const D: usize, B: Backend, T: Float, P: ParamFor<T>>(
             step.need("y").map_err(ctx)?,
         )
         .map_err(ctx)?;
-        let g = bn
-            .backward(B::tensor(&dy), B::tensor(&x), &shape)
-            .map_err(|e| ctx(e.to_string()))?;
+        let g = if case.epilogue == Fused::None {
+            bn.backward(B::tensor(&dy), B::tensor(&x), &shape)
+        } else {
+            bn.backward_fused(B::tensor(&dy), B::tensor(&x), B::tensor(&y), &shape)
+        }
+        .map_err(|e| ctx(e.to_string()))?;
         let host = |b: &B::Buffer<T>| bn.backend().to_host(b).map_err(|e| e.to_string());
         check_close("dx", &host(&g.input)?, step.need("dx").map_err(ctx)?).map_err(ctx)?;
+        match (&g.residual, case.epilogue) {
+            (Some(dz), Fused::AddRelu) => {
+                check_close("dz", &host(dz)?, step.need("dz").map_err(ctx)?).map_err(ctx)?
+            }
+            (None, Fused::None | Fused::Relu) => {}
+            (r, e) => {
+                return Err(ctx(format!(
+                    "residual gradient {} after epilogue {e:?}",
+                    if r.is_some() { "returned" } else { "missing" }
+                )))
+            }
+        }
         if case.affine {
             let hp = |b: &Option<B::Buffer<P>>| match b {
                 Some(b) => bn.backend().to_host(b).map_err(|e| e.to_string()),
