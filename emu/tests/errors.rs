@@ -293,26 +293,26 @@ fn bad_config(c: Launch, params_len: usize, needle: &str) {
 fn invalid_launch_configurations() {
     let ok = cfg(1, 32);
     let with = |grid: [u32; 3], block: [u32; 3]| Launch { grid, block, ..ok };
-    bad_config(with([1, 1, 1], [0, 1, 1]), 192, "invalid launch: block");
-    bad_config(with([1, 1, 1], [1025, 1, 1]), 192, "invalid launch: block");
-    bad_config(with([1, 1, 1], [1, 1025, 1]), 192, "invalid launch: block");
-    bad_config(with([1, 1, 1], [1, 1, 65]), 192, "invalid launch: block");
-    bad_config(with([1, 1, 1], [32, 32, 2]), 192, "more than 1024");
-    bad_config(with([0, 1, 1], [32, 1, 1]), 192, "invalid launch: grid");
+    bad_config(with([1, 1, 1], [0, 1, 1]), 208, "invalid launch: block");
+    bad_config(with([1, 1, 1], [1025, 1, 1]), 208, "invalid launch: block");
+    bad_config(with([1, 1, 1], [1, 1025, 1]), 208, "invalid launch: block");
+    bad_config(with([1, 1, 1], [1, 1, 65]), 208, "invalid launch: block");
+    bad_config(with([1, 1, 1], [32, 32, 2]), 208, "more than 1024");
+    bad_config(with([0, 1, 1], [32, 1, 1]), 208, "invalid launch: grid");
     bad_config(
         with([1 << 31, 1, 1], [32, 1, 1]),
-        192,
+        208,
         "invalid launch: grid",
     );
-    bad_config(with([1, 65536, 1], [32, 1, 1]), 192, "invalid launch: grid");
-    bad_config(with([1, 1, 0], [32, 1, 1]), 192, "invalid launch: grid");
-    bad_config(ok, 191, "params are 191 bytes but the kernel takes 192");
+    bad_config(with([1, 65536, 1], [32, 1, 1]), 208, "invalid launch: grid");
+    bad_config(with([1, 1, 0], [32, 1, 1]), 208, "invalid launch: grid");
+    bad_config(ok, 207, "params are 207 bytes but the kernel takes 208");
     bad_config(
         Launch {
             dynamic_shared_bytes: 49153,
             ..ok
         },
-        192,
+        208,
         "dynamic shared memory",
     );
     bad_config(
@@ -320,16 +320,16 @@ fn invalid_launch_configurations() {
             cooperative: true,
             ..with([257, 1, 1], [256, 1, 1])
         },
-        192,
+        208,
         "invalid cooperative launch",
     );
-    let r = launch("no_such_kernel", &ok, &[0u8; 192], &[], &opts(0));
+    let r = launch("no_such_kernel", &ok, &[0u8; 208], &[], &opts(0));
     let e = expect_err(
         r,
         &["no kernel named 'no_such_kernel'", "are; nearest by name"],
     );
     // a near miss is named
-    let r = launch("emu_test_sped", &ok, &[0u8; 192], &[], &opts(0));
+    let r = launch("emu_test_sped", &ok, &[0u8; 208], &[], &opts(0));
     expect_err(r, &["no kernel named 'emu_test_sped'", "emu_test_speed"]);
     assert_eq!(e.kernel, "no_such_kernel");
 }

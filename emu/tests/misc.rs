@@ -158,7 +158,7 @@ fn multi_dimensional_launch() {
 
 #[test]
 fn params_layout_round_trips() {
-    let mut y = vec![0u64; 26];
+    let mut y = vec![0u64; 28];
     let p = BnParams {
         x: 0x1111,
         y: addr_mut(&mut y),
@@ -175,6 +175,8 @@ fn params_layout_round_trips() {
         ws_counters: 0xdddd,
         ws_partials: 0xeeee,
         ws_channel: 0xffff,
+        z: 0x1_0000,
+        dz: 0x1_1111,
         n: -1,
         c: 3,
         s: 1 << 40,
@@ -205,6 +207,8 @@ fn params_layout_round_trips() {
         0xdddd,
         0xeeee,
         0xffff,
+        0x1_0000,
+        0x1_1111,
         u64::MAX,
         3,
         1 << 40,

@@ -23,6 +23,8 @@ pub struct BnParams {
     pub ws_counters: u64,
     pub ws_partials: u64,
     pub ws_channel: u64,
+    pub z: u64,
+    pub dz: u64,
     pub n: i64,
     pub c: i64,
     pub s: i64,
@@ -36,13 +38,13 @@ pub struct BnParams {
     pub reserved: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<BnParams>() == 192);
+const _: () = assert!(std::mem::size_of::<BnParams>() == 208);
 
 impl BnParams {
     pub fn bytes(&self) -> Vec<u8> {
         let p: *const BnParams = self;
-        // SAFETY: BnParams is repr(C) plain data with no padding (15 u64, 4 i64, 3 f64,
-        // 4 u32 = 192 bytes, asserted above); reading its bytes is fine.
+        // SAFETY: BnParams is repr(C) plain data with no padding (17 u64, 4 i64, 3 f64,
+        // 4 u32 = 208 bytes, asserted above); reading its bytes is fine.
         unsafe { std::slice::from_raw_parts(p.cast::<u8>(), std::mem::size_of::<BnParams>()) }
             .to_vec()
     }

@@ -179,9 +179,10 @@ __device__ void dims_body(const BnParams& p) {
 __device__ void params_body(const BnParams& p) {
     const bn::Gmem<uint64_t> y(p.y);
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    const uint64_t addrs[15] = {p.x,           p.y,         p.dy,           p.dx,          p.weight,
+    const uint64_t addrs[17] = {p.x,           p.y,         p.dy,           p.dx,          p.weight,
                                 p.bias,        p.running_mean, p.running_var, p.save_mean, p.save_invstd,
-                                p.grad_weight, p.grad_bias, p.ws_counters,  p.ws_partials, p.ws_channel};
+                                p.grad_weight, p.grad_bias, p.ws_counters,  p.ws_partials, p.ws_channel,
+                                p.z,           p.dz};
     int k = 0;
     for (uint64_t a : addrs) y.st(k++, a);
     y.st(k++, static_cast<uint64_t>(p.n));
