@@ -1255,3 +1255,79 @@ fn frozen_infer_from_many_threads() {
         assert_eq!(y, expect);
     }
 }
+
+/// The frozen module's fused epilogues on the CUDA path: `infer_fused` and
+/// `forward_fused` against the CPU's frozen module, the fused backward's dx and residual
+/// gradient too, in both layouts.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn frozen_fused_on_the_gpu() {
+    let Some(Gpu { stream, .. }) = gpu("frozen_fused_on_the_gpu") else {
+        return;
+    };
+    use cuda_batchnorm::cpu::reference::to_f64;
+    use cuda_batchnorm::Epilogue;
+    let c = 12;
+    let sd = trained_state(c);
+    let bn = cuda_batchnorm::nn::FrozenBatchNorm2d::<f32>::from_state_dict(
+        Cuda::new(&stream),
+        c,
+        1e-5,
+        &sd,
+    )
+    .unwrap();
+    let cpu = cuda_batchnorm::cpu::FrozenBatchNorm2d::<f32>::from_state_dict(
+        cuda_batchnorm::Cpu,
+        c,
+        1e-5,
+        &sd,
+    )
+    .unwrap();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let shape = Shape::new(&[3, c, 5, 7], format).unwrap();
+        let n = shape.numel();
+        let host_x: Vec<f32> = (0..n).map(|i| (i % 17) as f32 * 0.3 - 2.4).collect();
+        let host_z: Vec<f32> = (0..n).map(|i| (i % 11) as f32 * 0.2 - 1.0).collect();
+        let host_dy: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.5 - 1.5).collect();
+        let (x, z, dy) = (
+            stream.clone_htod(&host_x).unwrap(),
+            stream.clone_htod(&host_z).unwrap(),
+            stream.clone_htod(&host_dy).unwrap(),
+        );
+        let want_y = cpu
+            .forward_fused(&host_x, Epilogue::AddRelu { residual: &host_z }, &shape)
+            .unwrap();
+        let mut y = stream.alloc_zeros::<f32>(n).unwrap();
+        bn.infer_fused(
+            &stream,
+            &x,
+            Epilogue::AddRelu { residual: &z },
+            &shape,
+            &mut y,
+        )
+        .unwrap();
+        let got_y = stream.clone_dtoh(&y).unwrap();
+        common::check_close("infer_fused y", &got_y, &to_f64(&want_y)).unwrap();
+        assert!(got_y.contains(&0.0) && got_y.iter().any(|v| *v > 0.0));
+        let relu_y = bn.forward_fused(&x, Epilogue::Relu, &shape).unwrap();
+        let want_relu = cpu.forward_fused(&host_x, Epilogue::Relu, &shape).unwrap();
+        common::check_close(
+            "forward_fused relu y",
+            &stream.clone_dtoh(&relu_y).unwrap(),
+            &to_f64(&want_relu),
+        )
+        .unwrap();
+        // the backward, masked by the GPU's own y on both sides
+        let (dx, dz) = bn.backward_fused(&dy, &y, true, &shape).unwrap();
+        let (want_dx, want_dz) = cpu.backward_fused(&host_dy, &got_y, true, &shape).unwrap();
+        common::check_close("dx", &stream.clone_dtoh(&dx).unwrap(), &to_f64(&want_dx)).unwrap();
+        assert_eq!(
+            stream.clone_dtoh(&dz.unwrap()).unwrap(),
+            want_dz.unwrap(),
+            "{format:?} grad_residual"
+        );
+    }
+}
