@@ -1,6 +1,7 @@
 //! Criterion benchmarks of cuda-batchnorm's GPU operations on a few representative
 //! shapes: ResNet-50's (32, 256, 56, 56) in NCHW and NHWC, f32 and f16, and a
-//! BatchNorm1d (4096, 1024) f32; training forward, eval forward and backward.
+//! BatchNorm1d (4096, 1024) f32; training forward, eval forward and backward, the frozen
+//! eval, and the fused add-ReLU epilogue beside our unfused sequence of it.
 //!
 //! Each sample runs the op `iters` times between two stream synchronisations and
 //! reports the wall time; inputs stay in L2 where they fit (use `bnbench` for the
@@ -18,7 +19,7 @@ use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Shape, Works
 #[path = "../bnbench/src/ops.rs"]
 mod ops;
 
-use ops::OpBuffers;
+use ops::{Epi, FusedBuffers, OpBuffers};
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -53,7 +54,20 @@ fn case<T: Float, P: ParamFor<T>>(
         gw: s.alloc_zeros::<P>(c).map_err(err)?,
         gb: s.alloc_zeros::<P>(c).map_err(err)?,
         ws: Workspace::for_shape(s, &shape, T::DTYPE).map_err(err)?,
+        fused: None,
     };
+    let mut identity = vec![<T::Acc as Float>::from_f64(1.0); c];
+    identity.resize(2 * c, <T::Acc as Float>::from_f64(0.0));
+    let frozen: Vec<T::Acc> = (0..2 * c)
+        .map(|i| <T::Acc as Float>::from_f64(if i < c { 1.25 } else { 0.5 }))
+        .collect();
+    case.fused = Some(FusedBuffers {
+        z: s.clone_htod(&dy).map_err(err)?,
+        tmp: s.alloc_zeros::<T>(n).map_err(err)?,
+        dz: s.alloc_zeros::<T>(n).map_err(err)?,
+        identity: s.clone_htod(&identity).map_err(err)?,
+        frozen: s.clone_htod(&frozen).map_err(err)?,
+    });
     case.train(s).map_err(err)?;
     s.synchronize().map_err(err)?;
     Ok(case)
@@ -90,7 +104,7 @@ fn bench_case<T: Float, P: ParamFor<T>>(c: &mut Criterion, s: &Arc<CudaStream>, 
         }
     };
     let io = (shape.numel() * T::DTYPE.size()) as u64;
-    let mut g = c.benchmark_group(name);
+    let mut g = c.benchmark_group(name.clone());
     g.sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
@@ -101,9 +115,41 @@ fn bench_case<T: Float, P: ParamFor<T>>(c: &mut Criterion, s: &Arc<CudaStream>, 
     g.bench_function("eval_fwd", |bch| {
         bch.iter_custom(|iters| timed(s, iters, || case.eval(s)))
     });
+    g.bench_function("frozen_eval", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.frozen_eval(s)))
+    });
+    g.bench_function("eval_relu", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.eval_fused(s, Epi::Relu)))
+    });
     g.throughput(Throughput::Bytes(3 * io));
     g.bench_function("backward", |bch| {
         bch.iter_custom(|iters| timed(s, iters, || case.backward(s)))
+    });
+    g.bench_function("eval_add_relu", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.eval_fused(s, Epi::AddRelu)))
+    });
+    g.bench_function("eval_add_relu_seq", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.eval_seq(s, Epi::AddRelu)))
+    });
+    g.bench_function("train_fwd_add_relu", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.train_fused(s, Epi::AddRelu)))
+    });
+    g.bench_function("train_fwd_add_relu_seq", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.train_seq(s, Epi::AddRelu)))
+    });
+    // The fused backward's mask comes from the fused forward's y.
+    if let Err(e) = case.train_fused(s, Epi::AddRelu) {
+        println!("batchnorm bench: {name}: the fused forward failed: {e}");
+        g.finish();
+        return;
+    }
+    g.throughput(Throughput::Bytes(5 * io));
+    g.bench_function("backward_add_relu", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.backward_fused(s, Epi::AddRelu)))
+    });
+    g.throughput(Throughput::Bytes(4 * io));
+    g.bench_function("backward_relu_seq", |bch| {
+        bch.iter_custom(|iters| timed(s, iters, || case.backward_seq(s)))
     });
     g.finish();
 }

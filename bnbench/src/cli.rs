@@ -172,7 +172,7 @@ struct Args {
     #[arg(long = "layout", value_name = "LIST", value_delimiter = ',')]
     layouts: Vec<LayoutArg>,
 
-    /// Ops, comma-separated [default: all three]
+    /// Ops, comma-separated [default: train_fwd,eval_fwd,backward]
     #[arg(long = "op", value_name = "LIST", value_delimiter = ',')]
     ops: Vec<Op>,
 
@@ -392,7 +392,7 @@ where
     let layouts: Vec<MemoryFormat> = unique(a.layouts.into_iter().map(MemoryFormat::from));
     let dtypes: Vec<DType> = unique(a.dtypes.into_iter().map(DType::from));
     let ops = if a.ops.is_empty() {
-        Op::ALL.to_vec()
+        Op::PLAIN.to_vec()
     } else {
         // Run in the suite's op order whatever the flag's order.
         Op::ALL
@@ -453,7 +453,7 @@ mod tests {
         assert_eq!(o.warmup, 10);
         assert_eq!(o.seed, DEFAULT_SEED);
         assert_eq!(o.device, 0);
-        assert_eq!(o.ops, Op::ALL.to_vec());
+        assert_eq!(o.ops, Op::PLAIN.to_vec());
         assert!(o.check && !o.list && !o.emulated_child);
         assert!(o.variants.is_empty());
         assert_eq!(o.choices(), vec![None]);

@@ -67,6 +67,8 @@ pub mod streams {
     pub const RUNNING_MEAN: u64 = 5;
     /// Running variance.
     pub const RUNNING_VAR: u64 = 6;
+    /// The residual of the fused add-ReLU.
+    pub const Z: u64 = 7;
 }
 
 /// The host side of one row's inputs.
@@ -75,6 +77,8 @@ pub struct Inputs<T: Float, P: Float> {
     pub x: Vec<T>,
     /// dy's pattern.
     pub dy: Vec<T>,
+    /// The residual z's pattern (the fused add-ReLU ops).
+    pub z: Vec<T>,
     /// Weight (C), in [0.5, 1.5).
     pub weight: Vec<P>,
     /// Bias (C), in [-0.5, 0.5).
@@ -87,13 +91,15 @@ pub struct Inputs<T: Float, P: Float> {
 
 impl<T: Float, P: Float> Inputs<T, P> {
     /// Inputs for `shape`: x uniform in [-2, 3) (mean 0.5, so statistics are not
-    /// near zero), dy uniform in [-1, 2).
+    /// near zero), dy uniform in [-1, 2), z uniform in [-1, 1) (so that relu(bn(x) + z)
+    /// cuts about half of the values).
     pub fn new(seed: u64, shape: &Shape) -> Self {
         let n = shape.numel().min(PATTERN_LEN);
         let c = shape.c();
         Inputs {
             x: random_vec(seed, streams::X, n, -2.0, 3.0),
             dy: random_vec(seed, streams::DY, n, -1.0, 2.0),
+            z: random_vec(seed, streams::Z, n, -1.0, 1.0),
             weight: random_vec(seed, streams::WEIGHT, c, 0.5, 1.5),
             bias: random_vec(seed, streams::BIAS, c, -0.5, 0.5),
             running_mean: random_vec(seed, streams::RUNNING_MEAN, c, -0.5, 0.5),

@@ -21,13 +21,13 @@ use cuda_batchnorm::cudarc::driver::{
 };
 use cuda_batchnorm::half::{bf16, f16};
 use cuda_batchnorm::launch::{Tuning, TuningTable, Variant};
-use cuda_batchnorm::{functional, BnError, DType, Float, ParamFor, Shape, Workspace};
+use cuda_batchnorm::{frozen, functional, BnError, DType, Float, ParamFor, Shape, Workspace};
 
 use crate::check::{self, BackwardOut, Check, Sample, TrainOut};
 use crate::data::{self, Inputs};
 use crate::metrics;
-use crate::ops::OpBuffers;
-use crate::suite::{Op, Row};
+use crate::ops::{FusedBuffers, OpBuffers, EPS};
+use crate::suite::{Kind, Op, Row};
 use crate::timing::{self, Timing};
 
 /// Bytes of the device-to-device copy that calibrates `% copy` (at least 4 x L2).
@@ -345,14 +345,15 @@ impl Gpu {
         let inputs = Inputs::<T, P>::new(cfg.seed, &shape);
         let chans = data::sample_channels(shape.c());
         let sample = (cfg.check || !cfg.timed).then(|| Sample::new(&inputs, &shape, &chans));
-        let mut bufs = Buffers::<T, P>::new(&s, &shape, &inputs, ops.contains(&Op::Backward))?;
+        let mut bufs = Buffers::<T, P>::new(&s, &shape, &inputs, ops)?;
         let tol = check::tolerance(T::DTYPE);
         let mut results = Vec::new();
         for &op in ops {
-            // The statistics the backward differentiates through, from the context's
-            // own choice of training forward, whichever family the backward is.
-            let stats = if op == Op::Backward {
-                (|| -> Result<(), String> {
+            // The statistics (and for an epilogue, the y) the backward differentiates
+            // through, from the context's own choice of its training forward, whichever
+            // family the backward is.
+            let stats = match op.forward() {
+                Some(fwd) => (|| -> Result<(), String> {
                     functional::set_tuning(&s, base).map_err(bn)?;
                     bufs.ws
                         .reserve(
@@ -361,11 +362,10 @@ impl Gpu {
                         )
                         .map_err(bn)?;
                     bufs.reset_running(&s, &inputs)?;
-                    bufs.train(&s)
+                    bufs.call(&s, fwd)
                         .map_err(|e| format!("the training forward before the backward: {e}"))
-                })()
-            } else {
-                Ok(())
+                })(),
+                None => Ok(()),
             };
             for &choice in choices {
                 progress(op, choice);
@@ -378,6 +378,9 @@ impl Gpu {
                     error: None,
                 };
                 let outcome = (|| -> Result<(), Failure> {
+                    if choice.is_some() && !op.is_plain() {
+                        return Err(Failure::Unavailable(FUSED_AUTO_ONLY.into()));
+                    }
                     stats.clone()?;
                     functional::set_tuning(
                         &s,
@@ -394,31 +397,7 @@ impl Gpu {
                     // anything is checked or timed.
                     bufs.call(&s, op)?;
                     if let Some(sample) = &sample {
-                        res.check = Some(match op {
-                            Op::TrainFwd => {
-                                let out = TrainOut {
-                                    y: bufs.gather(&s, Which::Y, &chans)?,
-                                    save_mean: pick(&s, &bufs.sm, &chans)?,
-                                    save_invstd: pick(&s, &bufs.si, &chans)?,
-                                    running_mean: pick(&s, &bufs.rm, &chans)?,
-                                    running_var: pick(&s, &bufs.rv, &chans)?,
-                                };
-                                check::check_train(sample, &out, tol)
-                            }
-                            Op::EvalFwd => {
-                                check::check_eval(sample, &bufs.gather(&s, Which::Y, &chans)?, tol)
-                            }
-                            Op::Backward => {
-                                let out = BackwardOut {
-                                    dx: bufs.gather(&s, Which::Dx, &chans)?,
-                                    grad_weight: pick(&s, &bufs.gw, &chans)?,
-                                    grad_bias: pick(&s, &bufs.gb, &chans)?,
-                                };
-                                let (sm, si) =
-                                    (pick(&s, &bufs.sm, &chans)?, pick(&s, &bufs.si, &chans)?);
-                                check::check_backward(sample, &sm, &si, &out, tol)
-                            }
-                        });
+                        res.check = Some(bufs.check(&s, op, sample, &chans, tol)?);
                     }
                     if cfg.timed {
                         res.timing = Some(time(
@@ -443,6 +422,12 @@ impl Gpu {
         Ok(results)
     }
 }
+
+/// Why a frozen or fused op (or our unfused sequence of one) is not run by a forced
+/// family: the fused calls run the baseline family's epilogue whatever is asked, and the
+/// sequences are timed as the planner chains them.
+pub const FUSED_AUTO_ONLY: &str =
+    "the frozen and fused ops and their unfused sequences run with the planner's choice only (auto)";
 
 /// Every op and family of a row that could not be set up, failed with `e`.
 fn failed_row(ops: &[Op], choices: &[Option<Variant>], e: &str) -> Vec<OpResult> {
@@ -498,21 +483,48 @@ fn upload_tiled<E: Float>(
 enum Which {
     Y,
     Dx,
+    Dz,
 }
 
 /// Every buffer of one row.
 type Buffers<T, P> = OpBuffers<T, P>;
 
 impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
+    /// The buffers `ops` need: the backward's when one is a backward, the fused ops'
+    /// when one is not plain.
     fn new(
         s: &Arc<CudaStream>,
         shape: &Shape,
         inputs: &Inputs<T, P>,
-        backward: bool,
+        ops: &[Op],
     ) -> Result<Self, String> {
+        let backward = ops.iter().any(|o| o.kind() == Kind::Backward);
         let (numel, c) = (shape.numel(), shape.c());
         let alloc = drv("allocating a buffer");
         let up = |v: &[P]| s.clone_htod(v).map_err(drv("uploading parameters"));
+        let fused = if ops.iter().all(|o| o.is_plain()) {
+            None
+        } else {
+            let acc = |v: &[T::Acc]| s.clone_htod(v).map_err(drv("uploading coefficients"));
+            let one = <T::Acc as Float>::from_f64(1.0);
+            let mut identity = vec![one; c];
+            identity.resize(2 * c, <T::Acc as Float>::from_f64(0.0));
+            let frozen = frozen::coefficients::<P, T::Acc>(
+                Some(&inputs.weight),
+                Some(&inputs.bias),
+                &inputs.running_mean,
+                &inputs.running_var,
+                EPS,
+            )
+            .map_err(bn)?;
+            Some(FusedBuffers {
+                z: upload_tiled(s, &inputs.z, numel)?,
+                tmp: s.alloc_zeros::<T>(numel).map_err(&alloc)?,
+                dz: s.alloc_zeros::<T>(numel).map_err(&alloc)?,
+                identity: acc(&identity)?,
+                frozen: acc(&frozen)?,
+            })
+        };
         Ok(OpBuffers {
             shape: *shape,
             x: upload_tiled(s, &inputs.x, numel)?,
@@ -536,16 +548,70 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
             gw: s.alloc_zeros::<P>(c).map_err(&alloc)?,
             gb: s.alloc_zeros::<P>(c).map_err(&alloc)?,
             ws: Workspace::for_shape(s, shape, T::DTYPE).map_err(bn)?,
+            fused,
         })
     }
 
     /// Runs `op` once.
     fn call(&mut self, s: &Arc<CudaStream>, op: Op) -> Result<(), BnError> {
-        match op {
-            Op::TrainFwd => self.train(s),
-            Op::EvalFwd => self.eval(s),
-            Op::Backward => self.backward(s),
+        match (op.kind(), op.epilogue(), op.is_sequence()) {
+            (Kind::Train, None, _) => self.train(s),
+            (Kind::Eval, None, _) => self.eval(s),
+            (Kind::Backward, None, _) => self.backward(s),
+            (Kind::Frozen, _, _) => self.frozen_eval(s),
+            (Kind::Eval, Some(e), false) => self.eval_fused(s, e),
+            (Kind::Eval, Some(e), true) => self.eval_seq(s, e),
+            (Kind::Train, Some(e), false) => self.train_fused(s, e),
+            (Kind::Train, Some(e), true) => self.train_seq(s, e),
+            (Kind::Backward, Some(e), false) => self.backward_fused(s, e),
+            (Kind::Backward, Some(_), true) => self.backward_seq(s),
         }
+    }
+
+    /// Checks what the last call of `op` wrote, at the sampled channels.
+    fn check(
+        &self,
+        s: &Arc<CudaStream>,
+        op: Op,
+        sample: &Sample,
+        chans: &[usize],
+        tol: f64,
+    ) -> Result<Check, String> {
+        let epi = op.epilogue();
+        Ok(match op.kind() {
+            Kind::Train => {
+                let out = TrainOut {
+                    y: self.gather(s, Which::Y, chans)?,
+                    save_mean: pick(s, &self.sm, chans)?,
+                    save_invstd: pick(s, &self.si, chans)?,
+                    running_mean: pick(s, &self.rm, chans)?,
+                    running_var: pick(s, &self.rv, chans)?,
+                };
+                check::check_train_fused(sample, &out, epi, tol)
+            }
+            Kind::Eval | Kind::Frozen => {
+                check::check_eval_fused(sample, &self.gather(s, Which::Y, chans)?, epi, tol)
+            }
+            Kind::Backward => {
+                let out = BackwardOut {
+                    dx: self.gather(s, Which::Dx, chans)?,
+                    grad_weight: pick(s, &self.gw, chans)?,
+                    grad_bias: pick(s, &self.gb, chans)?,
+                };
+                let (sm, si) = (pick(s, &self.sm, chans)?, pick(s, &self.si, chans)?);
+                if epi.is_none() {
+                    check::check_backward(sample, &sm, &si, &out, tol)
+                } else {
+                    let y = self.gather(s, Which::Y, chans)?;
+                    let dz = if op == Op::BackwardAddRelu {
+                        Some(self.gather(s, Which::Dz, chans)?)
+                    } else {
+                        None
+                    };
+                    check::check_backward_fused(sample, &y, &sm, &si, &out, dz.as_deref(), tol)
+                }
+            }
+        })
     }
 
     fn reset_running(&mut self, s: &Arc<CudaStream>, inputs: &Inputs<T, P>) -> Result<(), String> {
@@ -565,6 +631,7 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
         let buf = match which {
             Which::Y => &self.y,
             Which::Dx => self.dx.as_ref().ok_or("internal: no dx buffer")?,
+            Which::Dz => &self.fused.as_ref().ok_or("internal: no dz buffer")?.dz,
         };
         data::gather(&self.shape, chans, |a, n| fetch(s, buf, a, n))
     }

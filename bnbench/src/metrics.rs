@@ -7,6 +7,13 @@
 //! * `eval_fwd`: read x, write y; read weight, bias, running_mean, running_var.
 //! * `backward`: read x and dy, write dx; read weight, save_mean, save_invstd; write
 //!   grad_weight and grad_bias.
+//! * `frozen_eval`: read x, write y; read the coefficients (scale and shift, C each, in
+//!   the accumulator type).
+//! * an epilogue adds its tensors to its op's: add-ReLU's forward reads z; a fused
+//!   backward reads y (the mask) and add-ReLU's writes dz.
+//! * an unfused sequence (`*_seq`) is charged the bytes of the computation it performs,
+//!   the same as its fused op's (for the backward, ReLU's), so that the two GB/s figures
+//!   compare as the inverse of their times.
 //!
 //! Parameters and running statistics are f32 for f16/bf16 inputs (the suite's mixed
 //! mode) and the input's type otherwise; saved statistics are in the accumulator type
@@ -15,7 +22,7 @@
 
 use cuda_batchnorm::DType;
 
-use crate::suite::Op;
+use crate::suite::{Epi, Kind, Op};
 
 /// Bytes per element of the parameters and running statistics for an input dtype.
 pub fn param_size(input: DType) -> usize {
@@ -32,11 +39,20 @@ pub fn op_bytes(op: Op, dims: &[usize], dtype: DType) -> u64 {
     let t = dtype.size() as u64;
     let p = param_size(dtype) as u64;
     let acc = dtype.acc().size() as u64;
-    match op {
-        Op::TrainFwd => 2 * numel * t + 2 * c * p + 4 * c * p + 2 * c * acc,
-        Op::EvalFwd => 2 * numel * t + 4 * c * p,
-        Op::Backward => 3 * numel * t + c * p + 2 * c * acc + 2 * c * p,
-    }
+    let plain = match op.kind() {
+        Kind::Train => 2 * numel * t + 2 * c * p + 4 * c * p + 2 * c * acc,
+        Kind::Eval => 2 * numel * t + 4 * c * p,
+        Kind::Frozen => 2 * numel * t + 2 * c * acc,
+        Kind::Backward => 3 * numel * t + c * p + 2 * c * acc + 2 * c * p,
+    };
+    let epilogue = match (op.kind(), op.epilogue()) {
+        (_, None) => 0,
+        (Kind::Backward, Some(Epi::Relu)) => numel * t,
+        (Kind::Backward, Some(Epi::AddRelu)) => 2 * numel * t,
+        (_, Some(Epi::Relu)) => 0,
+        (_, Some(Epi::AddRelu)) => numel * t,
+    };
+    plain + epilogue
 }
 
 /// GB/s (10^9 bytes per second) of `bytes` moved in `us` microseconds.
@@ -90,6 +106,34 @@ pub fn geomean(values: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_of_the_frozen_and_fused_ops() {
+        let dims = [32, 256, 56, 56];
+        let numel = 25_690_112u64;
+        let f16 = |op| op_bytes(op, &dims, DType::F16);
+        assert_eq!(f16(Op::FrozenEval), 2 * numel * 2 + 2 * 256 * 4);
+        assert_eq!(f16(Op::EvalRelu), f16(Op::EvalFwd));
+        assert_eq!(f16(Op::EvalAddRelu), 3 * numel * 2 + 4 * 256 * 4);
+        assert_eq!(f16(Op::TrainAddRelu), f16(Op::TrainFwd) + numel * 2);
+        assert_eq!(f16(Op::BackwardRelu), 4 * numel * 2 + 5 * 256 * 4);
+        assert_eq!(f16(Op::BackwardAddRelu), 5 * numel * 2 + 5 * 256 * 4);
+        // A sequence is charged its computation's bytes, as the fused op is.
+        for (fused, seq) in [
+            (Op::EvalRelu, Op::EvalReluSeq),
+            (Op::EvalAddRelu, Op::EvalAddReluSeq),
+            (Op::TrainRelu, Op::TrainReluSeq),
+            (Op::TrainAddRelu, Op::TrainAddReluSeq),
+            (Op::BackwardRelu, Op::BackwardReluSeq),
+        ] {
+            assert_eq!(f16(fused), f16(seq), "{}", seq.name());
+        }
+        // f64: the frozen coefficients are f64.
+        assert_eq!(
+            op_bytes(Op::FrozenEval, &[4, 3], DType::F64),
+            2 * 12 * 8 + 2 * 3 * 8
+        );
+    }
 
     #[test]
     fn bytes_per_op() {

@@ -26,6 +26,9 @@ pub const FD_MAX_NUMEL: usize = 60;
 /// Most channels of the finite-difference check.
 pub const FD_MAX_C: usize = 3;
 
+/// Why the CPU check has nothing to say about an unfused sequence.
+pub const SEQUENCE_ON_CPU: &str = "a sequence of kernels: on the CPU it is its fused op";
+
 /// Backend names in [`CheckRecord::backend`].
 pub const CPU: &str = "cpu";
 /// The finite-difference check of the CPU backend's backward.
@@ -81,6 +84,18 @@ pub fn cpu_records(rows: &[Row], ops: &[Op], seed: u64) -> Vec<CheckRecord> {
     for row in rows {
         let dims = check::reduced_dims(&row.dims, CPU_MAX_NUMEL, CPU_MAX_C);
         let tol = check::tolerance(row.dtype);
+        // Our unfused sequences chain kernels: on the CPU they are the fused op's
+        // computation, checked as that op.
+        for &op in ops.iter().filter(|o| o.is_sequence()) {
+            out.push(CheckRecord::unavailable(
+                CPU,
+                row,
+                &dims,
+                op,
+                SEQUENCE_ON_CPU,
+                tol,
+            ));
+        }
         let outcome = Shape::new(&dims, row.layout)
             .map_err(|e| e.to_string())
             .and_then(|shape| check::cpu_check(&shape, row.dtype, ops, seed));
@@ -317,13 +332,13 @@ mod tests {
             &ALL_DTYPES,
         );
         assert_eq!(rows.len(), 2 * 4 * 2 + 4);
-        let recs = cpu_records(&rows, &Op::ALL, 42);
+        let recs = cpu_records(&rows, &Op::PLAIN, 42);
         assert_eq!(recs.len(), rows.len() * 4);
         assert!(recs.iter().all(CheckRecord::passed), "{recs:#?}");
         assert!(recs
             .iter()
             .all(|r| r.checked_shape == r.shape || r.backend == FINITE_DIFFERENCES));
-        let text = table(&recs, CPU, &Op::ALL);
+        let text = table(&recs, CPU, &Op::PLAIN);
         assert_eq!(text.lines().count(), 2 + rows.len(), "{text}");
         assert_eq!(text.matches(" ok\n").count(), rows.len(), "{text}");
         assert!(text.contains("finite diff"), "{text}");
@@ -362,14 +377,28 @@ mod tests {
     }
 
     #[test]
+    fn the_frozen_and_fused_ops_are_checked_on_the_cpu_and_sequences_are_not() {
+        let rows = rows(&[&[4, 3, 5, 7], &[16, 6]], &BOTH, &ALL_DTYPES);
+        let recs = cpu_records(&rows, &Op::ALL, 3);
+        assert!(recs.iter().all(CheckRecord::passed), "{recs:#?}");
+        let seqs = Op::ALL.iter().filter(|o| o.is_sequence()).count();
+        let na: Vec<&CheckRecord> = recs.iter().filter(|r| r.is_unavailable()).collect();
+        assert_eq!(na.len(), rows.len() * seqs, "{na:#?}");
+        assert!(na.iter().all(|r| r.op.ends_with("_seq")));
+        // Every other op is checked once per row, the backward also by finite differences.
+        let checked = recs.iter().filter(|r| r.check == "ok").count();
+        assert_eq!(checked, rows.len() * (Op::ALL.len() - seqs + 1));
+    }
+
+    #[test]
     fn failures_and_errors_are_shown() {
         let rows = rows(&[&[4, 3, 5]], &[MemoryFormat::Contiguous], &[DType::F32]);
-        let mut recs = cpu_records(&rows, &Op::ALL, 1);
+        let mut recs = cpu_records(&rows, &Op::PLAIN, 1);
         recs[0].check = "failed".into();
         recs[0].max_rel_err = Some(0.5);
         recs[1].check = "error".into();
         recs[1].error = Some("boom".into());
-        let text = table(&recs, CPU, &Op::ALL);
+        let text = table(&recs, CPU, &Op::PLAIN);
         assert!(text.contains("5.0e-1") && text.contains("FAILED"), "{text}");
         assert!(
             text.contains("error: eval_fwd 4x3x5 nchw f32: boom"),
@@ -453,7 +482,7 @@ mod tests {
     #[test]
     fn the_report_is_a_valid_result_file() {
         let rows = rows(&[&[4, 3, 5]], &[MemoryFormat::Contiguous], &[DType::F32]);
-        let recs = cpu_records(&rows, &Op::ALL, 1);
+        let recs = cpu_records(&rows, &Op::PLAIN, 1);
         let rep = report("no CUDA driver", 1, &recs).unwrap();
         let text = rep.to_json().unwrap();
         let back = Report::from_json(&text).unwrap();

@@ -1,6 +1,9 @@
-//! The device buffers of one benchmark problem and the three timed operations on them.
-//! Shared by bnbench (`gpu.rs`) and the criterion benches (`benches/batchnorm.rs`
-//! includes this file), so both time exactly the same calls.
+//! The device buffers of one benchmark problem and the timed operations on them: the
+//! three plain ones, and (with [`FusedBuffers`]) the frozen eval, the fused epilogues
+//! (`relu(bn(x))`, `relu(bn(x) + z)`) in eval, training forward and backward, and our own
+//! unfused sequences of the same computations, which the fused calls are measured
+//! against. Shared by bnbench (`gpu.rs`) and the criterion benches
+//! (`benches/batchnorm.rs` includes this file), so both time exactly the same calls.
 
 use std::sync::Arc;
 
@@ -12,7 +15,34 @@ pub const EPS: f64 = 1e-5;
 /// momentum of every timed call.
 pub const MOMENTUM: f64 = 0.1;
 
-/// Every buffer of one problem. `dy` and `dx` exist only when the backward is wanted.
+/// The epilogue of a fused op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epi {
+    /// `relu(bn(x))`.
+    Relu,
+    /// `relu(bn(x) + z)`.
+    AddRelu,
+}
+
+/// The buffers only the frozen and fused ops use.
+pub struct FusedBuffers<T: Float> {
+    /// The residual z.
+    pub z: CudaSlice<T>,
+    /// The unfused sequences' intermediate: BatchNorm's output before the ReLU pass, or
+    /// the masked dy before the backward.
+    pub tmp: CudaSlice<T>,
+    /// The residual's gradient of the fused add-ReLU backward.
+    pub dz: CudaSlice<T>,
+    /// `Acc[2C]`: scale 1, shift 0. The frozen kernel with these coefficients is a plain
+    /// ReLU (add-ReLU) pass forward and `threshold_backward` backward: the unfused
+    /// sequences' second op, which moves the bytes a separate activation kernel would.
+    pub identity: CudaSlice<T::Acc>,
+    /// `Acc[2C]`: the frozen coefficients of the running statistics, weight and bias.
+    pub frozen: CudaSlice<T::Acc>,
+}
+
+/// Every buffer of one problem. `dy` and `dx` exist only when the backward is wanted,
+/// `fused` only when a frozen or fused op is.
 pub struct OpBuffers<T: Float, P: ParamFor<T>> {
     pub shape: Shape,
     pub x: CudaSlice<T>,
@@ -28,6 +58,11 @@ pub struct OpBuffers<T: Float, P: ParamFor<T>> {
     pub gw: CudaSlice<P>,
     pub gb: CudaSlice<P>,
     pub ws: Workspace,
+    pub fused: Option<FusedBuffers<T>>,
+}
+
+fn no_fused_buffers() -> BnError {
+    BnError::Backward("the fused ops' buffers were not allocated")
 }
 
 impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
@@ -135,5 +170,221 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
             },
             ws,
         )
+    }
+
+    /// The frozen eval `y = x * scale + shift`, its coefficients precomputed.
+    pub fn frozen_eval(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let f = self.fused.as_ref().ok_or_else(no_fused_buffers)?;
+        functional::batch_norm_frozen(
+            s,
+            functional::Frozen {
+                input: &self.x,
+                shape: self.shape,
+                scale_shift: &f.frozen,
+            },
+            &mut self.y,
+        )
+    }
+
+    /// The eval forward with `epi` fused: one pass, x (and z) read, y written.
+    pub fn eval_fused(&mut self, s: &Arc<CudaStream>, epi: Epi) -> Result<(), BnError> {
+        let OpBuffers {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            fused,
+            ..
+        } = self;
+        let f = fused.as_ref().ok_or_else(no_fused_buffers)?;
+        functional::batch_norm_eval_fused(
+            s,
+            functional::Eval {
+                input: &*x,
+                shape: *shape,
+                running_mean: &*rm,
+                running_var: &*rv,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                eps: EPS,
+            },
+            Some(epilogue(epi, &f.z)),
+            y,
+        )
+    }
+
+    /// The same computation unfused: the eval forward into `tmp`, then the ReLU
+    /// (add-ReLU) pass from `tmp` into y.
+    pub fn eval_seq(&mut self, s: &Arc<CudaStream>, epi: Epi) -> Result<(), BnError> {
+        let mut f = self.fused.take().ok_or_else(no_fused_buffers)?;
+        std::mem::swap(&mut self.y, &mut f.tmp);
+        let r = self.eval(s);
+        std::mem::swap(&mut self.y, &mut f.tmp);
+        let r = r.and_then(|()| self.activation(s, &f, epi));
+        self.fused = Some(f);
+        r
+    }
+
+    /// The training forward with `epi` fused into its normalise pass.
+    pub fn train_fused(&mut self, s: &Arc<CudaStream>, epi: Epi) -> Result<(), BnError> {
+        let OpBuffers {
+            shape,
+            x,
+            y,
+            w,
+            b,
+            rm,
+            rv,
+            sm,
+            si,
+            ws,
+            fused,
+            ..
+        } = self;
+        let f = fused.as_ref().ok_or_else(no_fused_buffers)?;
+        functional::batch_norm_fused(
+            s,
+            functional::Forward {
+                input: &*x,
+                shape: *shape,
+                running_mean: Some(rm as &mut dyn DevicePtrMut<P>),
+                running_var: Some(rv as &mut dyn DevicePtrMut<P>),
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                bias: Some(&*b as &dyn DevicePtr<P>),
+                training: true,
+                momentum: MOMENTUM,
+                eps: EPS,
+            },
+            Some(epilogue(epi, &f.z)),
+            y,
+            Some(functional::SaveStats {
+                mean: sm,
+                invstd: si,
+            }),
+            ws,
+        )
+    }
+
+    /// The same computation unfused: the training forward into `tmp`, then the ReLU
+    /// (add-ReLU) pass from `tmp` into y.
+    pub fn train_seq(&mut self, s: &Arc<CudaStream>, epi: Epi) -> Result<(), BnError> {
+        let mut f = self.fused.take().ok_or_else(no_fused_buffers)?;
+        std::mem::swap(&mut self.y, &mut f.tmp);
+        let r = self.train(s);
+        std::mem::swap(&mut self.y, &mut f.tmp);
+        let r = r.and_then(|()| self.activation(s, &f, epi));
+        self.fused = Some(f);
+        r
+    }
+
+    /// `y = relu(tmp)` or `relu(tmp + z)`: the frozen kernel with the identity
+    /// coefficients.
+    fn activation(
+        &mut self,
+        s: &Arc<CudaStream>,
+        f: &FusedBuffers<T>,
+        epi: Epi,
+    ) -> Result<(), BnError> {
+        functional::batch_norm_frozen_fused(
+            s,
+            functional::Frozen {
+                input: &f.tmp,
+                shape: self.shape,
+                scale_shift: &f.identity,
+            },
+            Some(epilogue(epi, &f.z)),
+            &mut self.y,
+        )
+    }
+
+    /// The backward of the fused training forward whose output is in y: the ReLU mask
+    /// recovered from y, dx, dweight, dbias, and for add-ReLU the residual's gradient
+    /// in `dz`.
+    pub fn backward_fused(&mut self, s: &Arc<CudaStream>, epi: Epi) -> Result<(), BnError> {
+        let OpBuffers {
+            shape,
+            x,
+            y,
+            dy,
+            dx,
+            w,
+            sm,
+            si,
+            gw,
+            gb,
+            ws,
+            fused,
+            ..
+        } = self;
+        let (Some(dy), Some(dx), Some(f)) = (dy.as_ref(), dx.as_mut(), fused.as_mut()) else {
+            return Err(BnError::Backward(
+                "the fused backward's buffers were not allocated",
+            ));
+        };
+        let grad = match epi {
+            Epi::Relu => functional::EpilogueGrad::Relu { output: &*y },
+            Epi::AddRelu => functional::EpilogueGrad::AddRelu {
+                output: &*y,
+                grad_residual: &mut f.dz,
+            },
+        };
+        functional::batch_norm_backward_fused(
+            s,
+            functional::Backward {
+                grad_output: dy,
+                input: &*x,
+                shape: *shape,
+                weight: Some(&*w as &dyn DevicePtr<P>),
+                stats: functional::BackwardStats::Batch {
+                    save_mean: &*sm,
+                    save_invstd: &*si,
+                },
+            },
+            Some(grad),
+            functional::Grads {
+                input: dx,
+                weight: Some(gw as &mut dyn DevicePtrMut<P>),
+                bias: Some(gb as &mut dyn DevicePtrMut<P>),
+            },
+            ws,
+        )
+    }
+
+    /// The same computation unfused: `threshold_backward` (dy masked by y, into `tmp`),
+    /// then the backward with `tmp` as dy. `tmp` is also the residual's gradient of
+    /// add-ReLU (an add hands its gradient on as is), so this is the unfused sequence of
+    /// both epilogues.
+    pub fn backward_seq(&mut self, s: &Arc<CudaStream>) -> Result<(), BnError> {
+        let mut f = self.fused.take().ok_or_else(no_fused_buffers)?;
+        let r = (|| {
+            let dy = self.dy.as_ref().ok_or_else(no_fused_buffers)?;
+            functional::batch_norm_frozen_backward_fused(
+                s,
+                functional::Frozen {
+                    input: dy,
+                    shape: self.shape,
+                    scale_shift: &f.identity,
+                },
+                Some(functional::EpilogueGrad::Relu { output: &self.y }),
+                &mut f.tmp,
+            )?;
+            std::mem::swap(self.dy.as_mut().ok_or_else(no_fused_buffers)?, &mut f.tmp);
+            let r = self.backward(s);
+            std::mem::swap(self.dy.as_mut().ok_or_else(no_fused_buffers)?, &mut f.tmp);
+            r
+        })();
+        self.fused = Some(f);
+        r
+    }
+}
+
+/// The forward epilogue `epi` with the residual `z`.
+fn epilogue<T: Float>(epi: Epi, z: &CudaSlice<T>) -> functional::Epilogue<'_, T> {
+    match epi {
+        Epi::Relu => functional::Epilogue::Relu,
+        Epi::AddRelu => functional::Epilogue::AddRelu { residual: z },
     }
 }

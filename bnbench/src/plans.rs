@@ -13,7 +13,7 @@ use cuda_batchnorm::launch::{TuningTable, Variant};
 use cuda_batchnorm::raw::{self, Launcher, Region};
 use cuda_batchnorm::{BnError, DType};
 
-use crate::suite::{Op, Row};
+use crate::suite::{Kind, Op, Row};
 use crate::tuning::choice_name;
 
 /// The device `--list-kernels` plans for.
@@ -39,15 +39,36 @@ impl Launcher for Planning {
     }
 }
 
-/// The planner's op for a suite op.
-pub fn raw_op(op: Op) -> raw::Op {
-    match op {
-        Op::TrainFwd => raw::Op::Forward { batch_stats: true },
-        Op::EvalFwd => raw::Op::Forward { batch_stats: false },
-        Op::Backward => raw::Op::Backward {
-            batch: true,
-            reduce: true,
-        },
+/// One planned call of a suite op: the planner's op, whether it carries an epilogue,
+/// and its (input, parameter) types.
+pub type Call = (raw::Op, bool, (DType, DType));
+
+/// The calls a suite op makes on a row of `dtype`, in order: one, or two for our
+/// unfused sequences (whose ReLU pass, and `threshold_backward`, is the frozen kernel
+/// with an epilogue; frozen calls run with the (T, T) kernels).
+pub fn calls(op: Op, dtype: DType) -> Vec<Call> {
+    let train = raw::Op::Forward { batch_stats: true };
+    let eval = raw::Op::Forward { batch_stats: false };
+    let backward = raw::Op::Backward {
+        batch: true,
+        reduce: true,
+    };
+    let frozen_bwd = raw::Op::Backward {
+        batch: false,
+        reduce: false,
+    };
+    let (t, own) = (types(dtype), (dtype, dtype));
+    let fused = op.epilogue().is_some() && !op.is_sequence();
+    let main = match op.kind() {
+        Kind::Train => (train, fused, t),
+        Kind::Eval => (eval, fused, t),
+        Kind::Frozen => (eval, false, own),
+        Kind::Backward => (backward, fused, t),
+    };
+    match (op.is_sequence(), op.kind()) {
+        (false, _) => vec![main],
+        (true, Kind::Backward) => vec![(frozen_bwd, true, own), main],
+        (true, _) => vec![main, (eval, true, own)],
     }
 }
 
@@ -96,21 +117,29 @@ pub fn kernels(
                     ..Tuning::default()
                 };
                 let what = format!("{} {} {}", op.name(), row.label(), choice_name(choice));
-                match raw::plan_op(
-                    raw_op(op),
-                    &shape,
-                    types(row.dtype),
-                    Alignment::ALIGNED,
-                    &Planning,
-                    &tuning,
-                ) {
-                    Ok(plan) => out
-                        .names
-                        .extend(plan.launches.iter().map(|l| l.kernel.name())),
-                    Err(BnError::VariantUnavailable { reason, .. }) => {
-                        out.unavailable.push(format!("{what}: n/a: {reason}"))
+                if choice.is_some() && !op.is_plain() {
+                    out.unavailable
+                        .push(format!("{what}: n/a: {}", crate::gpu::FUSED_AUTO_ONLY));
+                    continue;
+                }
+                for (raw_op, fused, types) in calls(op, row.dtype) {
+                    match raw::plan_op_fused(
+                        raw_op,
+                        fused,
+                        &shape,
+                        types,
+                        Alignment::ALIGNED,
+                        &Planning,
+                        &tuning,
+                    ) {
+                        Ok(plan) => out
+                            .names
+                            .extend(plan.launches.iter().map(|l| l.kernel.name())),
+                        Err(BnError::VariantUnavailable { reason, .. }) => {
+                            out.unavailable.push(format!("{what}: n/a: {reason}"))
+                        }
+                        Err(e) => out.errors.push(format!("{what}: {e}")),
                     }
-                    Err(e) => out.errors.push(format!("{what}: {e}")),
                 }
             }
         }
@@ -138,7 +167,7 @@ mod tests {
     #[test]
     fn the_quick_set_uses_the_streaming_families() {
         let quick = rows(&["quick"], &[]);
-        let k = kernels(&quick, &Op::ALL, &[None], None);
+        let k = kernels(&quick, &Op::PLAIN, &[None], None);
         assert!(k.errors.is_empty() && k.unavailable.is_empty(), "{k:?}");
         assert!(k.names.iter().any(|n| n.starts_with("bn_ilp_")), "{k:?}");
         // the predicted order leaves the baseline nothing: flat takes what ilp cannot
@@ -153,7 +182,7 @@ mod tests {
         assert!(k.names.iter().all(|n| !n.contains("f16_f16")), "{k:?}");
         assert!(k.names.iter().any(|n| n.contains("_f16_f32")), "{k:?}");
         // Forcing the baseline: its kernels only, every row taken.
-        let base = kernels(&quick, &Op::ALL, &[Some(Variant::Baseline)], None);
+        let base = kernels(&quick, &Op::PLAIN, &[Some(Variant::Baseline)], None);
         assert!(base.unavailable.is_empty() && base.errors.is_empty());
         assert!(
             base.names.iter().all(|n| !n.starts_with("bn_ilp_")),
@@ -165,7 +194,7 @@ mod tests {
         assert!(base.names.iter().any(|n| n.starts_with("bn_bwd_dx_")));
         assert!(base.names.iter().any(|n| n.starts_with("bn_fwd_norm_")));
         // Forcing ilp: its kernels only, with the rows it cannot take reported.
-        let ilp = kernels(&quick, &Op::ALL, &[Some(Variant::Ilp)], None);
+        let ilp = kernels(&quick, &Op::PLAIN, &[Some(Variant::Ilp)], None);
         assert!(
             ilp.names.iter().all(|n| n.starts_with("bn_ilp_")),
             "{ilp:?}"
@@ -175,7 +204,7 @@ mod tests {
         // Both: the union.
         let both = kernels(
             &quick,
-            &Op::ALL,
+            &Op::PLAIN,
             &[Some(Variant::Baseline), Some(Variant::Ilp)],
             None,
         );
@@ -207,10 +236,10 @@ mod tests {
             ["bn_ilp_bwd_dx_nchw_f32", "bn_ilp_bwd_reduce_nchw_f32"]
         );
         // flat takes every call; persistent only the training ones it fuses.
-        let flat = kernels(&r, &Op::ALL, &[Some(Variant::Flat)], None);
+        let flat = kernels(&r, &Op::PLAIN, &[Some(Variant::Flat)], None);
         assert!(flat.unavailable.is_empty(), "{flat:?}");
         assert_eq!(flat.names.len(), 4, "{flat:?}");
-        let fused = kernels(&r, &Op::ALL, &[Some(Variant::Persistent)], None);
+        let fused = kernels(&r, &Op::PLAIN, &[Some(Variant::Persistent)], None);
         assert_eq!(
             fused.names.iter().cloned().collect::<Vec<_>>(),
             [
@@ -254,5 +283,43 @@ mod tests {
             tuned.names.into_iter().collect::<Vec<_>>(),
             ["bn_fwd_norm_nchw_f32"]
         );
+    }
+
+    #[test]
+    fn fused_ops_plan_the_baseline_and_sequences_chain_two_calls() {
+        let r = rows(&[], &[&[4, 8, 6, 6]]);
+        let names = |op| {
+            let k = kernels(&r, &[op], &[None], None);
+            assert!(k.errors.is_empty() && k.unavailable.is_empty(), "{k:?}");
+            k.names.into_iter().collect::<Vec<_>>()
+        };
+        // The epilogue runs in the baseline family only.
+        assert_eq!(names(Op::EvalRelu), ["bn_fwd_norm_nchw_f32"]);
+        assert_eq!(
+            names(Op::TrainAddRelu),
+            ["bn_fwd_norm_nchw_f32", "bn_fwd_stats_nchw_f32"]
+        );
+        assert_eq!(
+            names(Op::BackwardRelu),
+            ["bn_bwd_dx_nchw_f32", "bn_bwd_reduce_nchw_f32"]
+        );
+        // A sequence: the planner's plain call and the frozen pass with the epilogue.
+        let seq = names(Op::EvalAddReluSeq);
+        assert!(seq.contains(&"bn_fwd_norm_nchw_f32".to_string()), "{seq:?}");
+        assert!(seq.iter().any(|n| n.starts_with("bn_ilp_")), "{seq:?}");
+        let bwd = names(Op::BackwardReluSeq);
+        assert!(bwd.contains(&"bn_bwd_dx_nchw_f32".to_string()), "{bwd:?}");
+        assert!(bwd.len() >= 2 && bwd != names(Op::BackwardRelu), "{bwd:?}");
+        // The frozen eval is one streaming pass.
+        assert_eq!(names(Op::FrozenEval).len(), 1);
+        // Forcing a family: n/a for every non-plain op, as the GPU run reports it.
+        let fused: Vec<Op> = Op::ALL.into_iter().filter(|o| !o.is_plain()).collect();
+        let k = kernels(&r, &fused, &[Some(Variant::Baseline)], None);
+        assert!(k.names.is_empty(), "{k:?}");
+        assert_eq!(k.unavailable.len(), fused.len(), "{k:?}");
+        assert!(k
+            .unavailable
+            .iter()
+            .all(|l| l.ends_with(crate::gpu::FUSED_AUTO_ONLY)));
     }
 }

@@ -8,6 +8,8 @@
 use cuda_batchnorm::{DType, MemoryFormat, Shape};
 use serde::Deserialize;
 
+pub use crate::ops::Epi;
+
 /// The suite file, compiled in.
 pub const SUITE_TOML: &str = include_str!("../../bench/suite.toml");
 
@@ -20,7 +22,11 @@ pub const LINE_SETS: [&str; 3] = ["resnet50", "bn1d", "hard"];
 /// Set name of rows that come from `--shape`.
 pub const CUSTOM_SET: &str = "custom";
 
-/// A timed operation.
+/// A timed operation. The first three are the plain BatchNorm calls; the rest are the
+/// inference path's (the frozen eval) and the fused epilogues (`relu(bn(x))`,
+/// `relu(bn(x) + z)`), each beside our own unfused sequence of the same computation
+/// (`*_seq`: the plain call, then a separate ReLU or add-ReLU pass, or for the backward
+/// `threshold_backward` then the plain backward), so that a row shows what fusing saves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Op {
     /// `functional::batch_norm` in training, running statistics updated, statistics saved.
@@ -38,11 +44,107 @@ pub enum Op {
         help = "training backward through the saved statistics: dx, dweight, dbias"
     )]
     Backward,
+    /// `functional::batch_norm_frozen`.
+    #[value(
+        name = "frozen_eval",
+        help = "frozen eval: y = x * scale + shift, coefficients precomputed"
+    )]
+    FrozenEval,
+    /// `functional::batch_norm_eval_fused` with ReLU.
+    #[value(name = "eval_relu", help = "eval relu(bn(x)), fused")]
+    EvalRelu,
+    /// The eval forward, then a ReLU pass.
+    #[value(
+        name = "eval_relu_seq",
+        help = "eval relu(bn(x)) as our two ops in sequence"
+    )]
+    EvalReluSeq,
+    /// `functional::batch_norm_eval_fused` with the residual add and ReLU.
+    #[value(name = "eval_add_relu", help = "eval relu(bn(x) + z), fused")]
+    EvalAddRelu,
+    /// The eval forward, then an add-ReLU pass.
+    #[value(
+        name = "eval_add_relu_seq",
+        help = "eval relu(bn(x) + z) as our two ops in sequence"
+    )]
+    EvalAddReluSeq,
+    /// `functional::batch_norm_fused` in training with ReLU.
+    #[value(name = "train_fwd_relu", help = "training forward relu(bn(x)), fused")]
+    TrainRelu,
+    /// The training forward, then a ReLU pass.
+    #[value(
+        name = "train_fwd_relu_seq",
+        help = "training forward relu(bn(x)) as our two ops in sequence"
+    )]
+    TrainReluSeq,
+    /// `functional::batch_norm_fused` in training with the residual add and ReLU.
+    #[value(
+        name = "train_fwd_add_relu",
+        help = "training forward relu(bn(x) + z), fused"
+    )]
+    TrainAddRelu,
+    /// The training forward, then an add-ReLU pass.
+    #[value(
+        name = "train_fwd_add_relu_seq",
+        help = "training forward relu(bn(x) + z) as our two ops in sequence"
+    )]
+    TrainAddReluSeq,
+    /// `functional::batch_norm_backward_fused` of relu(bn(x)).
+    #[value(
+        name = "backward_relu",
+        help = "backward of relu(bn(x)), fused: the mask from y"
+    )]
+    BackwardRelu,
+    /// `functional::batch_norm_backward_fused` of relu(bn(x) + z).
+    #[value(
+        name = "backward_add_relu",
+        help = "backward of relu(bn(x) + z), fused: the mask from y, dz written"
+    )]
+    BackwardAddRelu,
+    /// `threshold_backward`, then the backward (of either epilogue: an add hands its
+    /// gradient on as is).
+    #[value(
+        name = "backward_relu_seq",
+        help = "backward of relu(bn(x)) or relu(bn(x) + z) as our two ops in sequence"
+    )]
+    BackwardReluSeq,
+}
+
+/// What an op computes: its BatchNorm call and epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// The training forward.
+    Train,
+    /// The eval forward.
+    Eval,
+    /// The frozen eval.
+    Frozen,
+    /// The training backward.
+    Backward,
 }
 
 impl Op {
     /// Every op, in the order they run.
-    pub const ALL: [Op; 3] = [Op::TrainFwd, Op::EvalFwd, Op::Backward];
+    pub const ALL: [Op; 15] = [
+        Op::TrainFwd,
+        Op::EvalFwd,
+        Op::Backward,
+        Op::FrozenEval,
+        Op::EvalRelu,
+        Op::EvalReluSeq,
+        Op::EvalAddRelu,
+        Op::EvalAddReluSeq,
+        Op::TrainRelu,
+        Op::TrainReluSeq,
+        Op::TrainAddRelu,
+        Op::TrainAddReluSeq,
+        Op::BackwardRelu,
+        Op::BackwardAddRelu,
+        Op::BackwardReluSeq,
+    ];
+
+    /// The plain ops: what runs without `--op`.
+    pub const PLAIN: [Op; 3] = [Op::TrainFwd, Op::EvalFwd, Op::Backward];
 
     /// The name used on the command line and in JSON.
     pub const fn name(self) -> &'static str {
@@ -50,12 +152,89 @@ impl Op {
             Op::TrainFwd => "train_fwd",
             Op::EvalFwd => "eval_fwd",
             Op::Backward => "backward",
+            Op::FrozenEval => "frozen_eval",
+            Op::EvalRelu => "eval_relu",
+            Op::EvalReluSeq => "eval_relu_seq",
+            Op::EvalAddRelu => "eval_add_relu",
+            Op::EvalAddReluSeq => "eval_add_relu_seq",
+            Op::TrainRelu => "train_fwd_relu",
+            Op::TrainReluSeq => "train_fwd_relu_seq",
+            Op::TrainAddRelu => "train_fwd_add_relu",
+            Op::TrainAddReluSeq => "train_fwd_add_relu_seq",
+            Op::BackwardRelu => "backward_relu",
+            Op::BackwardAddRelu => "backward_add_relu",
+            Op::BackwardReluSeq => "backward_relu_seq",
         }
     }
 
     /// Parses a name.
     pub fn parse(s: &str) -> Option<Op> {
         Op::ALL.into_iter().find(|o| o.name() == s)
+    }
+
+    /// Its BatchNorm call.
+    pub const fn kind(self) -> Kind {
+        match self {
+            Op::TrainFwd
+            | Op::TrainRelu
+            | Op::TrainReluSeq
+            | Op::TrainAddRelu
+            | Op::TrainAddReluSeq => Kind::Train,
+            Op::EvalFwd | Op::EvalRelu | Op::EvalReluSeq | Op::EvalAddRelu | Op::EvalAddReluSeq => {
+                Kind::Eval
+            }
+            Op::FrozenEval => Kind::Frozen,
+            Op::Backward | Op::BackwardRelu | Op::BackwardAddRelu | Op::BackwardReluSeq => {
+                Kind::Backward
+            }
+        }
+    }
+
+    /// Its epilogue, if any (the unfused backward's is ReLU's mask: the add's gradient
+    /// is dy itself).
+    pub const fn epilogue(self) -> Option<Epi> {
+        match self {
+            Op::EvalRelu
+            | Op::EvalReluSeq
+            | Op::TrainRelu
+            | Op::TrainReluSeq
+            | Op::BackwardRelu
+            | Op::BackwardReluSeq => Some(Epi::Relu),
+            Op::EvalAddRelu
+            | Op::EvalAddReluSeq
+            | Op::TrainAddRelu
+            | Op::TrainAddReluSeq
+            | Op::BackwardAddRelu => Some(Epi::AddRelu),
+            Op::TrainFwd | Op::EvalFwd | Op::Backward | Op::FrozenEval => None,
+        }
+    }
+
+    /// Whether it is one of our unfused sequences.
+    pub const fn is_sequence(self) -> bool {
+        matches!(
+            self,
+            Op::EvalReluSeq
+                | Op::EvalAddReluSeq
+                | Op::TrainReluSeq
+                | Op::TrainAddReluSeq
+                | Op::BackwardReluSeq
+        )
+    }
+
+    /// Whether it is one of the three plain ops.
+    pub fn is_plain(self) -> bool {
+        Op::PLAIN.contains(&self)
+    }
+
+    /// The training forward a backward differentiates through (it makes the saved
+    /// statistics and, for an epilogue, the y whose mask the backward recovers).
+    pub const fn forward(self) -> Option<Op> {
+        match self {
+            Op::Backward => Some(Op::TrainFwd),
+            Op::BackwardRelu | Op::BackwardReluSeq => Some(Op::TrainRelu),
+            Op::BackwardAddRelu => Some(Op::TrainAddRelu),
+            _ => None,
+        }
     }
 }
 

@@ -31,12 +31,15 @@ pub fn choice_name(choice: Option<Variant>) -> &'static str {
     choice.map_or(AUTO, Variant::name)
 }
 
-/// The planner's op for a suite op (the suite's backward is the training one).
-pub fn tuned_op(op: Op) -> TunedOp {
+/// The planner's op for a suite op (the suite's backward is the training one); `None`
+/// for the frozen and fused ops, which run with the planner's choice only and are not
+/// tuned.
+pub fn tuned_op(op: Op) -> Option<TunedOp> {
     match op {
-        Op::TrainFwd => TunedOp::TrainForward,
-        Op::EvalFwd => TunedOp::EvalForward,
-        Op::Backward => TunedOp::TrainBackward,
+        Op::TrainFwd => Some(TunedOp::TrainForward),
+        Op::EvalFwd => Some(TunedOp::EvalForward),
+        Op::Backward => Some(TunedOp::TrainBackward),
+        _ => None,
     }
 }
 
@@ -136,12 +139,15 @@ pub fn entries(rows: &[ResultRow]) -> Result<Vec<format::Entry>, String> {
             continue; // auto: nothing measured to choose between
         };
         let op = Op::parse(&r.op).ok_or_else(|| format!("unknown op `{}`", r.op))?;
+        let Some(op) = tuned_op(op) else {
+            continue; // not tuned
+        };
         let fmt =
             parse_layout(&r.layout).ok_or_else(|| format!("unknown layout `{}`", r.layout))?;
         let dtype = DType::parse(&r.dtype).ok_or_else(|| format!("unknown dtype `{}`", r.dtype))?;
         let shape = Shape::new(&r.shape, fmt).map_err(|e| e.to_string())?;
         let entry = format::Entry {
-            op: tuned_op(op).name().into(),
+            op: op.name().into(),
             layout: Layout::of(&shape).name().into(),
             dtype: dtype.name().into(),
             bytes_log2: launch::bytes_bucket(shape.numel(), dtype),
@@ -410,8 +416,12 @@ mod tests {
             assert_eq!(layout_by_name(l).map(Layout::name), Some(l));
         }
         // Every suite op has a table op, and --variant's `auto` is no family.
-        let mapped: Vec<&str> = Op::ALL.iter().map(|&o| tuned_op(o).name()).collect();
+        let mapped: Vec<&str> = Op::ALL
+            .iter()
+            .filter_map(|&o| tuned_op(o).map(TunedOp::name))
+            .collect();
         assert_eq!(mapped, ["train_fwd", "eval_fwd", "train_bwd"]);
+        assert!(Op::PLAIN.iter().all(|&o| tuned_op(o).is_some()));
         assert!(!format::VARIANTS.contains(&AUTO));
         assert_eq!(choice_name(None), AUTO);
         assert_eq!(choice_name(Some(Variant::Flat)), "flat");

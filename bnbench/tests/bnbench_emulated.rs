@@ -664,3 +664,102 @@ fn bnbench_stops_starting_rows_at_its_deadline() {
         "{text}"
     );
 }
+
+/// The frozen and fused ops, each beside our unfused sequence of it: on the emulated
+/// driver they are checked and timed with the planner's choice, and a forced family is
+/// n/a; without a device the CPU checks the fused ops and says the sequences are kernel
+/// chains, and the emulated kernels check every one in both layouts. (Timing on the
+/// emulator costs an L2 flush per run, so few ops are timed.)
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_checks_and_times_the_fused_ops_and_their_sequences() {
+    let Some(dir) = driver_dir("bnbench_checks_and_times_the_fused_ops_and_their_sequences") else {
+        return;
+    };
+    let json = std::env::temp_dir().join(format!("bnbench-fused-{}.json", std::process::id()));
+    let timed_ops = [
+        "eval_add_relu",
+        "eval_add_relu_seq",
+        "backward_add_relu",
+        "backward_relu_seq",
+    ];
+    let op_list = timed_ops.join(",");
+    let args = [
+        "--shape",
+        "2,6,3,5",
+        "--layout",
+        "nhwc",
+        "--dtype",
+        "f16",
+        "--op",
+        &op_list,
+        "--variant",
+        "auto,baseline",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, timed_ops, "{text}");
+    for r in rows {
+        assert_eq!(r["variant"], "auto", "{r}");
+        assert_eq!(r["check"], "ok", "{r}");
+        assert!(r["median_us"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // The forced family is n/a for each of them, with why.
+    let unavailable = v["unavailable"].as_array().unwrap();
+    assert_eq!(unavailable.len(), timed_ops.len(), "{text}");
+    assert!(unavailable.iter().all(|u| u["reason"]
+        .as_str()
+        .unwrap()
+        .contains("planner's choice only")));
+
+    // Without a device: the CPU checks the fused ops, the emulated kernels all of them.
+    const ALL_FUSED: &str = "frozen_eval,eval_relu,eval_relu_seq,eval_add_relu,\
+        eval_add_relu_seq,train_fwd_relu,train_fwd_relu_seq,train_fwd_add_relu,\
+        train_fwd_add_relu_seq,backward_relu,backward_add_relu,backward_relu_seq";
+    let args = [
+        "--shape",
+        "4,8,6,6",
+        "--layout",
+        "nchw,nhwc",
+        "--dtype",
+        "bf16",
+        "--op",
+        ALL_FUSED,
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[("BN_EMU_DRIVER_DEVICES", "0")], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    assert_checked_without_gpu(&stdout);
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let checks = v["checks"].as_array().unwrap();
+    let of = |backend: &str, status: &str| -> Vec<&str> {
+        checks
+            .iter()
+            .filter(|c| c["backend"] == backend && c["check"] == status)
+            .map(|c| c["op"].as_str().unwrap())
+            .collect()
+    };
+    let cpu_ok = of("cpu", "ok");
+    assert_eq!(cpu_ok.len(), 2 * 7, "{text}");
+    assert!(cpu_ok.iter().all(|o| !o.ends_with("_seq")), "{text}");
+    let cpu_na = of("cpu", "n/a");
+    assert_eq!(cpu_na.len(), 2 * 5, "{text}");
+    assert!(cpu_na.iter().all(|o| o.ends_with("_seq")), "{text}");
+    assert_eq!(of("emulated", "ok").len(), 2 * 12, "{text}");
+    assert_eq!(checks.len(), 2 * (12 + 12), "{text}");
+}
