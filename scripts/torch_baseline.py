@@ -19,6 +19,16 @@ torch.autograd.grad(y, (x, w, b), dy) -- i.e. the autograd backward node PyTorch
 would run (cudnn_batch_norm_backward or native_batch_norm_backward), plus the autograd
 engine's host work.
 
+With --op, also the inference path's and the fused epilogues' ops (bnbench's names; not
+run by default): frozen_eval = x * scale + shift with torchvision FrozenBatchNorm2d's
+coefficients precomputed (scale = w * rsqrt(rv + eps), shift = b - rm * scale, in the
+parameters' type, then cast to x's, as in a model converted with .half()); eval_relu and
+train_fwd_relu = F.relu(F.batch_norm(...)); eval_add_relu and train_fwd_add_relu =
+F.relu(F.batch_norm(...) + z) with a residual z uniform in [-1, 1); backward_relu and
+backward_add_relu = torch.autograd.grad of those training forwards with respect to
+(x, w, b), and z for add-ReLU. Eager PyTorch runs each as separate kernels;
+torch.compile may fuse them.
+
 Timing is bnbench's: CUDA events around the op only, `--warmup` untimed runs, then
 `--reps` (>= 50) timed runs, median; before every run L2 is flushed by zeroing a buffer
 of max(2 x L2, 256 MiB), and a short GPU spin (torch.cuda._sleep) keeps the GPU busy while
@@ -56,6 +66,9 @@ CUSTOM_SET = "custom"
 LAYOUTS = ["nchw", "nhwc"]
 DTYPES = ["f32", "f64", "f16", "bf16"]
 OPS = ["train_fwd", "eval_fwd", "backward"]
+FUSED_OPS = ["frozen_eval", "eval_relu", "eval_add_relu", "train_fwd_relu", "train_fwd_add_relu",
+             "backward_relu", "backward_add_relu"]
+ALL_OPS = OPS + FUSED_OPS
 IMPLS = ["torch", "torch-native", "torch-compile"]
 MIN_REPS = 50
 DEFAULT_WARMUP = 10
@@ -222,17 +235,44 @@ def acc_size(dtype):
     return 8 if dtype == "f64" else 4
 
 
+def op_epilogue(op):
+    """None, "relu" or "add_relu"."""
+    if op.endswith("_add_relu"):
+        return "add_relu"
+    if op.endswith("_relu"):
+        return "relu"
+    return None
+
+
+def op_kind(op):
+    """The BatchNorm call of an op: train_fwd, eval_fwd, frozen_eval or backward."""
+    for kind in ("train_fwd", "eval_fwd", "frozen_eval", "backward"):
+        if op == kind or op.startswith(kind + "_"):
+            return kind
+    if op.startswith("eval_"):
+        return "eval_fwd"
+    raise ValueError(op)
+
+
 def op_bytes(op, dims, dtype):
     numel = math.prod(dims)
     c = dims[1]
     t, p, a = DTYPE_SIZE[dtype], param_size(dtype), acc_size(dtype)
-    if op == "train_fwd":
-        return 2 * numel * t + 2 * c * p + 4 * c * p + 2 * c * a
-    if op == "eval_fwd":
-        return 2 * numel * t + 4 * c * p
-    if op == "backward":
-        return 3 * numel * t + c * p + 2 * c * a + 2 * c * p
-    raise ValueError(op)
+    kind, epi = op_kind(op), op_epilogue(op)
+    if kind == "train_fwd":
+        plain = 2 * numel * t + 2 * c * p + 4 * c * p + 2 * c * a
+    elif kind == "eval_fwd":
+        plain = 2 * numel * t + 4 * c * p
+    elif kind == "frozen_eval":
+        plain = 2 * numel * t + 2 * c * a
+    else:
+        plain = 3 * numel * t + c * p + 2 * c * a + 2 * c * p
+    if epi is None:
+        return plain
+    if kind == "backward":
+        # y read for the mask; add-ReLU writes dz too.
+        return plain + numel * t * (2 if epi == "add_relu" else 1)
+    return plain + (numel * t if epi == "add_relu" else 0)
 
 
 def gbps(nbytes, us):
@@ -312,7 +352,7 @@ def build_parser():
     p.add_argument("--shape", action="append", default=[], help="an extra shape, e.g. 48,96,35,35 (repeatable, rank >= 2); nchw f32 unless --layout/--dtype")
     p.add_argument("--dtype", action="append", default=[], help="f32,f16,bf16,f64: replaces every row's dtypes")
     p.add_argument("--layout", action="append", default=[], help="nchw,nhwc: replaces every row's layouts (rank-2 shapes are nchw only)")
-    p.add_argument("--op", action="append", default=[], help="train_fwd,eval_fwd,backward [default: all]")
+    p.add_argument("--op", action="append", default=[], help=f"{','.join(ALL_OPS)} [default: {','.join(OPS)}]")
     p.add_argument("--impl", action="append", default=[], help="torch,torch-native,torch-compile [default: all]")
     p.add_argument("--reps", type=int, default=MIN_REPS, help=f"timed repetitions, at least {MIN_REPS} [default: {MIN_REPS}]")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed runs first [default: {DEFAULT_WARMUP}]")
@@ -345,8 +385,8 @@ def parse_args(argv):
     sets = _split(a.set, SET_NAMES, "--set", parser)
     a.dtypes = _split(a.dtype, DTYPES, "--dtype", parser) or None
     a.layouts = _split(a.layout, LAYOUTS, "--layout", parser) or None
-    ops = _split(a.op, OPS, "--op", parser)
-    a.ops = [o for o in OPS if o in ops] if ops else list(OPS)
+    ops = _split(a.op, ALL_OPS, "--op", parser)
+    a.ops = [o for o in ALL_OPS if o in ops] if ops else list(OPS)
     impls = _split(a.impl, IMPLS, "--impl", parser)
     a.impls = [i for i in IMPLS if i in impls] if impls else list(IMPLS)
     shapes = []
@@ -519,7 +559,10 @@ def run_torch(a, rows):
         gen.manual_seed(a.seed)
         try:
             x = make_input(torch, dims, layout, dtype, device, gen, -2.0, 3.0)
-            dy = make_input(torch, dims, layout, dtype, device, gen, -1.0, 2.0) if "backward" in a.ops else None
+            backward_ops = [o for o in a.ops if op_kind(o) == "backward"]
+            dy = make_input(torch, dims, layout, dtype, device, gen, -1.0, 2.0) if backward_ops else None
+            add_ops = [o for o in a.ops if op_epilogue(o) == "add_relu"]
+            z = make_input(torch, dims, layout, dtype, device, gen, -1.0, 1.0) if add_ops else None
         except RuntimeError as e:  # out of memory, for instance
             for impl in a.impls:
                 for op in a.ops:
@@ -529,6 +572,11 @@ def run_torch(a, rows):
         b0 = torch.empty(c, dtype=pdtype, device=device).uniform_(-0.5, 0.5, generator=gen)
         rm0 = torch.empty(c, dtype=pdtype, device=device).uniform_(-0.5, 0.5, generator=gen)
         rv0 = torch.empty(c, dtype=pdtype, device=device).uniform_(0.5, 2.0, generator=gen)
+        # FrozenBatchNorm2d's coefficients, broadcast over (N, C, ...) in x's type.
+        bshape = [1, c] + [1] * (len(dims) - 2)
+        scale0 = w0 * (rv0 + EPS).rsqrt()
+        shift0 = (b0 - rm0 * scale0).to(dtype).reshape(bshape)
+        scale0 = scale0.to(dtype).reshape(bshape)
         for impl in a.impls:
             for op in a.ops:
                 done += 1
@@ -538,29 +586,36 @@ def run_torch(a, rows):
                     continue
                 rm, rv = rm0.clone(), rv0.clone()
 
-                def fwd_train(x_, rm_, rv_, w_, b_):
-                    return F.batch_norm(x_, rm_, rv_, w_, b_, training=True, momentum=MOMENTUM, eps=EPS)
+                kind, epi = op_kind(op), op_epilogue(op)
+                training = kind in ("train_fwd", "backward")
 
-                def fwd_eval(x_, rm_, rv_, w_, b_):
-                    return F.batch_norm(x_, rm_, rv_, w_, b_, training=False, momentum=MOMENTUM, eps=EPS)
+                def fwd(x_, rm_, rv_, w_, b_, *z_, training=training, epi=epi):
+                    y_ = F.batch_norm(x_, rm_, rv_, w_, b_, training=training, momentum=MOMENTUM, eps=EPS)
+                    if epi == "add_relu":
+                        y_ = y_ + z_[0]
+                    return F.relu(y_) if epi else y_
 
-                fn = fwd_train if op in ("train_fwd", "backward") else fwd_eval
+                def frozen(x_, scale_, shift_):
+                    return x_ * scale_ + shift_
+
+                fn = frozen if kind == "frozen_eval" else fwd
                 if impl == "torch-compile":
                     torch._dynamo.reset()
                     fn = torch.compile(fn, dynamic=False)
                 torch.backends.cudnn.enabled = impl != "torch-native"
                 try:
-                    if op == "backward":
+                    if kind == "backward":
                         xg = x.detach().requires_grad_(True)
                         wg = w0.detach().clone().requires_grad_(True)
                         bg = b0.detach().clone().requires_grad_(True)
+                        zg = (z.detach().requires_grad_(True),) if epi == "add_relu" else ()
                         state = {}
 
-                        def forward(xg=xg, wg=wg, bg=bg, rm=rm, rv=rv, state=state, fn=fn):
-                            state["y"] = fn(xg, rm, rv, wg, bg)
+                        def forward(xg=xg, wg=wg, bg=bg, zg=zg, rm=rm, rv=rv, state=state, fn=fn):
+                            state["y"] = fn(xg, rm, rv, wg, bg, *zg)
 
-                        def backward(xg=xg, wg=wg, bg=bg, state=state):
-                            torch.autograd.grad(state["y"], (xg, wg, bg), dy)
+                        def backward(xg=xg, wg=wg, bg=bg, zg=zg, state=state):
+                            torch.autograd.grad(state["y"], (xg, wg, bg, *zg), dy)
 
                         if impl == "torch-compile":
                             # Compile the forward and the backward before timing.
@@ -569,11 +624,15 @@ def run_torch(a, rows):
                             torch.cuda.synchronize()
                         med, mn = timer.time(backward, before=forward)
                     else:
+                        if kind == "frozen_eval":
+                            args = (x, scale0, shift0)
+                        else:
+                            args = (x, rm, rv, w0, b0) + ((z,) if epi == "add_relu" else ())
                         with torch.no_grad():
                             if impl == "torch-compile":
-                                fn(x, rm, rv, w0, b0)
+                                fn(*args)
                                 torch.cuda.synchronize()
-                            med, mn = timer.time(lambda fn=fn, rm=rm, rv=rv: fn(x, rm, rv, w0, b0))
+                            med, mn = timer.time(lambda fn=fn, args=args: fn(*args))
                     if impl == "torch-compile":
                         compile_failures = 0
                     report["rows"].append(result_row(impl, op, dims, layout, dname, med, mn, copy_gbps))
@@ -591,7 +650,7 @@ def run_torch(a, rows):
                 finally:
                     torch.backends.cudnn.enabled = True
                     torch.cuda.synchronize()
-        del x, dy
+        del x, dy, z
         torch.cuda.empty_cache()
 
     if not report["errors"]:
@@ -683,6 +742,17 @@ def self_test(json_path=None):
     assert op_bytes("backward", [32, 256, 56, 56], "f32") == 3 * numel * 4 + 5 * 256 * 4
     assert op_bytes("train_fwd", [32, 256, 56, 56], "f16") == 2 * numel * 2 + 8 * 256 * 4
     assert op_bytes("train_fwd", [4, 3], "f64") == 2 * 12 * 8 + 8 * 3 * 8
+    d = [32, 256, 56, 56]
+    assert op_bytes("frozen_eval", d, "f16") == 2 * numel * 2 + 2 * 256 * 4
+    assert op_bytes("eval_relu", d, "f16") == op_bytes("eval_fwd", d, "f16")
+    assert op_bytes("eval_add_relu", d, "f16") == 3 * numel * 2 + 4 * 256 * 4
+    assert op_bytes("train_fwd_add_relu", d, "f16") == op_bytes("train_fwd", d, "f16") + numel * 2
+    assert op_bytes("backward_relu", d, "f16") == 4 * numel * 2 + 5 * 256 * 4
+    assert op_bytes("backward_add_relu", d, "f16") == 5 * numel * 2 + 5 * 256 * 4
+    assert op_bytes("frozen_eval", [4, 3], "f64") == 2 * 12 * 8 + 2 * 3 * 8
+    assert [op_kind(o) for o in FUSED_OPS] == ["frozen_eval"] + ["eval_fwd"] * 2 + ["train_fwd"] * 2 + ["backward"] * 2
+    assert parse_args(["--op", "eval_add_relu,frozen_eval"]).ops == ["frozen_eval", "eval_add_relu"]
+    assert parse_args([]).ops == OPS
 
     # A sample report (fake timings) over the quick set, written and read back.
     copy = 3000.0
