@@ -589,7 +589,8 @@ fn infer_from_many_threads() {
 }
 
 /// The eval hot path, as a server captures it into a CUDA graph: a module's `infer`, a
-/// frozen module's and the functional eval, captured on a stream of their own and
+/// frozen module's, the functional eval and the fused epilogues (a module's add-ReLU, a
+/// frozen module's ReLU), captured on a stream of their own and
 /// replayed with new input. The capture runs nothing (the outputs keep their
 /// sentinels), every replay equals the uncaptured calls on its input bitwise, and a host
 /// synchronisation inside a capture fails it, as a driver does.
@@ -628,12 +629,34 @@ fn eval_captured_in_a_graph_and_replayed() {
         upload(&sd.weight),
         upload(&sd.bias),
     );
+    // The residual of the fused calls.
+    let z = s
+        .clone_htod(
+            &(0..n)
+                .map(|i| (i % 7) as f32 * 0.4 - 1.2)
+                .collect::<Vec<f32>>(),
+        )
+        .unwrap();
     let run = |x: &CudaSlice<f32>, ys: &mut [CudaSlice<f32>]| {
-        let [y0, y1, y2] = ys else {
-            unreachable!("three outputs")
+        let [y0, y1, y2, y3, y4] = ys else {
+            unreachable!("five outputs")
         };
         bn.infer(&s, x, &shape, y0)?;
         frozen.infer(&s, x, &shape, y1)?;
+        bn.infer_fused(
+            &s,
+            x,
+            Some(cuda_batchnorm::functional::Epilogue::AddRelu { residual: &z }),
+            &shape,
+            y3,
+        )?;
+        frozen.infer_fused(
+            &s,
+            x,
+            cuda_batchnorm::functional::Epilogue::Relu,
+            &shape,
+            y4,
+        )?;
         let args = Eval {
             input: x,
             shape,
@@ -653,7 +676,7 @@ fn eval_captured_in_a_graph_and_replayed() {
         })
         .collect();
     let mut x = s.clone_htod(&inputs[0]).unwrap();
-    let mut ys: Vec<CudaSlice<f32>> = (0..3).map(|_| s.alloc_zeros(n).unwrap()).collect();
+    let mut ys: Vec<CudaSlice<f32>> = (0..5).map(|_| s.alloc_zeros(n).unwrap()).collect();
     // Uncaptured, for each input (this also loads the kernels before any capture).
     let expect: Vec<Vec<Vec<f32>>> = inputs
         .iter()
@@ -667,6 +690,17 @@ fn eval_captured_in_a_graph_and_replayed() {
         expect[0][0], expect[1][0],
         "the inputs must give different outputs"
     );
+    // The fused outputs are the plain ones through their epilogues.
+    let relu = |v: f32| if v < 0.0 { 0.0 } else { v };
+    let add_relu: Vec<f32> = expect[0][0]
+        .iter()
+        .zip(s.clone_dtoh(&z).unwrap())
+        .map(|(y, z)| relu(y + z))
+        .collect();
+    assert_eq!(expect[0][3], add_relu);
+    let frozen_relu: Vec<f32> = expect[0][1].iter().map(|&y| relu(y)).collect();
+    assert_eq!(expect[0][4], frozen_relu);
+    assert!(frozen_relu.contains(&0.0) && frozen_relu != expect[0][1]);
     let sentinel = vec![-7.0f32; n];
     for y in &mut ys {
         s.memcpy_htod(&sentinel, y).unwrap();
