@@ -596,6 +596,88 @@ struct BwdDxNhwc {
 };
 
 // ---------------------------------------------------------------------------------------
+// The stats stage (SyncBatchNorm and the per-stage functions): per-channel kernels, one
+// thread per channel (grid ceil(C / 256) x 256, no workspace protocol). They read and
+// write per-channel data only, and prepare the channel data (ws_channel) that fwd_norm
+// and bwd_dx of every split family read, so the streaming stages run as they are.
+//
+//   stats_gather  the global mean and invstd from R ranks' (mean, invstd, count), merged
+//                 in rank order as Chan's parallel update (PyTorch's
+//                 batch_norm_gather_stats_with_counts; a rank with count <= 0 is skipped,
+//                 as PyTorch filters empty ranks). x = means, dy = invstds: rank r's
+//                 channel c at r * chunk + c; z = counts at r * s; n = R. Writes
+//                 save_mean and save_invstd; with BN_F_UPDATE_RUNNING the running
+//                 statistics (momentum, the global batch's unbiased variance).
+//   elemt_prep    ws_channel's shift, shifted mean and invstd from given statistics
+//                 (save_mean, save_invstd): fwd_norm then computes (x - mean) * invstd * w
+//                 + b, PyTorch's batch_norm_elemt.
+//   dx_prep       ws_channel's sums for bwd_dx from the all-reduced sums (x: A[2C],
+//                 sum_dy then sum_dy_xmu) and the ranks' counts (z at r * s, n = R):
+//                 scaled by chunk / sum(counts), chunk being the local N * S that bwd_dx
+//                 divides by, so that bwd_dx divides by the global count.
+
+template <class A, class I>
+__device__ __forceinline__ bool channel_thread(const BnParams& p, I& c) {
+    c = static_cast<I>(blockIdx.x) * static_cast<I>(blockDim.x) + static_cast<I>(threadIdx.x);
+    return c < static_cast<I>(p.c);
+}
+
+template <class T, class P, class A>
+__device__ __forceinline__ void stats_gather(const BnParams& p) {
+    int64_t c;
+    if (!channel_thread<A>(p, c)) return;
+    const Gmem<const A> means(p.x), invstds(p.dy), counts(p.z);
+    const A eps = static_cast<A>(p.eps);
+    A n = A(0), mean = A(0), m2 = A(0);
+    for (int64_t r = 0; r < p.n; ++r) {
+        const A count = counts.ld(r * p.s);
+        if (!(count > A(0))) continue;
+        const A m = means.ld(r * p.chunk + c);
+        const A std = A(1) / invstds.ld(r * p.chunk + c);
+        const A rank_m2 = (std * std - eps) * count;
+        const A factor = A(1) / (n + count);
+        const A d = mean - m;
+        m2 += rank_m2 + d * d * n * count * factor;
+        mean = n * factor * mean + count * factor * m;
+        n += count;
+    }
+    const A var = m2 / n;
+    Gmem<A>(p.save_mean).st(c, mean);
+    Gmem<A>(p.save_invstd).st(c, A(1) / acc_sqrt(var + eps));
+    if (p.flags & BN_F_UPDATE_RUNNING) {
+        const A momentum = static_cast<A>(p.momentum);
+        const Gmem<P> rm(p.running_mean), rv(p.running_var);
+        const A unbiased = m2 / (n - A(1));
+        rm.st(c, from_acc<P>(mean * momentum + (A(1) - momentum) * to_acc<A>(rm.ld(c))));
+        rv.st(c, from_acc<P>(unbiased * momentum + (A(1) - momentum) * to_acc<A>(rv.ld(c))));
+    }
+}
+
+template <class T, class P, class A>
+__device__ __forceinline__ void elemt_prep(const BnParams& p) {
+    int64_t c;
+    if (!channel_thread<A>(p, c)) return;
+    const int64_t C = p.c;
+    const Gmem<A> ch(p.ws_channel);
+    ch.st(kShift * C + c, Gmem<const A>(p.save_mean).ld(c));
+    ch.st(kShiftedMean * C + c, A(0));
+    ch.st(kInvstd * C + c, Gmem<const A>(p.save_invstd).ld(c));
+}
+
+template <class T, class P, class A>
+__device__ __forceinline__ void dx_prep(const BnParams& p) {
+    int64_t c;
+    if (!channel_thread<A>(p, c)) return;
+    const Gmem<const A> sums(p.x), counts(p.z);
+    A total = A(0);
+    for (int64_t r = 0; r < p.n; ++r) total += counts.ld(r * p.s);
+    const A ratio = static_cast<A>(p.chunk) / total;
+    const Gmem<A> ch(p.ws_channel);
+    ch.st(c, sums.ld(c) * ratio);
+    ch.st(p.c + c, sums.ld(p.c + c) * ratio);
+}
+
+// ---------------------------------------------------------------------------------------
 // Variant dispatch and entry points.
 
 template <template <class, class, class, class, int> class Stage, class T, class P, class A>
@@ -651,7 +733,10 @@ __device__ __forceinline__ void selftest_params(const BnParams& p) {
     BN_KERNEL(bn_bwd_reduce_nchw_##tag, bn::run_stage<bn::BwdReduceNchw, T, P, A>);               \
     BN_KERNEL(bn_bwd_reduce_nhwc_##tag, bn::run_stage<bn::BwdReduceNhwc, T, P, A>);               \
     BN_KERNEL(bn_bwd_dx_nchw_##tag, bn::run_stage<bn::BwdDxNchw, T, P, A>);                       \
-    BN_KERNEL(bn_bwd_dx_nhwc_##tag, bn::run_stage<bn::BwdDxNhwc, T, P, A>)
+    BN_KERNEL(bn_bwd_dx_nhwc_##tag, bn::run_stage<bn::BwdDxNhwc, T, P, A>);                       \
+    BN_KERNEL(bn_stats_gather_##tag, (bn::stats_gather<T, P, A>));                                \
+    BN_KERNEL(bn_elemt_prep_##tag, (bn::elemt_prep<T, P, A>));                                    \
+    BN_KERNEL(bn_dx_prep_##tag, (bn::dx_prep<T, P, A>))
 
 BN_ENTRIES(f32, float, float, float);
 BN_ENTRIES(f64, double, double, double);

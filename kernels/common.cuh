@@ -126,6 +126,9 @@ __device__ __forceinline__ uint64_t bits_of(double v) {
 // 1 / sqrt(v) in the accumulator type; rsqrt as PyTorch's CUDA kernels use it.
 __device__ __forceinline__ float acc_rsqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double acc_rsqrt(double v) { return rsqrt(v); }
+// sqrt(v) in the accumulator type (the gathered statistics take 1 / sqrt, as PyTorch's).
+__device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
 
 // ---------------------------------------------------------------------------------------
 // Vectors: a 16-byte pack of elements, loaded and stored with one instruction.

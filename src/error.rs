@@ -206,6 +206,10 @@ pub enum BnError {
     #[error("{0}")]
     Backward(&'static str),
 
+    /// A stats-stage merge given no rank's statistics.
+    #[error("batch_norm_gather_stats_with_counts needs the statistics of at least one rank")]
+    NoRanks,
+
     /// A module's backward whose input does not match its last forward.
     #[error(
         "backward got input size {got:?} but the last forward in this mode had size {expected:?}"

@@ -96,7 +96,10 @@ impl Workspace {
     }
 
     /// Device addresses of the counters and the scratch, with their cudarc guards.
-    fn ptrs<'a>(&'a mut self, stream: &'a CudaStream) -> Result<[(u64, SyncOnDrop<'a>); 2]> {
+    pub(crate) fn ptrs<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+    ) -> Result<[(u64, SyncOnDrop<'a>); 2]> {
         let missing = || BnError::Backward("the workspace was not reserved");
         let counters = self.counters.as_mut().ok_or_else(missing)?;
         let scratch = self.scratch.as_mut().ok_or_else(missing)?;
@@ -412,7 +415,7 @@ fn empty_slice<E: Float>(stream: &Arc<CudaStream>) -> Result<CudaSlice<E>> {
     Ok(unsafe { stream.upgrade_device_ptr(ptr, 0) })
 }
 
-fn same_context<T, B: DeviceSlice<T> + ?Sized>(
+pub(crate) fn same_context<T, B: DeviceSlice<T> + ?Sized>(
     stream: &CudaStream,
     name: &'static str,
     b: &B,
@@ -425,7 +428,7 @@ fn same_context<T, B: DeviceSlice<T> + ?Sized>(
 }
 
 /// Device address of an optional buffer read by the launch, with its cudarc guard.
-fn read<'a, T>(
+pub(crate) fn read<'a, T>(
     b: &'a Option<&'a (dyn DevicePtr<T> + 'a)>,
     stream: &'a CudaStream,
 ) -> (u64, Option<SyncOnDrop<'a>>) {
@@ -439,7 +442,7 @@ fn read<'a, T>(
 }
 
 /// Device address of an optional buffer written by the launch, with its cudarc guard.
-fn write<'a, 'b: 'a, T>(
+pub(crate) fn write<'a, 'b: 'a, T>(
     b: &'a mut Option<&'b mut (dyn DevicePtrMut<T> + 'b)>,
     stream: &'a CudaStream,
 ) -> (u64, Option<SyncOnDrop<'a>>) {
@@ -454,7 +457,7 @@ fn write<'a, 'b: 'a, T>(
 
 /// The kernels of the stream's context and the tuning to plan with, after growing the
 /// workspace for `shape` if it is too small.
-fn prepare(
+pub(crate) fn prepare(
     stream: &Arc<CudaStream>,
     workspace: &mut Workspace,
     shape: &Shape,

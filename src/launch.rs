@@ -402,6 +402,13 @@ pub enum Stage {
     FwdFused,
     /// The backward's sums and dx in one cooperative launch (persistent).
     BwdFused,
+    /// The stats stage's merge of the ranks' statistics (per channel, any family).
+    StatsGather,
+    /// Given statistics into the channel data fwd_norm reads (per channel).
+    ElemtPrep,
+    /// The all-reduced sums and the global count into the channel data bwd_dx reads
+    /// (per channel).
+    DxPrep,
 }
 
 impl Stage {
@@ -413,7 +420,11 @@ impl Stage {
         Stage::BwdDx,
     ];
 
-    /// Every stage of every family.
+    /// The per-channel stages of the stats-stage functions (one entry point per type
+    /// pair, no layout; in the baseline's module).
+    pub const PER_CHANNEL: [Stage; 3] = [Stage::StatsGather, Stage::ElemtPrep, Stage::DxPrep];
+
+    /// Every streaming stage of every family.
     pub const EVERY: [Stage; 7] = [
         Stage::FwdStats,
         Stage::FwdNorm,
@@ -434,7 +445,15 @@ impl Stage {
             Stage::BwdDxEval => "bwd_dx_eval",
             Stage::FwdFused => "fwd_train",
             Stage::BwdFused => "bwd_train",
+            Stage::StatsGather => "stats_gather",
+            Stage::ElemtPrep => "elemt_prep",
+            Stage::DxPrep => "dx_prep",
         }
+    }
+
+    /// Whether the stage runs one thread per channel (a [`channel_launch`]).
+    pub const fn per_channel(self) -> bool {
+        matches!(self, Stage::StatsGather | Stage::ElemtPrep | Stage::DxPrep)
     }
 
     /// Whether blocks coordinate through workspace counters (or, fused, through the
@@ -467,10 +486,14 @@ pub struct KernelId {
 
 impl KernelId {
     /// The entry point's name: `bn_<stage>_<layout>_<tag>` in the baseline,
-    /// `bn_<family>_<stage>_<layout>_<tag>[_i64]` otherwise.
+    /// `bn_<family>_<stage>_<layout>_<tag>[_i64]` otherwise, `bn_<stage>_<tag>` for a
+    /// per-channel stage.
     pub fn name(&self) -> String {
         let tag = kernel_tag(self.input, self.param);
         let (stage, layout) = (self.stage.name(), self.layout.name());
+        if self.stage.per_channel() {
+            return format!("bn_{stage}_{tag}");
+        }
         match self.variant {
             Variant::Baseline => format!("bn_{stage}_{layout}_{tag}"),
             v => format!(
@@ -480,6 +503,34 @@ impl KernelId {
             ),
         }
     }
+}
+
+/// The per-channel stage `stage` for input and parameter types `types`: its entry point
+/// (in the baseline's module) and its launch, one thread per channel in blocks of
+/// [`BLOCK_THREADS`].
+pub fn channel_launch(
+    stage: Stage,
+    c: usize,
+    types: (DType, DType),
+) -> Result<(KernelId, LaunchConfig)> {
+    debug_assert!(stage.per_channel());
+    let blocks = u32::try_from(c.div_ceil(BLOCK_THREADS as usize).max(1))
+        .map_err(|_| BnError::InputTooLarge { size: vec![c] })?;
+    let id = KernelId {
+        variant: Variant::Baseline,
+        index64: false,
+        stage,
+        layout: Layout::Nchw,
+        input: types.0,
+        param: types.1,
+    };
+    let config = LaunchConfig {
+        grid: (blocks, 1, 1),
+        block: (BLOCK_THREADS, 1, 1),
+        shared_bytes: 0,
+        cooperative: false,
+    };
+    Ok((id, config))
 }
 
 /// Grid, block and dynamic shared memory of one launch.

@@ -84,6 +84,7 @@ pub mod module;
 pub mod nn;
 pub mod raw;
 pub mod shape;
+pub mod sync;
 pub mod validate;
 #[cfg(feature = "safetensors")]
 pub mod weights;

@@ -506,6 +506,43 @@ pub fn plan_op_fused(
     plan_variant(Variant::Baseline, op, shape, types, align, launcher, tuning)
 }
 
+/// [`plan_op`] for the stats-stage functions, which run an operation's stages as calls of
+/// their own: the persistent family's single launch cannot be cut, so the plan is the
+/// first other family that can take the call (a persistent family asked for is
+/// unavailable).
+pub fn plan_op_split(
+    op: Op,
+    shape: &Shape,
+    types: (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    let unavailable = || {
+        BnError::VariantUnavailable {
+        variant: Variant::Persistent.name(),
+        reason: "the stats-stage functions run the statistics and the normalisation as launches of their own".into(),
+    }
+    };
+    if tuning.variant == Some(Variant::Persistent) {
+        return Err(unavailable());
+    }
+    let plan = plan_op(op, shape, types, align, launcher, tuning)?;
+    if plan.variant != Variant::Persistent {
+        return Ok(plan);
+    }
+    for v in PREDICTED_ORDER
+        .into_iter()
+        .filter(|&v| v != Variant::Persistent)
+    {
+        match plan_variant(v, op, shape, types, align, launcher, tuning) {
+            Err(BnError::VariantUnavailable { .. }) => continue,
+            other => return other,
+        }
+    }
+    Err(unavailable())
+}
+
 /// The workspace every forward and backward call on this shape with inputs of `input`
 /// (any parameter type) needs with `launcher` and `tuning`, whatever the alignment of
 /// its buffers. Zero for empty shapes.
@@ -537,11 +574,17 @@ pub fn workspace_size(
             },
         ] {
             // A forced family that cannot take one of these calls fails that call
-            // itself; its workspace does not matter.
-            match plan_op(op, shape, types, align, launcher, tuning) {
-                Ok(plan) => size = size.max(plan.workspace(shape.c(), types.0.acc())),
-                Err(BnError::VariantUnavailable { .. }) => {}
-                Err(e) => return Err(e),
+            // itself; its workspace does not matter. The stats-stage functions plan
+            // the same operations without the persistent family.
+            for plan in [
+                plan_op(op, shape, types, align, launcher, tuning),
+                plan_op_split(op, shape, types, align, launcher, tuning),
+            ] {
+                match plan {
+                    Ok(plan) => size = size.max(plan.workspace(shape.c(), types.0.acc())),
+                    Err(BnError::VariantUnavailable { .. }) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
     }
@@ -730,6 +773,22 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
     a: &ForwardArgs,
     plan: &OpPlan,
 ) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { forward_launches::<T, P>(launcher, shape, a, plan, None) }
+}
+
+/// The launches of `plan` (only the one of stage `only` when given), the workspace laid
+/// out for the whole plan.
+///
+/// # Safety
+/// As for [`forward_planned`].
+unsafe fn forward_launches<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &ForwardArgs,
+    plan: &OpPlan,
+    only: Option<Stage>,
+) -> Result<()> {
     let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
     let ws = Workspace::new(plan, c, acc, a.counters, a.scratch);
     let frozen = a.frozen != 0;
@@ -752,10 +811,15 @@ pub unsafe fn forward_planned<T: Float, P: ParamFor<T>>(
             region(a.running_var, c, P::DTYPE, "running_var", kind)?,
         ])
     };
-    let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
+    let launches: Vec<&PlannedLaunch> = plan
+        .launches
+        .iter()
+        .filter(|l| only.is_none_or(|s| s == l.kernel.stage))
+        .collect();
+    let ids: Vec<KernelId> = launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
 
-    for l in &plan.launches {
+    for l in launches {
         let (stage_plan, id) = (&l.plan, l.kernel);
         let mut p = base_params(shape, stage_plan);
         p.flags |= mode;
@@ -869,6 +933,24 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
     a: &BackwardArgs,
     plan: &OpPlan,
 ) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { backward_launches::<T, P>(launcher, shape, a, plan, None, 0) }
+}
+
+/// The launches of `plan` (only the one of stage `only` when given), the workspace laid
+/// out for the whole plan; a reduction writes its sums to `sums` (`Acc[2C]`) instead of
+/// the workspace when it is not 0.
+///
+/// # Safety
+/// As for [`backward_planned`]; `sums`, when not 0, a live allocation of `2C` `T::Acc`.
+unsafe fn backward_launches<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &BackwardArgs,
+    plan: &OpPlan,
+    only: Option<Stage>,
+    sums: u64,
+) -> Result<()> {
     let (acc, c, numel) = (T::Acc::DTYPE, shape.c(), shape.numel());
     let batch = matches!(a.stats, BackwardStats::Batch { .. });
     let ws = Workspace::new(plan, c, acc, a.counters, a.scratch);
@@ -898,9 +980,14 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
     };
     let frozen = mode == flags::FROZEN;
     let (y, dz) = a.epilogue.addrs();
-    let ids: Vec<KernelId> = plan.launches.iter().map(|l| l.kernel).collect();
+    let launches: Vec<&PlannedLaunch> = plan
+        .launches
+        .iter()
+        .filter(|l| only.is_none_or(|s| s == l.kernel.stage))
+        .collect();
+    let ids: Vec<KernelId> = launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
-    for l in &plan.launches {
+    for l in launches {
         let (stage_plan, id) = (&l.plan, l.kernel);
         let mut p = base_params(shape, stage_plan);
         p.flags |= mode | a.epilogue.flags();
@@ -955,7 +1042,12 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
                 region(a.grad_bias, c, P::DTYPE, "grad_bias", RegionKind::Output)?,
                 counters,
                 partials,
-                ws.channel_region(acc, c, RegionKind::Output)?,
+                if sums != 0 {
+                    p.ws_channel = sums;
+                    region(sums, c.saturating_mul(2), acc, "sums", RegionKind::Output)?
+                } else {
+                    ws.channel_region(acc, c, RegionKind::Output)?
+                },
             ]);
         }
         regions.push(region(a.weight, c, P::DTYPE, "weight", input)?);
@@ -984,6 +1076,342 @@ pub unsafe fn backward_planned<T: Float, P: ParamFor<T>>(
         launcher.launch(id, &stage_plan.config, &p, &regions)?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The stats stage: an operation's stages as calls of their own (SyncBatchNorm and
+// frameworks with their own communication run them around their collectives).
+
+/// Device addresses of the merge of several ranks' statistics
+/// ([`gather_stats`]). Rank r's channel c has its mean at `means + r * stats_stride + c`
+/// and its invstd likewise from `invstds`, its count at `counts + r * counts_stride`
+/// (`T::Acc` each): separate `[R, C]` and `[R]` buffers (strides C and 1), or the rows of
+/// one all-gathered buffer (`[mean(C), invstd(C), count]` per rank: stride 2C + 1).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatherArgs {
+    /// The ranks' means.
+    pub means: u64,
+    /// The ranks' invstds.
+    pub invstds: u64,
+    /// The ranks' value counts per channel (a count <= 0 is an empty rank, skipped).
+    pub counts: u64,
+    /// Elements between two ranks' means (and invstds).
+    pub stats_stride: usize,
+    /// Elements between two ranks' counts.
+    pub counts_stride: usize,
+    /// R.
+    pub ranks: usize,
+    /// `P[C]` or 0: updated with the global statistics when both are given.
+    pub running_mean: u64,
+    /// `P[C]` or 0.
+    pub running_var: u64,
+    /// `Acc[C]`, written: the global mean.
+    pub mean: u64,
+    /// `Acc[C]`, written: the global invstd.
+    pub invstd: u64,
+    /// The running-average factor.
+    pub momentum: f64,
+    /// eps.
+    pub eps: f64,
+}
+
+/// The input regions of `parts` (address, elements), merged where they overlap (the
+/// rows of one gathered buffer interleave the parts), as `name`.
+fn input_span(parts: &[(u64, usize)], dtype: DType, name: &'static str) -> Result<Vec<Region>> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for &(addr, elems) in parts.iter().filter(|p| p.0 != 0) {
+        let end = addr
+            .checked_add(byte_count(name, elems, dtype.size())?)
+            .ok_or(BnError::BufferTooLarge {
+                name,
+                len: elems,
+                elem_bytes: dtype.size(),
+            })?;
+        spans.push((addr, end));
+    }
+    spans.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (lo, hi) in spans {
+        match merged.last_mut() {
+            Some(last) if lo < last.1 => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(lo, hi)| Region {
+            addr: lo,
+            bytes: hi - lo,
+            name,
+            kind: RegionKind::Input,
+        })
+        .collect())
+}
+
+/// Elements a strided set of `rows` rows of `width` needs.
+fn strided(rows: usize, stride: usize, width: usize) -> usize {
+    rows.saturating_sub(1)
+        .saturating_mul(stride)
+        .saturating_add(width)
+}
+
+/// The plan of an operation the stats stage cuts into its stages.
+fn split_plan<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    op: Op,
+    shape: &Shape,
+    addrs: &[u64],
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    plan_op_split(
+        op,
+        shape,
+        (T::DTYPE, P::DTYPE),
+        Alignment::of(addrs),
+        launcher,
+        tuning,
+    )
+}
+
+/// The batch statistics alone (PyTorch's `batch_norm_stats`): the forward's statistics
+/// stage writes `a.save_mean` (the mean) and `a.save_invstd` (`1 / sqrt(var + eps)`,
+/// biased variance); nothing else that outlives the call. `a.y`, the parameters, the
+/// running statistics, `update_running` and the epilogue are not used.
+///
+/// # Safety
+/// As for [`forward`], with `save_mean` and `save_invstd` live `Acc[C]` allocations.
+pub unsafe fn stats<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &ForwardArgs,
+    tuning: &Tuning,
+) -> Result<()> {
+    let op = Op::Forward { batch_stats: true };
+    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x], tuning)?;
+    let a = ForwardArgs {
+        batch_stats: true,
+        update_running: false,
+        running_mean: 0,
+        running_var: 0,
+        y: 0,
+        frozen: 0,
+        epilogue: Epilogue::None,
+        ..*a
+    };
+    // SAFETY: the caller's contract; the statistics stage reads x and writes the saved
+    // statistics and the workspace.
+    unsafe { forward_launches::<T, P>(launcher, shape, &a, &plan, Some(Stage::FwdStats)) }
+}
+
+/// The merge of R ranks' statistics (PyTorch's `batch_norm_gather_stats_with_counts`):
+/// the global mean and invstd, and the running statistics updated with the global
+/// batch's unbiased variance when they are given. One per-channel launch.
+///
+/// # Safety
+/// Every non-zero address a live allocation of the launcher's context holding what
+/// [`GatherArgs`] describes for `c` channels; `mean` and `invstd` overlap no input;
+/// `c >= 1`, `ranks >= 1`.
+pub unsafe fn gather_stats<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    c: usize,
+    a: &GatherArgs,
+) -> Result<()> {
+    let acc = T::Acc::DTYPE;
+    let (id, config) = launch::channel_launch(Stage::StatsGather, c, (T::DTYPE, P::DTYPE))?;
+    let update = a.running_mean != 0 && a.running_var != 0;
+    let rows = strided(a.ranks, a.stats_stride, c);
+    let mut regions = input_span(
+        &[
+            (a.means, rows),
+            (a.invstds, rows),
+            (a.counts, strided(a.ranks, a.counts_stride, 1)),
+        ],
+        acc,
+        "gathered statistics",
+    )?;
+    let running = if update {
+        RegionKind::InOut
+    } else {
+        RegionKind::Input
+    };
+    regions.extend([
+        region(a.mean, c, acc, "mean", RegionKind::Output)?,
+        region(a.invstd, c, acc, "invstd", RegionKind::Output)?,
+        region(
+            if update { a.running_mean } else { 0 },
+            c,
+            P::DTYPE,
+            "running_mean",
+            running,
+        )?,
+        region(
+            if update { a.running_var } else { 0 },
+            c,
+            P::DTYPE,
+            "running_var",
+            running,
+        )?,
+    ]);
+    let p = BnParams {
+        x: a.means,
+        dy: a.invstds,
+        z: a.counts,
+        n: a.ranks as i64,
+        c: c as i64,
+        chunk: a.stats_stride as i64,
+        s: a.counts_stride as i64,
+        save_mean: a.mean,
+        save_invstd: a.invstd,
+        running_mean: if update { a.running_mean } else { 0 },
+        running_var: if update { a.running_var } else { 0 },
+        flags: if update { flags::UPDATE_RUNNING } else { 0 },
+        momentum: a.momentum,
+        eps: a.eps,
+        ..BnParams::default()
+    };
+    launcher.prepare(&[id])?;
+    launcher.launch(id, &config, &p, &regions)
+}
+
+/// The normalisation with given statistics (PyTorch's `batch_norm_elemt`):
+/// `y = (x - mean) * invstd * weight + bias` with `a.save_mean` and `a.save_invstd` as
+/// the statistics (read, `Acc[C]` each). Two launches: the
+/// statistics into the workspace's channel data, then the forward's normalisation
+/// stage. The running statistics and the epilogue are not used.
+///
+/// # Safety
+/// As for [`forward`].
+pub unsafe fn elemt<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &ForwardArgs,
+    tuning: &Tuning,
+) -> Result<()> {
+    let acc = T::Acc::DTYPE;
+    let c = shape.c();
+    let op = Op::Forward { batch_stats: true };
+    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.y], tuning)?;
+    let ws = Workspace::new(&plan, c, acc, a.counters, a.scratch);
+    let (id, config) = launch::channel_launch(Stage::ElemtPrep, c, (T::DTYPE, P::DTYPE))?;
+    let p = BnParams {
+        c: c as i64,
+        save_mean: a.save_mean,
+        save_invstd: a.save_invstd,
+        ws_channel: ws.channel(),
+        ..BnParams::default()
+    };
+    let regions = [
+        region(a.save_mean, c, acc, "mean", RegionKind::Input)?,
+        region(a.save_invstd, c, acc, "invstd", RegionKind::Input)?,
+        ws.channel_region(acc, c, RegionKind::Output)?,
+    ];
+    let mut ids = vec![id];
+    ids.extend(plan.launches.iter().map(|l| l.kernel));
+    launcher.prepare(&ids)?;
+    launcher.launch(id, &config, &p, &regions)?;
+    let a = ForwardArgs {
+        batch_stats: true,
+        update_running: false,
+        running_mean: 0,
+        running_var: 0,
+        save_mean: 0,
+        save_invstd: 0,
+        frozen: 0,
+        epilogue: Epilogue::None,
+        ..*a
+    };
+    // SAFETY: the caller's contract; the normalisation reads the channel data the launch
+    // above wrote into the workspace of this plan.
+    unsafe { forward_launches::<T, P>(launcher, shape, &a, &plan, Some(Stage::FwdNorm)) }
+}
+
+/// The backward's sums alone (PyTorch's `batch_norm_backward_reduce`): `sums` (`Acc[2C]`)
+/// gets `sum_dy` then `sum_dy_xmu` (the sum of `dy * (x - mean)`), `a.grad_bias` and
+/// `a.grad_weight` (when not 0) `sum_dy` and `sum_dy_xmu * invstd`. `a.stats` must be
+/// [`BackwardStats::Batch`]; `a.dx` is not written.
+///
+/// # Safety
+/// As for [`backward`], with `sums` a live `Acc[2C]` allocation overlapping no input.
+pub unsafe fn backward_reduce<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &BackwardArgs,
+    sums: u64,
+    tuning: &Tuning,
+) -> Result<()> {
+    let op = Op::Backward {
+        batch: true,
+        reduce: true,
+    };
+    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.dy], tuning)?;
+    let a = BackwardArgs {
+        dx: 0,
+        epilogue: EpilogueGrad::None,
+        ..*a
+    };
+    // SAFETY: the caller's contract; the reduction writes its sums to `sums`.
+    unsafe { backward_launches::<T, P>(launcher, shape, &a, &plan, Some(Stage::BwdReduce), sums) }
+}
+
+/// The input gradient from all-reduced sums (PyTorch's `batch_norm_backward_elemt`):
+/// `dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M) * invstd * weight`,
+/// `sums` (`Acc[2C]`, sum_dy then sum_dy_xmu) summed over every rank and M the sum of the
+/// ranks' counts (`counts + r * counts_stride` for r < `ranks`, `T::Acc`). `a.stats` must
+/// be [`BackwardStats::Batch`] (the global statistics). Two launches: the scaled sums
+/// into the workspace's channel data, then the backward's dx stage.
+///
+/// # Safety
+/// As for [`backward`]; `sums` and the counts live allocations of the sizes above.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward_elemt<T: Float, P: ParamFor<T>>(
+    launcher: &impl Launcher,
+    shape: &Shape,
+    a: &BackwardArgs,
+    sums: u64,
+    counts: u64,
+    counts_stride: usize,
+    ranks: usize,
+    tuning: &Tuning,
+) -> Result<()> {
+    let acc = T::Acc::DTYPE;
+    let c = shape.c();
+    let op = Op::Backward {
+        batch: true,
+        reduce: true,
+    };
+    let (y, dz) = a.epilogue.addrs();
+    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.dy, a.dx, y, dz], tuning)?;
+    let ws = Workspace::new(&plan, c, acc, a.counters, a.scratch);
+    let (id, config) = launch::channel_launch(Stage::DxPrep, c, (T::DTYPE, P::DTYPE))?;
+    let p = BnParams {
+        x: sums,
+        z: counts,
+        n: ranks as i64,
+        c: c as i64,
+        s: counts_stride as i64,
+        chunk: shape.per_channel() as i64,
+        ws_channel: ws.channel(),
+        ..BnParams::default()
+    };
+    let mut regions = input_span(&[(sums, c.saturating_mul(2))], acc, "sums")?;
+    regions.extend(input_span(
+        &[(counts, strided(ranks, counts_stride, 1))],
+        acc,
+        "counts",
+    )?);
+    regions.push(ws.channel_region(acc, c, RegionKind::Output)?);
+    let mut ids = vec![id];
+    ids.extend(plan.launches.iter().map(|l| l.kernel));
+    launcher.prepare(&ids)?;
+    launcher.launch(id, &config, &p, &regions)?;
+    let a = BackwardArgs {
+        grad_weight: 0,
+        grad_bias: 0,
+        ..*a
+    };
+    // SAFETY: the caller's contract; the dx stage reads the sums the launch above wrote
+    // into the workspace of this plan.
+    unsafe { backward_launches::<T, P>(launcher, shape, &a, &plan, Some(Stage::BwdDx), 0) }
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ pub(crate) fn buffer(name: &'static str, needed: usize, got: usize, shape: &Shap
     Ok(())
 }
 
-fn check_eps(eps: f64, training: bool) -> Result<()> {
+pub(crate) fn check_eps(eps: f64, training: bool) -> Result<()> {
     if training && eps <= 0.0 {
         return Err(BnError::EpsNotPositive { eps });
     }
@@ -125,6 +125,40 @@ fn empty_affine(weight: Option<usize>, bias: Option<usize>) -> Result<()> {
         if len == Some(0) {
             return Err(BnError::EmptyParameter { name });
         }
+    }
+    Ok(())
+}
+
+/// The stats-stage functions' checks (`crate::sync`): an input with a channel
+/// dimension whose buffer holds `input` elements, then each per-channel buffer
+/// (`name`, its length, the length it must have).
+pub(crate) fn stats_stage(
+    shape: &Shape,
+    input: Option<(&'static str, usize)>,
+    per_channel: &[(&'static str, usize, usize)],
+) -> Result<()> {
+    no_channel_dim(shape)?;
+    if let Some((name, got)) = input {
+        buffer(name, shape.numel(), got, shape)?;
+    }
+    for &(name, got, expected) in per_channel {
+        feature(name, expected, Some(got))?;
+    }
+    Ok(())
+}
+
+/// The merge of `ranks` ranks' statistics (`crate::sync::batch_norm_gather_stats_with_counts`):
+/// at least one rank, a finite eps and momentum.
+pub(crate) fn gather(ranks: usize, eps: f64, momentum: f64) -> Result<()> {
+    if ranks == 0 {
+        return Err(BnError::NoRanks);
+    }
+    check_eps(eps, true)?;
+    if !momentum.is_finite() {
+        return Err(BnError::NonFinite {
+            name: "momentum",
+            value: momentum,
+        });
     }
     Ok(())
 }

@@ -1479,14 +1479,21 @@ fn every_kernel_runs() {
             .unwrap();
         }
     }
+    let emu = Emu::new(SMALL, SPLIT);
+    for pair in TYPE_PAIRS {
+        let full = Shape::new(&[3, 2, 5], MemoryFormat::Contiguous).unwrap();
+        with_types!(*pair, |T, P| stats_stage_on::<T, P>(&emu, full, &[1, 2])).unwrap();
+    }
     let mine = LAUNCHED.lock().unwrap().clone();
     // ilp and flat: 5 stages x 2 layouts x 6 pairs x 2 index widths each; persistent: 2
-    // fused stages x nchw x 6 pairs x 2 widths
+    // fused stages x nchw x 6 pairs x 2 widths; the stats stage: 3 per-channel kernels x
+    // 6 pairs
     let streaming = 5 * 2 * TYPE_PAIRS.len() * 2;
     let persistent = 2 * TYPE_PAIRS.len() * 2;
+    let per_channel = 3 * TYPE_PAIRS.len();
     assert_eq!(
         compiled.len(),
-        48 + 2 * streaming + persistent,
+        48 + 2 * streaming + persistent + per_channel,
         "{compiled:?}"
     );
     let missing: Vec<_> = compiled.difference(&mine).collect();
@@ -2056,4 +2063,241 @@ fn cpu_grad<'a, T: Float>(
     } else {
         EpilogueGrad::Relu { output }
     })
+}
+
+/// The stats stage's raw calls (SyncBatchNorm's stages) on the emulated kernels, for
+/// `splits` ranks of one batch in host memory, the test playing the collectives:
+/// against the CPU backend's BatchNorm over the whole batch.
+fn stats_stage_on<T: Float, P: ParamFor<T>>(
+    emu: &Emu,
+    full: Shape,
+    splits: &[usize],
+) -> std::result::Result<(), String> {
+    let err = |e: BnError| e.to_string();
+    let (c, per_sample) = (full.c(), full.numel() / full.n());
+    let mut rng = common::Rng::new(0x57a7 ^ c as u64);
+    let xs: Vec<T> = (0..full.numel())
+        .map(|_| T::from_f64(3.0 + 2.0 * rng.normal()))
+        .collect();
+    let dys: Vec<T> = (0..full.numel())
+        .map(|_| T::from_f64(rng.normal()))
+        .collect();
+    let w: Vec<P> = (0..c).map(|i| P::from_f64(0.5 + 0.25 * i as f64)).collect();
+    let b: Vec<P> = (0..c).map(|i| P::from_f64(0.1 * i as f64)).collect();
+    let (momentum, eps) = (0.1, 1e-5);
+    // The reference.
+    let (mut rm_ref, mut rv_ref) = (vec![P::from_f64(0.0); c], vec![P::from_f64(1.0); c]);
+    let mut y_ref = vec![T::from_f64(0.0); full.numel()];
+    let (mut sm, mut si) = (
+        vec![T::Acc::from_f64(0.0); c],
+        vec![T::Acc::from_f64(0.0); c],
+    );
+    let args = cuda_batchnorm::cpu::Forward::<T, P> {
+        input: &xs,
+        shape: full,
+        running_mean: Some(&mut rm_ref),
+        running_var: Some(&mut rv_ref),
+        weight: Some(&w),
+        bias: Some(&b),
+        training: true,
+        momentum,
+        eps,
+    };
+    let save = SaveStats {
+        mean: &mut sm[..],
+        invstd: &mut si[..],
+    };
+    Cpu.batch_norm(args, &mut y_ref, Some(save), &mut ())
+        .map_err(err)?;
+    let mut dx_ref = vec![T::from_f64(0.0); full.numel()];
+    let args = backend::Backward::<Cpu, T, P> {
+        grad_output: &dys,
+        input: &xs,
+        shape: full,
+        weight: Some(&w),
+        stats: backend::BackwardStats::Batch {
+            save_mean: &sm,
+            save_invstd: &si,
+        },
+    };
+    let grads = Grads::<Cpu, T, P> {
+        input: &mut dx_ref,
+        weight: None,
+        bias: None,
+    };
+    Cpu.batch_norm_backward(args, grads, &mut ()).map_err(err)?;
+
+    let launcher = emu.launcher();
+    let mut ws = EmuWorkspace::default();
+    let shapes: Vec<(Shape, std::ops::Range<usize>)> = {
+        let mut start = 0;
+        splits
+            .iter()
+            .map(|&k| {
+                let mut dims = full.dims().to_vec();
+                dims[0] = k;
+                let r = start * per_sample..(start + k) * per_sample;
+                start += k;
+                (Shape::new(&dims, full.format()).unwrap(), r)
+            })
+            .collect()
+    };
+    // Per rank: [mean(C), invstd(C), count], the all-gathered rows.
+    let row = 2 * c + 1;
+    let mut gathered = vec![T::Acc::from_f64(0.0); splits.len() * row];
+    for (r, (shape, range)) in shapes.iter().enumerate() {
+        if shape.numel() == 0 {
+            continue;
+        }
+        let (counters, scratch) = emu.workspace(&mut ws, shape, T::DTYPE).map_err(err)?;
+        let (mean, rest) = gathered[r * row..(r + 1) * row].split_at_mut(c);
+        let a = raw::ForwardArgs {
+            x: addr(&xs[range.clone()]),
+            save_mean: mean.as_mut_ptr() as u64,
+            save_invstd: rest.as_mut_ptr() as u64,
+            counters,
+            scratch,
+            eps,
+            ..raw::ForwardArgs::default()
+        };
+        // SAFETY: the slices live across the call and hold what the shape needs.
+        unsafe { raw::stats::<T, P>(&launcher, shape, &a, &emu.tuning) }.map_err(err)?;
+        rest[c] = T::Acc::from_f64(shape.per_channel() as f64);
+    }
+    let (mut rm, mut rv) = (vec![P::from_f64(0.0); c], vec![P::from_f64(1.0); c]);
+    let (mut mean, mut invstd) = (
+        vec![T::Acc::from_f64(0.0); c],
+        vec![T::Acc::from_f64(0.0); c],
+    );
+    let base = gathered.as_ptr() as u64;
+    let acc = std::mem::size_of::<T::Acc>() as u64;
+    let g = raw::GatherArgs {
+        means: base,
+        invstds: base + c as u64 * acc,
+        counts: base + 2 * c as u64 * acc,
+        stats_stride: row,
+        counts_stride: row,
+        ranks: splits.len(),
+        running_mean: rm.as_mut_ptr() as u64,
+        running_var: rv.as_mut_ptr() as u64,
+        mean: mean.as_mut_ptr() as u64,
+        invstd: invstd.as_mut_ptr() as u64,
+        momentum,
+        eps,
+    };
+    // SAFETY: as above; the gathered rows hold R rows of 2C + 1.
+    unsafe { raw::gather_stats::<T, P>(&launcher, c, &g) }.map_err(err)?;
+    let what = |v: &str| format!("{v}: {splits:?} of {:?} {:?}", full.dims(), full.format());
+    let f = |v: &[P]| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+    common::check_close(&what("running_mean"), &rm, &f(&rm_ref))?;
+    common::check_close(&what("running_var"), &rv, &f(&rv_ref))?;
+    let (mut y, mut dx) = (
+        vec![T::from_f64(0.0); full.numel()],
+        vec![T::from_f64(0.0); full.numel()],
+    );
+    let mut sums = vec![T::Acc::from_f64(0.0); 2 * c];
+    let mut local = vec![T::Acc::from_f64(0.0); 2 * c];
+    for (shape, range) in &shapes {
+        if shape.numel() == 0 {
+            continue;
+        }
+        let (counters, scratch) = emu.workspace(&mut ws, shape, T::DTYPE).map_err(err)?;
+        let a = raw::ForwardArgs {
+            x: addr(&xs[range.clone()]),
+            y: y[range.clone()].as_mut_ptr() as u64,
+            weight: addr(&w),
+            bias: addr(&b),
+            save_mean: addr(&mean),
+            save_invstd: addr(&invstd),
+            counters,
+            scratch,
+            ..raw::ForwardArgs::default()
+        };
+        // SAFETY: as above.
+        unsafe { raw::elemt::<T, P>(&launcher, shape, &a, &emu.tuning) }.map_err(err)?;
+        let a = raw::BackwardArgs {
+            dy: addr(&dys[range.clone()]),
+            x: addr(&xs[range.clone()]),
+            dx: 0,
+            weight: 0,
+            stats: raw::BackwardStats::Batch {
+                save_mean: addr(&mean),
+                save_invstd: addr(&invstd),
+            },
+            grad_weight: 0,
+            grad_bias: 0,
+            counters,
+            scratch,
+            epilogue: raw::EpilogueGrad::None,
+        };
+        let out = local.as_mut_ptr() as u64;
+        // SAFETY: as above; `local` holds 2C.
+        unsafe { raw::backward_reduce::<T, P>(&launcher, shape, &a, out, &emu.tuning) }
+            .map_err(err)?;
+        for (s, l) in sums.iter_mut().zip(&local) {
+            *s = T::Acc::from_f64(s.to_f64() + l.to_f64());
+        }
+    }
+    common::check_close(
+        &what("y"),
+        &y,
+        &y_ref.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+    )?;
+    for (shape, range) in &shapes {
+        if shape.numel() == 0 {
+            continue;
+        }
+        let (counters, scratch) = emu.workspace(&mut ws, shape, T::DTYPE).map_err(err)?;
+        let a = raw::BackwardArgs {
+            dy: addr(&dys[range.clone()]),
+            x: addr(&xs[range.clone()]),
+            dx: dx[range.clone()].as_mut_ptr() as u64,
+            weight: addr(&w),
+            stats: raw::BackwardStats::Batch {
+                save_mean: addr(&mean),
+                save_invstd: addr(&invstd),
+            },
+            grad_weight: 0,
+            grad_bias: 0,
+            counters,
+            scratch,
+            epilogue: raw::EpilogueGrad::None,
+        };
+        let counts = base + 2 * c as u64 * acc;
+        // SAFETY: as above; the counts are the gathered rows'.
+        unsafe {
+            raw::backward_elemt::<T, P>(
+                &launcher,
+                shape,
+                &a,
+                addr(&sums),
+                counts,
+                row,
+                splits.len(),
+                &emu.tuning,
+            )
+        }
+        .map_err(err)?;
+    }
+    common::check_close(
+        &what("dx"),
+        &dx,
+        &dx_ref.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+    )
+}
+
+/// Every stats-stage kernel on the emulator: each type pair, both layouts, three ranks
+/// with an empty one.
+#[test]
+fn stats_stage_kernels_match_one_batch_norm() {
+    let emu = Emu::new(SMALL, SPLIT);
+    let mut failures = Vec::new();
+    for pair in TYPE_PAIRS {
+        for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            let full = Shape::new(&[5, 3, 4, 5], format).unwrap();
+            let r = with_types!(*pair, |T, P| stats_stage_on::<T, P>(&emu, full, &[2, 0, 3]));
+            failures.extend(r.err());
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -1365,3 +1365,294 @@ fn frozen_fused_on_the_gpu() {
         );
     }
 }
+
+/// One rank's part of the stats-stage test: its slice of the batch on the device.
+struct RankSlice<T: ParamFor<T> + cuda_batchnorm::Float> {
+    shape: Shape,
+    x: CudaSlice<T>,
+    dy: CudaSlice<T>,
+}
+
+/// SyncBatchNorm's stats stage (`cuda_batchnorm::sync`) with `splits` ranks on one
+/// device, the test playing the collectives on the host: the ranks' statistics
+/// gathered, the merge, the normalisation, the backward's sums summed, the dx. Judged as
+/// PyTorch's distributed tests judge SyncBatchNorm: against one BatchNorm (the
+/// single-GPU kernels) over the concatenated batch, outputs, gradients and running
+/// statistics to the dtype's tolerance. An empty rank takes part with count 0.
+fn stats_stage_case<T, P>(s: &Arc<CudaStream>, full: Shape, splits: &[usize]) -> Result<(), String>
+where
+    T: cuda_batchnorm::Float + ParamFor<T>,
+    P: ParamFor<T>,
+{
+    use cuda_batchnorm::sync::{self, BackwardElemt, BackwardReduce, Elemt, Gather, Stats};
+    type Acc<T> = <T as cuda_batchnorm::Float>::Acc;
+    let (n, c) = (full.n(), full.c());
+    assert_eq!(splits.iter().sum::<usize>(), n);
+    let per_sample = full.numel() / n;
+    let mut rng = common::Rng::new(0x5eed ^ n as u64 ^ ((c as u64) << 8));
+    let xs: Vec<T> = (0..full.numel())
+        .map(|i| T::from_f64(3.0 + 2.0 * rng.normal() + (i % 5) as f64 * 0.1))
+        .collect();
+    let dys: Vec<T> = (0..full.numel())
+        .map(|_| T::from_f64(rng.normal()))
+        .collect();
+    let w: Vec<P> = (0..c).map(|i| P::from_f64(0.5 + i as f64 * 0.25)).collect();
+    let b: Vec<P> = (0..c).map(|i| P::from_f64(i as f64 * 0.1 - 0.2)).collect();
+    let rm0: Vec<P> = (0..c).map(|i| P::from_f64(i as f64 * 0.05)).collect();
+    let rv0: Vec<P> = (0..c).map(|i| P::from_f64(1.0 + i as f64 * 0.1)).collect();
+    let (momentum, eps) = (0.1, 1e-5);
+    let up = |v: &[f64]| -> Vec<f64> { v.to_vec() };
+    let f64s = |v: &[T]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+    let p64 = |v: &[P]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+
+    // The reference: one BatchNorm over the whole batch.
+    let x = s.clone_htod(&xs).map_err(gpu_err)?;
+    let dy = s.clone_htod(&dys).map_err(gpu_err)?;
+    let (wd, bd) = (
+        s.clone_htod(&w).map_err(gpu_err)?,
+        s.clone_htod(&b).map_err(gpu_err)?,
+    );
+    let mut rm = s.clone_htod(&rm0).map_err(gpu_err)?;
+    let mut rv = s.clone_htod(&rv0).map_err(gpu_err)?;
+    let mut y = s.alloc_zeros::<T>(full.numel()).map_err(gpu_err)?;
+    let mut sm = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+    let mut si = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+    let args = Forward::<T, P> {
+        input: &x,
+        shape: full,
+        running_mean: Some(&mut rm),
+        running_var: Some(&mut rv),
+        weight: Some(&wd),
+        bias: Some(&bd),
+        training: true,
+        momentum,
+        eps,
+    };
+    let save = SaveStats {
+        mean: &mut sm,
+        invstd: &mut si,
+    };
+    let mut ws = Workspace::new();
+    batch_norm(s, args, &mut y, Some(save), &mut ws).map_err(gpu_err)?;
+    let mut dx = s.alloc_zeros::<T>(full.numel()).map_err(gpu_err)?;
+    let mut gw = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+    let mut gb = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+    let args = functional::Backward::<T, P> {
+        grad_output: &dy,
+        input: &x,
+        shape: full,
+        weight: Some(&wd),
+        stats: BackwardStats::Batch {
+            save_mean: &sm,
+            save_invstd: &si,
+        },
+    };
+    let grads = Grads {
+        input: &mut dx,
+        weight: Some(&mut gw),
+        bias: Some(&mut gb),
+    };
+    batch_norm_backward(s, args, grads, &mut ws).map_err(gpu_err)?;
+    let get = |b: &CudaSlice<T>| s.clone_dtoh(b).map_err(gpu_err);
+    let getp = |b: &CudaSlice<P>| s.clone_dtoh(b).map_err(gpu_err);
+    let (y_ref, dx_ref) = (f64s(&get(&y)?), f64s(&get(&dx)?));
+    let (rm_ref, rv_ref) = (p64(&getp(&rm)?), p64(&getp(&rv)?));
+    let (gw_ref, gb_ref) = (p64(&getp(&gw)?), p64(&getp(&gb)?));
+
+    // The ranks.
+    let mut ranks = Vec::new();
+    let mut start = 0;
+    for &k in splits {
+        let range = start * per_sample..(start + k) * per_sample;
+        let mut dims = full.dims().to_vec();
+        dims[0] = k;
+        let shape = Shape::new(&dims, full.format()).map_err(gpu_err)?;
+        // An empty rank's buffers hold one unused element (the driver allocates none of
+        // zero bytes).
+        let pad = |v: &[T]| {
+            if v.is_empty() {
+                vec![T::from_f64(0.0)]
+            } else {
+                v.to_vec()
+            }
+        };
+        ranks.push(RankSlice {
+            shape,
+            x: s.clone_htod(&pad(&xs[range.clone()])).map_err(gpu_err)?,
+            dy: s.clone_htod(&pad(&dys[range])).map_err(gpu_err)?,
+        });
+        start += k;
+    }
+    // 1. local statistics, 2. the all-gather (here on the host).
+    let (mut means, mut invstds, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for r in &ranks {
+        let mut mean = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+        let mut invstd = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+        let args = Stats {
+            input: &r.x,
+            shape: r.shape,
+            eps,
+        };
+        sync::batch_norm_stats(s, args, &mut mean, &mut invstd, &mut ws).map_err(gpu_err)?;
+        means.extend(s.clone_dtoh(&mean).map_err(gpu_err)?);
+        invstds.extend(s.clone_dtoh(&invstd).map_err(gpu_err)?);
+        counts.push(<Acc<T>>::from_f64(r.shape.per_channel() as f64));
+    }
+    let means = s.clone_htod(&means).map_err(gpu_err)?;
+    let invstds = s.clone_htod(&invstds).map_err(gpu_err)?;
+    let counts = s.clone_htod(&counts).map_err(gpu_err)?;
+    // 3. the merge (every rank computes the same; one does here).
+    let mut rm = s.clone_htod(&rm0).map_err(gpu_err)?;
+    let mut rv = s.clone_htod(&rv0).map_err(gpu_err)?;
+    let mut mean = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+    let mut invstd = s.alloc_zeros::<Acc<T>>(c).map_err(gpu_err)?;
+    let args = Gather::<Acc<T>, P> {
+        means: &means,
+        invstds: &invstds,
+        counts: &counts,
+        running_mean: Some(&mut rm),
+        running_var: Some(&mut rv),
+        momentum,
+        eps,
+    };
+    sync::batch_norm_gather_stats_with_counts::<T, P>(s, c, args, &mut mean, &mut invstd)
+        .map_err(gpu_err)?;
+    let what = |v: &str| {
+        format!(
+            "{v} of {} ranks {splits:?} over {:?} {:?}, {} / {}",
+            splits.len(),
+            full.dims(),
+            full.format(),
+            T::DTYPE.name(),
+            P::DTYPE.name()
+        )
+    };
+    common::check_close(&what("running_mean"), &getp(&rm)?, &up(&rm_ref))?;
+    common::check_close(&what("running_var"), &getp(&rv)?, &up(&rv_ref))?;
+    let saved = |b: &CudaSlice<Acc<T>>| -> Result<Vec<f64>, String> {
+        Ok(s.clone_dtoh(b)
+            .map_err(gpu_err)?
+            .iter()
+            .map(|v| v.to_f64())
+            .collect())
+    };
+    common::check_close(
+        &what("mean"),
+        &s.clone_dtoh(&mean).map_err(gpu_err)?,
+        &saved(&sm)?,
+    )?;
+    common::check_close(
+        &what("invstd"),
+        &s.clone_dtoh(&invstd).map_err(gpu_err)?,
+        &saved(&si)?,
+    )?;
+    // 4. each rank normalises; the backward's local sums.
+    let (mut ys, mut sums) = (Vec::<T>::new(), vec![0.0f64; 2 * c]);
+    let (mut gw_sum, mut gb_sum) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for r in &ranks {
+        let mut y = s.alloc_zeros::<T>(r.x.len()).map_err(gpu_err)?;
+        let args = Elemt::<T, P> {
+            input: &r.x,
+            shape: r.shape,
+            weight: Some(&wd),
+            bias: Some(&bd),
+            mean: &mean,
+            invstd: &invstd,
+        };
+        sync::batch_norm_elemt(s, args, &mut y, &mut ws).map_err(gpu_err)?;
+        ys.extend_from_slice(&get(&y)?[..r.shape.numel()]);
+        let mut local = s.alloc_zeros::<Acc<T>>(2 * c).map_err(gpu_err)?;
+        let mut gw = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+        let mut gb = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+        let args = BackwardReduce::<T> {
+            grad_output: &r.dy,
+            input: &r.x,
+            shape: r.shape,
+            mean: &mean,
+            invstd: &invstd,
+        };
+        sync::batch_norm_backward_reduce::<T, P>(
+            s,
+            args,
+            &mut local,
+            Some(&mut gw),
+            Some(&mut gb),
+            &mut ws,
+        )
+        .map_err(gpu_err)?;
+        for (acc, v) in sums.iter_mut().zip(saved(&local)?) {
+            *acc += v;
+        }
+        for (acc, v) in gw_sum.iter_mut().zip(p64(&getp(&gw)?)) {
+            *acc += v;
+        }
+        for (acc, v) in gb_sum.iter_mut().zip(p64(&getp(&gb)?)) {
+            *acc += v;
+        }
+    }
+    common::check_close(&what("y"), &ys, &y_ref)?;
+    // DDP's all-reduce of the parameter gradients, in P.
+    let in_p = |v: &[f64]| -> Vec<P> { v.iter().map(|&x| P::from_f64(x)).collect() };
+    common::check_close(
+        &what("grad_weight (summed over ranks)"),
+        &in_p(&gw_sum),
+        &gw_ref,
+    )?;
+    common::check_close(
+        &what("grad_bias (summed over ranks)"),
+        &in_p(&gb_sum),
+        &gb_ref,
+    )?;
+    // 5. the all-reduce (here on the host), then each rank's dx.
+    let sums: Vec<Acc<T>> = sums.iter().map(|&v| <Acc<T>>::from_f64(v)).collect();
+    let sums = s.clone_htod(&sums).map_err(gpu_err)?;
+    let mut dxs = Vec::<T>::new();
+    for r in &ranks {
+        let mut dx = s.alloc_zeros::<T>(r.x.len()).map_err(gpu_err)?;
+        let args = BackwardElemt::<T, P> {
+            grad_output: &r.dy,
+            input: &r.x,
+            shape: r.shape,
+            mean: &mean,
+            invstd: &invstd,
+            weight: Some(&wd),
+            sums: &sums,
+            counts: &counts,
+        };
+        sync::batch_norm_backward_elemt(s, args, &mut dx, &mut ws).map_err(gpu_err)?;
+        dxs.extend_from_slice(&get(&dx)?[..r.shape.numel()]);
+    }
+    common::check_close(&what("dx"), &dxs, &dx_ref)
+}
+
+/// The stats-stage functions with 1 to 4 ranks, even and uneven batches and an empty
+/// rank, every type pair, both layouts, against one BatchNorm over the whole batch.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn stats_stage_over_ranks_matches_one_batch_norm() {
+    let Some(Gpu { stream, .. }) = gpu("stats_stage_over_ranks_matches_one_batch_norm") else {
+        return;
+    };
+    let splits: [&[usize]; 4] = [&[6], &[3, 3], &[1, 0, 5], &[2, 1, 0, 3]];
+    let mut failures = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let full = Shape::new(&[6, 5, 3, 7], format).unwrap();
+        for split in splits {
+            let r = [
+                stats_stage_case::<f32, f32>(&stream, full, split),
+                stats_stage_case::<f64, f64>(&stream, full, split),
+                stats_stage_case::<f16, f16>(&stream, full, split),
+                stats_stage_case::<f16, f32>(&stream, full, split),
+                stats_stage_case::<cuda_batchnorm::half::bf16, cuda_batchnorm::half::bf16>(
+                    &stream, full, split,
+                ),
+                stats_stage_case::<cuda_batchnorm::half::bf16, f32>(&stream, full, split),
+            ];
+            failures.extend(r.into_iter().filter_map(Result::err));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
