@@ -206,6 +206,21 @@ pub enum BnError {
     #[error("{0}")]
     Backward(&'static str),
 
+    /// SyncBatchNorm given an input without channels.
+    #[error("SyncBatchNorm number of input channels should be non-zero")]
+    ZeroChannels,
+
+    /// The ranks of a synchronised call disagree (found by the exchange that opens
+    /// every checked call), or another rank's call failed its own checks: every rank
+    /// gets this error instead of waiting for the others.
+    #[error("SyncBatchNorm: {0}")]
+    RankMismatch(String),
+
+    /// Communication failed: a collective of [`crate::sync::Collectives`] returned an
+    /// error, or NCCL is missing (the message says what to install).
+    #[error("communication failed: {0}")]
+    Communication(String),
+
     /// A stats-stage merge given no rank's statistics.
     #[error("batch_norm_gather_stats_with_counts needs the statistics of at least one rank")]
     NoRanks,

@@ -1,6 +1,7 @@
 //! `torch.nn.BatchNorm1d / 2d / 3d`, once, over any [`Backend`].
 //!
-//! [`BatchNorm<D, B, T, P>`]: `D` is 1, 2 or 3 (which input ranks it takes), `B` the
+//! [`BatchNorm<D, B, T, P>`]: `D` is 1, 2 or 3 (which input ranks it takes; 0, any rank
+//! of 2 or more, is the local module of [`crate::sync::SyncBatchNorm`]), `B` the
 //! backend ([`crate::functional::Cuda`] or [`crate::cpu::Cpu`]), `T` the input type and
 //! `P` the parameter type. `crate::nn::BatchNorm2d<T>` and `crate::cpu::BatchNorm2d<T>`
 //! are aliases.
@@ -102,7 +103,7 @@ impl Versions {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct LastForward {
+pub(crate) struct LastForward {
     shape: Shape,
     batch_stats: bool,
     /// The versions the forward saw, which its backward needs unchanged.
@@ -161,6 +162,17 @@ impl<const D: usize, B: Backend + std::fmt::Debug, T: Float, P: ParamFor<T>> std
             .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
+}
+
+/// A module's state, borrowed for one synchronised call (crate::sync).
+pub(crate) struct Parts<'m, B: Backend, T: Float, P: ParamFor<T>> {
+    pub(crate) weight: Option<&'m B::Buffer<P>>,
+    pub(crate) bias: Option<&'m B::Buffer<P>>,
+    pub(crate) running_mean: Option<&'m mut B::Buffer<P>>,
+    pub(crate) running_var: Option<&'m mut B::Buffer<P>>,
+    pub(crate) save_mean: &'m mut B::Buffer<T::Acc>,
+    pub(crate) save_invstd: &'m mut B::Buffer<T::Acc>,
+    pub(crate) workspace: &'m mut B::Workspace,
 }
 
 /// `BatchNorm{D}d` on backend `B`, input type `T`, parameter type `P`.
@@ -225,6 +237,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
     /// `BatchNorm1d`, `BatchNorm2d` or `BatchNorm3d`.
     pub fn name(&self) -> &'static str {
         match D {
+            0 => "SyncBatchNorm",
             1 => "BatchNorm1d",
             2 => "BatchNorm2d",
             _ => "BatchNorm3d",
@@ -321,12 +334,12 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
 
     /// Whether a forward now normalises with batch statistics: in training, and in
     /// eval when no running statistics are tracked.
-    fn uses_batch_stats(&self) -> bool {
+    pub(crate) fn uses_batch_stats(&self) -> bool {
         self.training || !self.options.track_running_stats
     }
 
     /// The running-average factor of the next forward, as PyTorch computes it.
-    fn factor(&self) -> f64 {
+    pub(crate) fn factor(&self) -> f64 {
         if self.training && self.options.track_running_stats {
             match self.options.momentum {
                 Some(m) => m,
@@ -421,7 +434,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
 
     /// Every check of a forward on this input, made before anything is allocated for
     /// it, so that a bad size cannot ask for a huge output first.
-    fn check_forward(&self, input: usize, output: usize, shape: &Shape) -> Result<()> {
+    pub(crate) fn check_forward(&self, input: usize, output: usize, shape: &Shape) -> Result<()> {
         validate::module_rank(D, shape)?;
         let batch_stats = self.uses_batch_stats();
         validate::forward(&ForwardSpec {
@@ -438,6 +451,32 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             // forward_into gives a module without per-channel state C of each
             save_mean: batch_stats.then_some(shape.c()),
             save_invstd: batch_stats.then_some(shape.c()),
+        })
+        .map(|_| ())
+    }
+
+    /// The checks of a synchronised training forward: [`check_forward`](Self::check_forward)'s,
+    /// the values per channel left to the caller to count over every rank.
+    pub(crate) fn check_sync_forward(
+        &self,
+        input: usize,
+        output: usize,
+        shape: &Shape,
+    ) -> Result<()> {
+        validate::module_rank(D, shape)?;
+        validate::forward_sync(&ForwardSpec {
+            shape: *shape,
+            training: true,
+            eps: self.options.eps,
+            momentum: self.factor(),
+            input,
+            output,
+            weight: self.weight.as_ref().map(B::buffer_len),
+            bias: self.bias.as_ref().map(B::buffer_len),
+            running_mean: self.running_mean.as_ref().map(B::buffer_len),
+            running_var: self.running_var.as_ref().map(B::buffer_len),
+            save_mean: Some(shape.c()),
+            save_invstd: Some(shape.c()),
         })
         .map(|_| ())
     }
@@ -543,7 +582,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
     /// The last forward, which a backward on `shape` differentiates: the same shape,
     /// and none of the tensors the backward reads changed since (PyTorch's autograd
     /// refuses then too; the bias is not read).
-    fn last_forward(&self, shape: &Shape) -> Result<LastForward> {
+    pub(crate) fn last_forward(&self, shape: &Shape) -> Result<LastForward> {
         let last = self.last.ok_or(BnError::Backward(
             "backward needs a forward on this module first",
         ))?;
@@ -664,6 +703,66 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             bias: g_b,
             residual: g_z,
         })
+    }
+
+    /// The state a synchronised forward and backward work on (crate::sync).
+    pub(crate) fn parts(&mut self) -> Parts<'_, B, T, P> {
+        Parts {
+            weight: self.weight.as_ref(),
+            bias: self.bias.as_ref(),
+            running_mean: self.running_mean.as_mut(),
+            running_var: self.running_var.as_mut(),
+            save_mean: &mut self.save_mean,
+            save_invstd: &mut self.save_invstd,
+            workspace: &mut self.workspace,
+        }
+    }
+
+    /// What a forward that succeeded on `shape` in batch-statistics mode leaves, as
+    /// [`forward_fused_into`](Self::forward_fused_into) does: the batch counted (in
+    /// training with tracked statistics) and the forward its backward differentiates.
+    pub(crate) fn finish_sync_forward(&mut self, shape: &Shape) {
+        if self.training && self.options.track_running_stats {
+            self.num_batches_tracked = self.num_batches_tracked.wrapping_add(1);
+        }
+        self.last = Some(LastForward {
+            shape: *shape,
+            batch_stats: true,
+            versions: self.versions,
+            fused: Fused::None,
+        });
+    }
+
+    /// Save buffers of `c` values (a module without per-channel state takes any channel
+    /// count; its save buffers follow the input, as a plain forward's do).
+    pub(crate) fn ensure_save_len(&mut self, c: usize) -> Result<()> {
+        if B::buffer_len(&self.save_mean) != c {
+            let zero = T::Acc::from_f64(0.0);
+            let (m, i) = (self.backend.alloc(c, zero)?, self.backend.alloc(c, zero)?);
+            self.save_mean = m;
+            self.save_invstd = i;
+        }
+        Ok(())
+    }
+
+    /// The same module taking the input ranks of `E`, its state kept.
+    pub(crate) fn with_rank<const E: usize>(self) -> BatchNorm<E, B, T, P> {
+        BatchNorm {
+            backend: self.backend,
+            num_features: self.num_features,
+            options: self.options,
+            training: self.training,
+            num_batches_tracked: self.num_batches_tracked,
+            weight: self.weight,
+            bias: self.bias,
+            running_mean: self.running_mean,
+            running_var: self.running_var,
+            save_mean: self.save_mean,
+            save_invstd: self.save_invstd,
+            workspace: self.workspace,
+            last: None,
+            versions: self.versions,
+        }
     }
 
     /// Parameters and buffers on the host.

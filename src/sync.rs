@@ -33,12 +33,14 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{result, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::dtype::{Float, ParamFor};
+use crate::backend::Backend;
+use crate::dtype::{DType, Float, ParamFor};
 use crate::error::{BnError, Result};
-use crate::functional::{prepare, read, same_context, write, Workspace};
+use crate::functional::{prepare, read, same_context, write, Cuda, Workspace};
 use crate::kernels::{CudaLauncher, Kernels};
+use crate::module::{BatchNorm, BatchNormOptions, Gradients};
 use crate::raw;
 use crate::shape::Shape;
 use crate::validate;
@@ -513,5 +515,882 @@ pub fn batch_norm_backward_elemt<T: Float, P: ParamFor<T>>(
             counts.len(),
             &tuning,
         )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SyncBatchNorm.
+
+/// The collectives [`SyncBatchNorm`] runs, queued on the stream it passes (the module's):
+/// an all-gather of the ranks' statistics in the forward and an all-reduce of the
+/// channel sums in the backward. `Nccl` (the `nccl` feature) implements it over NCCL;
+/// a framework with its own communication implements it over that.
+///
+/// Every rank must make the same calls in the same order with the same counts, as
+/// NCCL's collectives require. The module's checked calls (the default,
+/// [`SyncOptions::verify`]) open with an all-gather of a small header, so that ranks
+/// that disagree all return an error rather than wait on each other.
+pub trait Collectives {
+    /// This rank, below [`world_size`](Self::world_size).
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world_size(&self) -> usize;
+    /// Gathers `count` values of `dtype` at `send` from every rank into `recv`
+    /// (`world_size * count` values, rank r's at `r * count`), queued on `stream`.
+    ///
+    /// # Safety
+    /// `send` and `recv` are live device allocations of `stream`'s context holding
+    /// those many values; `recv` does not overlap `send`.
+    unsafe fn all_gather(
+        &self,
+        stream: &CudaStream,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: DType,
+    ) -> Result<()>;
+    /// Replaces `count` values of `dtype` at `buf` by their sum over every rank, queued
+    /// on `stream`.
+    ///
+    /// # Safety
+    /// `buf` is a live device allocation of `stream`'s context holding `count` values.
+    unsafe fn all_reduce_sum(
+        &self,
+        stream: &CudaStream,
+        buf: u64,
+        count: usize,
+        dtype: DType,
+    ) -> Result<()>;
+}
+
+/// [`SyncBatchNorm`]'s own options (the BatchNorm ones are [`BatchNormOptions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// Open every synchronised call with an all-gather of each rank's (ok, channels,
+    /// count), read on the host: ranks whose channel counts differ, a global batch of
+    /// one value per channel, or a rank whose own checks failed give every rank an
+    /// error instead of a hang (default true). This is one host synchronisation per
+    /// call; without it a call queues its work and returns, and a rank that fails its
+    /// own checks returns before its collectives (the others then wait for it).
+    pub verify: bool,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions { verify: true }
+    }
+}
+
+/// The device buffers of the collectives, sized for one channel count.
+struct SyncBuffers<A: Float> {
+    c: usize,
+    world: usize,
+    /// This rank's `[mean(C), invstd(C), count]`.
+    send: CudaSlice<A>,
+    /// Every rank's, rank by rank.
+    gathered: CudaSlice<A>,
+    /// `[sum_dy(C), sum_dy_xmu(C)]`, all-reduced.
+    sums: CudaSlice<A>,
+    /// `[ok, channels, count]` of this rank, and of every rank.
+    header: CudaSlice<f64>,
+    headers: CudaSlice<f64>,
+}
+
+const HEADER: usize = 3;
+
+/// `torch.nn.SyncBatchNorm` over [`Collectives`]: in training on more than one rank,
+/// the batch statistics cover every rank's batch (each rank normalises with the global
+/// mean and invstd and updates its running statistics identically), and the backward
+/// sums `sum_dy` and `sum_dy_xmu` over the ranks; the parameter gradients stay local (a
+/// data-parallel wrapper all-reduces them, as PyTorch's DDP does). In eval, or on one
+/// rank, it is the plain BatchNorm, as PyTorch's is. Uneven batches, an empty one
+/// included, take part with their counts.
+///
+/// Inputs have two or more dimensions (`N, C, ...`, either memory format) on the
+/// module's stream; every collective is queued there. Parameters, buffers, modes and
+/// the state dict are the local module's ([`local`](Self::local),
+/// [`local_mut`](Self::local_mut)); its own forward and backward are the
+/// unsynchronised ones.
+pub struct SyncBatchNorm<T: Float, P: ParamFor<T>, C: Collectives> {
+    bn: BatchNorm<0, Cuda, T, P>,
+    comm: C,
+    options: SyncOptions,
+    buffers: Option<SyncBuffers<T::Acc>>,
+    /// The last forward was synchronised (its backward is too).
+    synced: bool,
+}
+
+impl<T: Float, P: ParamFor<T>, C: Collectives> std::fmt::Debug for SyncBatchNorm<T, P, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncBatchNorm")
+            .field("module", &self.bn)
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
+    /// A module in training mode with PyTorch's initial parameters and buffers, its
+    /// collectives over `comm`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        num_features: usize,
+        options: BatchNormOptions,
+        comm: C,
+    ) -> Result<Self> {
+        let bn = BatchNorm::new(Cuda::new(stream), num_features, options)?;
+        Self::with_module(bn, comm, SyncOptions::default())
+    }
+
+    /// `torch.nn.SyncBatchNorm.convert_sync_batchnorm` for one module: `bn`'s
+    /// parameters, buffers, counter and mode, synchronised over `comm`.
+    pub fn from_batch_norm<const D: usize>(bn: BatchNorm<D, Cuda, T, P>, comm: C) -> Result<Self> {
+        Self::with_module(bn.with_rank::<0>(), comm, SyncOptions::default())
+    }
+
+    fn with_module(bn: BatchNorm<0, Cuda, T, P>, comm: C, options: SyncOptions) -> Result<Self> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        if world == 0 || rank >= world {
+            return Err(BnError::RankMismatch(format!(
+                "rank {rank} of a world of {world} ranks"
+            )));
+        }
+        Ok(SyncBatchNorm {
+            bn,
+            comm,
+            options,
+            buffers: None,
+            synced: false,
+        })
+    }
+
+    /// The options of the synchronisation.
+    pub fn sync_options(&self) -> SyncOptions {
+        self.options
+    }
+
+    /// Replaces them.
+    pub fn set_sync_options(&mut self, options: SyncOptions) {
+        self.options = options;
+    }
+
+    /// The local module: parameters, buffers, mode, state dict.
+    pub fn local(&self) -> &BatchNorm<0, Cuda, T, P> {
+        &self.bn
+    }
+
+    /// The local module, mutably (an optimiser's step, `load_state_dict`, `train`,
+    /// `eval`). Its own forward and backward do not synchronise.
+    pub fn local_mut(&mut self) -> &mut BatchNorm<0, Cuda, T, P> {
+        &mut self.bn
+    }
+
+    /// The collectives.
+    pub fn comm(&self) -> &C {
+        &self.comm
+    }
+
+    /// The module back as a plain BatchNorm of rank `D`, and its collectives.
+    pub fn into_parts<const D: usize>(self) -> (BatchNorm<D, Cuda, T, P>, C) {
+        (self.bn.with_rank::<D>(), self.comm)
+    }
+
+    /// Training mode.
+    pub fn train(&mut self) {
+        self.bn.train();
+    }
+
+    /// Eval mode (the plain BatchNorm with running statistics).
+    pub fn eval(&mut self) {
+        self.bn.eval();
+    }
+
+    /// PyTorch's `need_sync`: batch statistics in training, on more than one rank.
+    fn needs_sync(&self) -> bool {
+        self.bn.is_training() && self.comm.world_size() > 1
+    }
+
+    fn stream(&self) -> Arc<CudaStream> {
+        self.bn.backend().stream().clone()
+    }
+
+    /// The forward into a caller's output buffer (`shape.numel()` values).
+    pub fn forward_into(
+        &mut self,
+        input: &dyn DevicePtr<T>,
+        shape: &Shape,
+        output: &mut dyn DevicePtrMut<T>,
+    ) -> Result<()> {
+        validate::module_rank(0, shape)?;
+        if shape.c() == 0 {
+            return Err(BnError::ZeroChannels);
+        }
+        if !self.needs_sync() {
+            self.synced = false;
+            return self.bn.forward_into(input, shape, output);
+        }
+        let stream = self.stream();
+        let local = self
+            .bn
+            .check_sync_forward(input.len(), output.len(), shape)
+            .and_then(|()| same_context(&stream, "input", input))
+            .and_then(|()| same_context(&stream, "output", &*output));
+        // Every rank joins the header exchange, whatever its own checks said.
+        self.reserve(shape.c())?;
+        let total = self.exchange(shape, local.is_ok())?;
+        local?;
+        self.bn.ensure_save_len(shape.c())?;
+        if let Some(total) = total {
+            if total <= 1.0 {
+                return Err(BnError::TooFewValues {
+                    size: shape.dims().to_vec(),
+                });
+            }
+        }
+        self.sync_forward(&stream, input, shape, output)?;
+        self.bn.finish_sync_forward(shape);
+        self.synced = true;
+        Ok(())
+    }
+
+    /// The forward into a new buffer.
+    pub fn forward(&mut self, input: &dyn DevicePtr<T>, shape: &Shape) -> Result<CudaSlice<T>> {
+        validate::module_rank(0, shape)?;
+        validate::buffer("input", shape.numel(), input.len(), shape)?;
+        let mut out = self.bn.backend().alloc(shape.numel(), T::from_f64(0.0))?;
+        self.forward_into(input, shape, &mut out)?;
+        Ok(out)
+    }
+
+    /// The collectives' buffers for `c` channels.
+    fn reserve(&mut self, c: usize) -> Result<()> {
+        let world = self.comm.world_size();
+        if self
+            .buffers
+            .as_ref()
+            .is_some_and(|b| b.c == c && b.world == world)
+        {
+            return Ok(());
+        }
+        let backend = self.bn.backend();
+        let zero = T::Acc::from_f64(0.0);
+        let row = 2 * c + 1;
+        self.buffers = Some(SyncBuffers {
+            c,
+            world,
+            send: backend.alloc(row, zero)?,
+            gathered: backend.alloc(row.saturating_mul(world), zero)?,
+            sums: backend.alloc(2 * c, zero)?,
+            header: backend.alloc(HEADER, 0.0)?,
+            headers: backend.alloc(HEADER * world, 0.0)?,
+        });
+        Ok(())
+    }
+
+    /// With [`SyncOptions::verify`]: gathers every rank's (ok, channels, count) and
+    /// returns the global count, or the error every rank then returns. Without, nothing
+    /// (None).
+    fn exchange(&mut self, shape: &Shape, ok: bool) -> Result<Option<f64>> {
+        if !self.options.verify {
+            return Ok(None);
+        }
+        let stream = self.stream();
+        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let mine = [
+            f64::from(u8::from(ok)),
+            shape.c() as f64,
+            shape.per_channel() as f64,
+        ];
+        stream
+            .memcpy_htod(&mine, &mut b.header)
+            .map_err(BnError::driver("copying the rank's header to the device"))?;
+        {
+            let (send, _gs) = b.header.device_ptr(&stream);
+            let (recv, _gr) = b.headers.device_ptr_mut(&stream);
+            // SAFETY: both are this module's allocations on the stream's context, of
+            // HEADER and HEADER * world values.
+            unsafe {
+                self.comm
+                    .all_gather(&stream, send, recv, HEADER, DType::F64)?;
+            }
+        }
+        let all = stream
+            .clone_dtoh(&b.headers)
+            .map_err(BnError::driver("copying the ranks' headers to the host"))?;
+        let mut total = 0.0;
+        for (r, h) in all.chunks_exact(HEADER).enumerate() {
+            if h[0] != 1.0 && ok {
+                return Err(BnError::RankMismatch(format!(
+                    "rank {r}'s call failed its own checks"
+                )));
+            }
+            if h[1] != mine[1] {
+                return Err(BnError::RankMismatch(format!(
+                    "rank {r} has {} channels, rank {} has {}",
+                    h[1],
+                    self.comm.rank(),
+                    mine[1]
+                )));
+            }
+            total += h[2];
+        }
+        Ok(Some(total))
+    }
+
+    fn sync_forward(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        input: &dyn DevicePtr<T>,
+        shape: &Shape,
+        output: &mut dyn DevicePtrMut<T>,
+    ) -> Result<()> {
+        let c = shape.c();
+        let world = self.comm.world_size();
+        let (training, track) = (self.bn.is_training(), self.bn.options().track_running_stats);
+        let (momentum, eps) = (self.bn.factor(), self.bn.options().eps);
+        let parts = self.bn.parts();
+        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let acc = std::mem::size_of::<T::Acc>() as u64;
+        let kernels = Kernels::for_context(stream.context())?;
+        let launcher = CudaLauncher::new(stream, &kernels);
+        let tuning = kernels.tuning();
+        let count = [T::Acc::from_f64(shape.per_channel() as f64)];
+        // 1. This rank's statistics and count.
+        {
+            let (send, _gs) = b.send.device_ptr_mut(stream);
+            if shape.numel() == 0 {
+                zero(stream, "statistics", send, 2 * c, acc as usize)?;
+            } else {
+                let size = raw::workspace_size(&launcher, shape, T::DTYPE, &tuning)?;
+                parts.workspace.reserve(stream, size)?;
+                let (x, _gx) = input.device_ptr(stream);
+                let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
+                let a = raw::ForwardArgs {
+                    x,
+                    save_mean: send,
+                    save_invstd: send + c as u64 * acc,
+                    counters,
+                    scratch,
+                    eps,
+                    ..raw::ForwardArgs::default()
+                };
+                // SAFETY: validation checked the input against the shape; `send` holds
+                // 2C + 1 values of this context; the workspace was reserved above.
+                unsafe { raw::stats::<T, P>(&launcher, shape, &a, &tuning)? };
+            }
+        }
+        stream
+            .memcpy_htod(&count, &mut b.send.slice_mut(2 * c..))
+            .map_err(BnError::driver("copying the rank's count to the device"))?;
+        // 2. Every rank's.
+        let row = 2 * c + 1;
+        {
+            let (send, _gs) = b.send.device_ptr(stream);
+            let (recv, _gr) = b.gathered.device_ptr_mut(stream);
+            // SAFETY: this module's allocations of `row` and `row * world` values.
+            unsafe {
+                self.comm
+                    .all_gather(stream, send, recv, row, T::Acc::DTYPE)?
+            };
+        }
+        // 3. The global statistics, 4. the normalisation, then the running statistics
+        // (last, so that a failed normalisation leaves them as they were).
+        let (gathered, _gg) = b.gathered.device_ptr(stream);
+        let (mean, _gm) = parts.save_mean.device_ptr_mut(stream);
+        let (invstd, _gi) = parts.save_invstd.device_ptr_mut(stream);
+        let mut g = raw::GatherArgs {
+            means: gathered,
+            invstds: gathered + c as u64 * acc,
+            counts: gathered + 2 * c as u64 * acc,
+            stats_stride: row,
+            counts_stride: row,
+            ranks: world,
+            mean,
+            invstd,
+            momentum,
+            eps,
+            ..raw::GatherArgs::default()
+        };
+        // SAFETY: the gathered rows hold `world` rows of 2C + 1; the module's save
+        // buffers hold C (validation).
+        unsafe { raw::gather_stats::<T, P>(&launcher, c, &g)? };
+        if shape.numel() > 0 {
+            let (x, _gx) = input.device_ptr(stream);
+            let (y, _gy) = output.device_ptr_mut(stream);
+            let w = parts.weight.map(|w| w.device_ptr(stream));
+            let bias = parts.bias.map(|b| b.device_ptr(stream));
+            let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
+            let a = raw::ForwardArgs {
+                x,
+                y,
+                weight: w.as_ref().map_or(0, |w| w.0),
+                bias: bias.as_ref().map_or(0, |b| b.0),
+                save_mean: mean,
+                save_invstd: invstd,
+                counters,
+                scratch,
+                ..raw::ForwardArgs::default()
+            };
+            // SAFETY: validation checked every length against the shape and C.
+            unsafe { raw::elemt::<T, P>(&launcher, shape, &a, &tuning)? };
+        }
+        if training && track {
+            if let (Some(rm), Some(rv)) = (parts.running_mean, parts.running_var) {
+                let (rm, _grm) = rm.device_ptr_mut(stream);
+                let (rv, _grv) = rv.device_ptr_mut(stream);
+                // The merge again, now updating: its mean and invstd are the ones
+                // written above, bit for bit.
+                g.running_mean = rm;
+                g.running_var = rv;
+                // SAFETY: as above; the running statistics hold C (validation).
+                unsafe { raw::gather_stats::<T, P>(&launcher, c, &g)? };
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward of the last forward (same shape), written into the caller's
+    /// buffers. Synchronised when that forward was: the all-reduce of the sums is
+    /// queued on the module's stream.
+    pub fn backward_into(
+        &mut self,
+        grad_output: &dyn DevicePtr<T>,
+        input: &dyn DevicePtr<T>,
+        shape: &Shape,
+        grad_input: &mut dyn DevicePtrMut<T>,
+        grad_weight: Option<&mut dyn DevicePtrMut<P>>,
+        grad_bias: Option<&mut dyn DevicePtrMut<P>>,
+    ) -> Result<()> {
+        if !self.synced {
+            return self.bn.backward_into(
+                grad_output,
+                input,
+                shape,
+                grad_input,
+                grad_weight,
+                grad_bias,
+            );
+        }
+        let stream = self.stream();
+        let c = shape.c();
+        let numel = shape.numel();
+        let mut local = self.bn.last_forward(shape).map(|_| ()).and_then(|()| {
+            validate::buffer("grad_output", numel, grad_output.len(), shape)?;
+            validate::buffer("input", numel, input.len(), shape)?;
+            validate::buffer("grad_input", numel, grad_input.len(), shape)?;
+            same_context(&stream, "grad_output", grad_output)?;
+            same_context(&stream, "input", input)?;
+            same_context(&stream, "grad_input", &*grad_input)
+        });
+        if let Some(g) = &grad_weight {
+            local = local
+                .and_then(|()| validate::feature("grad_weight", c, Some(g.len())))
+                .and_then(|()| same_context(&stream, "grad_weight", &**g));
+        }
+        if let Some(g) = &grad_bias {
+            local = local
+                .and_then(|()| validate::feature("grad_bias", c, Some(g.len())))
+                .and_then(|()| same_context(&stream, "grad_bias", &**g));
+        }
+        self.reserve(c)?;
+        self.exchange(shape, local.is_ok())?;
+        local?;
+        self.sync_backward(
+            &stream,
+            grad_output,
+            input,
+            shape,
+            grad_input,
+            grad_weight,
+            grad_bias,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sync_backward(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        grad_output: &dyn DevicePtr<T>,
+        input: &dyn DevicePtr<T>,
+        shape: &Shape,
+        grad_input: &mut dyn DevicePtrMut<T>,
+        mut grad_weight: Option<&mut dyn DevicePtrMut<P>>,
+        mut grad_bias: Option<&mut dyn DevicePtrMut<P>>,
+    ) -> Result<()> {
+        let c = shape.c();
+        let world = self.comm.world_size();
+        let parts = self.bn.parts();
+        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let acc = std::mem::size_of::<T::Acc>();
+        let kernels = Kernels::for_context(stream.context())?;
+        let launcher = CudaLauncher::new(stream, &kernels);
+        let tuning = kernels.tuning();
+        let (mean, _gm) = parts.save_mean.device_ptr(stream);
+        let (invstd, _gi) = parts.save_invstd.device_ptr(stream);
+        let stats = raw::BackwardStats::Batch {
+            save_mean: mean,
+            save_invstd: invstd,
+        };
+        let (gw, _ggw) = match grad_weight.as_mut() {
+            Some(g) => {
+                let (p, guard) = g.device_ptr_mut(stream);
+                (p, Some(guard))
+            }
+            None => (0, None),
+        };
+        let (gb, _ggb) = match grad_bias.as_mut() {
+            Some(g) => {
+                let (p, guard) = g.device_ptr_mut(stream);
+                (p, Some(guard))
+            }
+            None => (0, None),
+        };
+        let (sums, _gs) = b.sums.device_ptr_mut(stream);
+        if shape.numel() == 0 {
+            zero(stream, "sums", sums, 2 * c, acc)?;
+            for (name, p) in [("grad_weight", gw), ("grad_bias", gb)] {
+                if p != 0 {
+                    zero(stream, name, p, c, std::mem::size_of::<P>())?;
+                }
+            }
+        } else {
+            let size = raw::workspace_size(&launcher, shape, T::DTYPE, &tuning)?;
+            parts.workspace.reserve(stream, size)?;
+            let (dy, _gdy) = grad_output.device_ptr(stream);
+            let (x, _gx) = input.device_ptr(stream);
+            let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
+            let a = raw::BackwardArgs {
+                dy,
+                x,
+                dx: 0,
+                weight: 0,
+                stats,
+                grad_weight: gw,
+                grad_bias: gb,
+                counters,
+                scratch,
+                epilogue: raw::EpilogueGrad::None,
+            };
+            // SAFETY: validation checked every length against the shape and C; `sums`
+            // is this module's buffer of 2C.
+            unsafe { raw::backward_reduce::<T, P>(&launcher, shape, &a, sums, &tuning)? };
+        }
+        // SAFETY: this module's buffer of 2C values.
+        unsafe {
+            self.comm
+                .all_reduce_sum(stream, sums, 2 * c, T::Acc::DTYPE)?
+        };
+        if shape.numel() == 0 {
+            return Ok(());
+        }
+        let (dy, _gdy) = grad_output.device_ptr(stream);
+        let (x, _gx) = input.device_ptr(stream);
+        let (dx, _gdx) = grad_input.device_ptr_mut(stream);
+        let w = parts.weight.map(|w| w.device_ptr(stream));
+        let (gathered, _gg) = b.gathered.device_ptr(stream);
+        let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
+        let a = raw::BackwardArgs {
+            dy,
+            x,
+            dx,
+            weight: w.as_ref().map_or(0, |w| w.0),
+            stats,
+            grad_weight: 0,
+            grad_bias: 0,
+            counters,
+            scratch,
+            epilogue: raw::EpilogueGrad::None,
+        };
+        let row = 2 * c + 1;
+        // SAFETY: as above; the counts are the gathered rows' (world rows of 2C + 1).
+        unsafe {
+            raw::backward_elemt::<T, P>(
+                &launcher,
+                shape,
+                &a,
+                sums,
+                gathered + (2 * c * acc) as u64,
+                row,
+                world,
+                &tuning,
+            )
+        }
+    }
+
+    /// The backward into new buffers (parameter gradients for affine modules).
+    pub fn backward(
+        &mut self,
+        grad_output: &dyn DevicePtr<T>,
+        input: &dyn DevicePtr<T>,
+        shape: &Shape,
+    ) -> Result<Gradients<Cuda, T, P>> {
+        if !self.synced {
+            return self.bn.backward(grad_output, input, shape);
+        }
+        self.bn.last_forward(shape)?;
+        let backend = self.bn.backend();
+        let mut g_in = backend.alloc(shape.numel(), T::from_f64(0.0))?;
+        let affine = self.bn.options().affine;
+        let c = self.bn.num_features();
+        let zero = P::from_f64(0.0);
+        let mut g_w = if affine {
+            Some(backend.alloc(c, zero)?)
+        } else {
+            None
+        };
+        let mut g_b = if affine {
+            Some(backend.alloc(c, zero)?)
+        } else {
+            None
+        };
+        self.backward_into(
+            grad_output,
+            input,
+            shape,
+            &mut g_in,
+            g_w.as_mut().map(|g| g as &mut dyn DevicePtrMut<P>),
+            g_b.as_mut().map(|g| g as &mut dyn DevicePtrMut<P>),
+        )?;
+        Ok(Gradients {
+            input: g_in,
+            weight: g_w,
+            bias: g_b,
+            residual: None,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// NCCL.
+
+#[cfg(feature = "nccl")]
+pub use self::nccl::{Nccl, NcclId};
+
+#[cfg(feature = "nccl")]
+mod nccl {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaContext, CudaStream};
+    use cudarc::nccl::{result, sys};
+
+    use super::Collectives;
+    use crate::dtype::DType;
+    use crate::error::{BnError, Result};
+
+    /// A communicator's unique id: made by one rank ([`Nccl::unique_id`]) and handed to
+    /// every other by any channel (its bytes, [`NcclId::bytes`] / [`NcclId::from_bytes`]).
+    #[derive(Clone, Copy)]
+    pub struct NcclId(sys::ncclUniqueId);
+
+    impl std::fmt::Debug for NcclId {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("NcclId(..)")
+        }
+    }
+
+    impl NcclId {
+        /// Its 128 bytes.
+        pub fn bytes(&self) -> [u8; 128] {
+            self.0.internal.map(|b| b as u8)
+        }
+
+        /// The id another rank made, from its bytes.
+        pub fn from_bytes(bytes: [u8; 128]) -> NcclId {
+            NcclId(sys::ncclUniqueId {
+                internal: bytes.map(|b| b as std::ffi::c_char),
+            })
+        }
+    }
+
+    /// [`Collectives`] over an NCCL communicator (cudarc's `nccl` bindings, loaded
+    /// dynamically): one rank per GPU, in one process per GPU or one thread per GPU.
+    /// Without libnccl every call returns [`BnError::Communication`] saying so.
+    pub struct Nccl {
+        comm: sys::ncclComm_t,
+        rank: usize,
+        world: usize,
+    }
+
+    // SAFETY: an NCCL communicator may be used from any thread, one call at a time;
+    // `&mut`-free use through `&self` is serialised by the caller's stream order and
+    // by NCCL itself for the collectives this type issues. It is not Sync.
+    unsafe impl Send for Nccl {}
+
+    impl std::fmt::Debug for Nccl {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Nccl")
+                .field("rank", &self.rank)
+                .field("world_size", &self.world)
+                .finish_non_exhaustive()
+        }
+    }
+
+    fn nccl_err(op: &'static str) -> impl Fn(result::NcclError) -> BnError {
+        move |e| BnError::Communication(format!("NCCL error in {op}: {:?}", e.0))
+    }
+
+    /// Whether libnccl can be loaded (cudarc's name for it, or the versioned name NVIDIA's
+    /// packages install), checked before any cudarc NCCL call, which would panic
+    /// without it.
+    fn nccl_present() -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::ffi::{c_char, c_int, c_void};
+            extern "C" {
+                fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+            }
+            const RTLD_LAZY: c_int = 1;
+            let found = [c"libnccl.so", c"libnccl.so.2"].iter().any(|name| {
+                // SAFETY: dlopen with a NUL-terminated name only loads a library (its
+                // initialisers run, as cudarc's loading would run them); the handle is
+                // kept.
+                !unsafe { dlopen(name.as_ptr(), RTLD_LAZY) }.is_null()
+            });
+            if found {
+                return Ok(());
+            }
+        }
+        Err(BnError::Communication(
+            "libnccl was not found: install NCCL (e.g. the nvidia-nccl-cu12 or -cu13 \
+             package) and put the directory holding libnccl.so on LD_LIBRARY_PATH"
+                .into(),
+        ))
+    }
+
+    /// Runs a cudarc NCCL call whose library loading may panic (a libnccl under a name
+    /// cudarc does not try), as an error.
+    fn guarded<R>(op: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        nccl_present()?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+            Err(BnError::Communication(format!(
+                "loading libnccl failed in {op} (cudarc looks for libnccl.so)"
+            )))
+        })
+    }
+
+    fn nccl_type(dtype: DType) -> sys::ncclDataType_t {
+        match dtype {
+            DType::F32 => sys::ncclDataType_t::ncclFloat32,
+            DType::F64 => sys::ncclDataType_t::ncclFloat64,
+            DType::F16 => sys::ncclDataType_t::ncclFloat16,
+            DType::BF16 => sys::ncclDataType_t::ncclBfloat16,
+        }
+    }
+
+    impl Nccl {
+        /// A new communicator's id (on one rank; the others receive it).
+        pub fn unique_id() -> Result<NcclId> {
+            guarded("ncclGetUniqueId", || {
+                result::get_uniqueid()
+                    .map(NcclId)
+                    .map_err(nccl_err("ncclGetUniqueId"))
+            })
+        }
+
+        /// NCCL's version (e.g. 22807 for 2.28.7).
+        pub fn version() -> Result<i32> {
+            guarded("ncclGetVersion", || {
+                result::get_nccl_version().map_err(nccl_err("ncclGetVersion"))
+            })
+        }
+
+        /// This rank's communicator on `ctx`'s device: every rank of `world` calls it
+        /// with the same id (it returns once all have joined).
+        pub fn from_rank(
+            ctx: &Arc<CudaContext>,
+            rank: usize,
+            world: usize,
+            id: NcclId,
+        ) -> Result<Nccl> {
+            let (r, w) = match (i32::try_from(rank), i32::try_from(world)) {
+                (Ok(r), Ok(w)) if rank < world => (r, w),
+                _ => {
+                    return Err(BnError::RankMismatch(format!(
+                        "rank {rank} of a world of {world} ranks"
+                    )))
+                }
+            };
+            guarded("ncclCommInitRank", || {
+                ctx.bind_to_thread()
+                    .map_err(BnError::driver("binding the context"))?;
+                let mut comm = std::mem::MaybeUninit::uninit();
+                // SAFETY: `comm` is written by the call; the id is a valid unique id
+                // (NCCL rejects one that is not).
+                unsafe { result::comm_init_rank(comm.as_mut_ptr(), w, id.0, r) }
+                    .map_err(nccl_err("ncclCommInitRank"))?;
+                Ok(Nccl {
+                    // SAFETY: initialised by the successful call above.
+                    comm: unsafe { comm.assume_init() },
+                    rank,
+                    world,
+                })
+            })
+        }
+    }
+
+    impl Drop for Nccl {
+        fn drop(&mut self) {
+            // SAFETY: the communicator is this value's own, used by nothing after this.
+            // An error here cannot be reported; the communicator is gone either way.
+            let _ = unsafe { result::comm_destroy(self.comm) };
+        }
+    }
+
+    impl Collectives for Nccl {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+
+        fn world_size(&self) -> usize {
+            self.world
+        }
+
+        unsafe fn all_gather(
+            &self,
+            stream: &CudaStream,
+            send: u64,
+            recv: u64,
+            count: usize,
+            dtype: DType,
+        ) -> Result<()> {
+            // SAFETY: the caller's contract; the stream's context owns both buffers.
+            unsafe {
+                result::all_gather(
+                    send as *const std::ffi::c_void,
+                    recv as *mut std::ffi::c_void,
+                    count,
+                    nccl_type(dtype),
+                    self.comm,
+                    stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map(|_| ())
+            .map_err(nccl_err("ncclAllGather"))
+        }
+
+        unsafe fn all_reduce_sum(
+            &self,
+            stream: &CudaStream,
+            buf: u64,
+            count: usize,
+            dtype: DType,
+        ) -> Result<()> {
+            // SAFETY: the caller's contract; in place, as NCCL allows.
+            unsafe {
+                result::all_reduce(
+                    buf as *const std::ffi::c_void,
+                    buf as *mut std::ffi::c_void,
+                    count,
+                    nccl_type(dtype),
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    stream.cu_stream() as sys::cudaStream_t,
+                )
+            }
+            .map(|_| ())
+            .map_err(nccl_err("ncclAllReduce"))
+        }
     }
 }

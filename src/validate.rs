@@ -165,6 +165,18 @@ pub(crate) fn gather(ranks: usize, eps: f64, momentum: f64) -> Result<()> {
 
 /// Checks a forward call; see the module docs for the order.
 pub fn forward(s: &ForwardSpec) -> Result<ForwardKind> {
+    forward_checks(s, false)
+}
+
+/// The checks of a synchronised training forward (crate::sync): those of [`forward`],
+/// except that the values per channel are counted over every rank's batch (by the
+/// caller), and that an empty local input is checked as any other, since its rank
+/// still merges the statistics and updates its running ones.
+pub(crate) fn forward_sync(s: &ForwardSpec) -> Result<ForwardKind> {
+    forward_checks(s, true)
+}
+
+fn forward_checks(s: &ForwardSpec, sync: bool) -> Result<ForwardKind> {
     let shape = &s.shape;
     let c = shape.c();
     if s.training && shape.rank() == 0 {
@@ -173,13 +185,13 @@ pub fn forward(s: &ForwardSpec) -> Result<ForwardKind> {
             message: "tuple index out of range",
         });
     }
-    if s.training && shape.per_channel() == 1 {
+    if s.training && shape.per_channel() == 1 && !sync {
         return Err(BnError::TooFewValues {
             size: shape.dims().to_vec(),
         });
     }
     check_eps(s.eps, s.training)?;
-    if shape.numel() == 0 {
+    if shape.numel() == 0 && !sync {
         empty_affine(s.weight, s.bias)?;
         return Ok(ForwardKind::Empty);
     }
@@ -301,9 +313,11 @@ pub fn frozen(shape: &Shape, input: usize, output: usize, scale_shift: usize) ->
     Ok(shape.numel() != 0)
 }
 
-/// The rank a `BatchNorm{1,2,3}d` module accepts, with PyTorch's sentence.
+/// The rank a `BatchNorm{1,2,3}d` module accepts (`dims` 1, 2, 3; 0 for SyncBatchNorm's
+/// any rank of at least 2), with PyTorch's sentence.
 pub fn module_rank(dims: usize, shape: &Shape) -> Result<()> {
     let (ok, expected) = match dims {
+        0 => (shape.rank() >= 2, "at least 2D"),
         1 => (matches!(shape.rank(), 2 | 3), "2D or 3D"),
         2 => (shape.rank() == 4, "4D"),
         _ => (shape.rank() == 5, "5D"),

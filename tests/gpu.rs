@@ -1656,3 +1656,487 @@ fn stats_stage_over_ranks_matches_one_batch_norm() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// [`Collectives`](cuda_batchnorm::sync::Collectives) for ranks as threads of this
+/// process, all on one device, through the host: each rank copies what it sends to
+/// the host, waits for the others, and copies what it receives back. Slow and simple;
+/// it lets the module's protocol be tested on the emulated driver and on one GPU.
+struct HostCollectives {
+    rank: usize,
+    world: usize,
+    shared: Arc<HostShared>,
+}
+
+struct HostShared {
+    slots: std::sync::Mutex<Vec<Vec<u8>>>,
+    barrier: std::sync::Barrier,
+}
+
+impl HostCollectives {
+    fn world(n: usize) -> Vec<HostCollectives> {
+        let shared = Arc::new(HostShared {
+            slots: std::sync::Mutex::new(vec![Vec::new(); n]),
+            barrier: std::sync::Barrier::new(n),
+        });
+        (0..n)
+            .map(|rank| HostCollectives {
+                rank,
+                world: n,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Every rank's `bytes` at `send`, rank by rank.
+    fn exchange(&self, stream: &CudaStream, send: u64, bytes: usize) -> Vec<Vec<u8>> {
+        use cuda_batchnorm::cudarc::driver::result;
+        let mut mine = vec![0u8; bytes];
+        // SAFETY: the module passes a live allocation of `bytes` bytes on this stream.
+        unsafe { result::memcpy_dtoh_async(&mut mine, send, stream.cu_stream()) }.unwrap();
+        stream.synchronize().unwrap();
+        self.shared.slots.lock().unwrap()[self.rank] = mine;
+        self.shared.barrier.wait();
+        let all = self.shared.slots.lock().unwrap().clone();
+        self.shared.barrier.wait();
+        all
+    }
+}
+
+impl cuda_batchnorm::sync::Collectives for HostCollectives {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    unsafe fn all_gather(
+        &self,
+        stream: &CudaStream,
+        send: u64,
+        recv: u64,
+        count: usize,
+        dtype: cuda_batchnorm::DType,
+    ) -> cuda_batchnorm::Result<()> {
+        use cuda_batchnorm::cudarc::driver::result;
+        let bytes = count * dtype.size();
+        let all: Vec<u8> = self.exchange(stream, send, bytes).concat();
+        // SAFETY: the module passes a live allocation of world * bytes at `recv`.
+        unsafe { result::memcpy_htod_async(recv, &all, stream.cu_stream()) }.unwrap();
+        stream.synchronize().unwrap();
+        Ok(())
+    }
+
+    unsafe fn all_reduce_sum(
+        &self,
+        stream: &CudaStream,
+        buf: u64,
+        count: usize,
+        dtype: cuda_batchnorm::DType,
+    ) -> cuda_batchnorm::Result<()> {
+        use cuda_batchnorm::cudarc::driver::result;
+        use cuda_batchnorm::DType;
+        let all = self.exchange(stream, buf, count * dtype.size());
+        let sum: Vec<u8> = match dtype {
+            DType::F32 => (0..count)
+                .flat_map(|i| {
+                    let v: f32 = all
+                        .iter()
+                        .map(|b| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()))
+                        .sum();
+                    v.to_le_bytes()
+                })
+                .collect(),
+            DType::F64 => (0..count)
+                .flat_map(|i| {
+                    let v: f64 = all
+                        .iter()
+                        .map(|b| f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()))
+                        .sum();
+                    v.to_le_bytes()
+                })
+                .collect(),
+            other => panic!("the module all-reduces accumulators only, not {other:?}"),
+        };
+        // SAFETY: as in all_gather, in place.
+        unsafe { result::memcpy_htod_async(buf, &sum, stream.cu_stream()) }.unwrap();
+        stream.synchronize().unwrap();
+        Ok(())
+    }
+}
+
+/// What one rank of a SyncBatchNorm run returns.
+struct RankRun<T, P> {
+    ys: Vec<Vec<T>>,
+    dx: Vec<T>,
+    grad_weight: Vec<P>,
+    grad_bias: Vec<P>,
+    running_mean: Vec<P>,
+    running_var: Vec<P>,
+    num_batches_tracked: i64,
+}
+
+/// SyncBatchNorm on `splits` ranks (threads, one stream each, the host collectives):
+/// two training steps (the running statistics move twice, the second with the
+/// cumulative average when `momentum` is None) and a backward, judged against one
+/// BatchNorm over the concatenated batch: outputs, input gradients, the ranks' summed
+/// parameter gradients, and every rank's running statistics.
+fn sync_module_case<T, P>(
+    ctx: &Arc<cuda_batchnorm::cudarc::driver::CudaContext>,
+    full: Shape,
+    splits: &[usize],
+    momentum: Option<f64>,
+) -> Result<(), String>
+where
+    T: cuda_batchnorm::Float + ParamFor<T>,
+    P: ParamFor<T>,
+{
+    use cuda_batchnorm::sync::SyncBatchNorm;
+    let (n, c) = (full.n(), full.c());
+    let per_sample = full.numel() / n;
+    let mut rng = common::Rng::new(0xbeef ^ ((splits.len() as u64) << 4));
+    let xs: Vec<T> = (0..full.numel())
+        .map(|_| T::from_f64(1.0 + 2.0 * rng.normal()))
+        .collect();
+    let dys: Vec<T> = (0..full.numel())
+        .map(|_| T::from_f64(rng.normal()))
+        .collect();
+    let w: Vec<P> = (0..c)
+        .map(|i| P::from_f64(0.75 + 0.125 * i as f64))
+        .collect();
+    let b: Vec<P> = (0..c).map(|i| P::from_f64(0.25 * i as f64 - 0.5)).collect();
+    let options = BatchNormOptions {
+        momentum,
+        ..BatchNormOptions::default()
+    };
+    // The reference: BatchNorm over the whole batch, two steps.
+    let s = ctx.default_stream();
+    let mut bn = cuda_batchnorm::module::BatchNorm::<0, Cuda, T, P>::new(Cuda::new(&s), c, options)
+        .map_err(gpu_err)?;
+    bn.set_weight(&w).map_err(gpu_err)?;
+    bn.set_bias(&b).map_err(gpu_err)?;
+    let x = s.clone_htod(&xs).map_err(gpu_err)?;
+    let dy = s.clone_htod(&dys).map_err(gpu_err)?;
+    let y_ref = (0..2)
+        .map(|_| {
+            let y = bn.forward(&x, &full).map_err(gpu_err)?;
+            s.clone_dtoh(&y).map_err(gpu_err)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let g = bn.backward(&dy, &x, &full).map_err(gpu_err)?;
+    let f = |v: Vec<T>| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+    let fp = |v: Vec<P>| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>();
+    let dx_ref = f(s.clone_dtoh(&g.input).map_err(gpu_err)?);
+    let gw_ref = fp(s.clone_dtoh(g.weight.as_ref().unwrap()).map_err(gpu_err)?);
+    let gb_ref = fp(s.clone_dtoh(g.bias.as_ref().unwrap()).map_err(gpu_err)?);
+    let sd = bn.state_dict().map_err(gpu_err)?;
+    let (rm_ref, rv_ref) = (
+        fp(sd.running_mean.clone().unwrap()),
+        fp(sd.running_var.clone().unwrap()),
+    );
+
+    // The ranks, as threads.
+    let mut starts = vec![0];
+    for k in splits {
+        starts.push(starts.last().unwrap() + k);
+    }
+    let comms = HostCollectives::world(splits.len());
+    let runs: Vec<Result<RankRun<T, P>, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let (xs, dys, w, b) = (&xs, &dys, &w, &b);
+                let range = starts[r] * per_sample..starts[r + 1] * per_sample;
+                let mut dims = full.dims().to_vec();
+                dims[0] = splits[r];
+                scope.spawn(move || -> Result<RankRun<T, P>, String> {
+                    let shape = Shape::new(&dims, full.format()).map_err(gpu_err)?;
+                    let s = ctx.new_stream().map_err(gpu_err)?;
+                    let mut m =
+                        SyncBatchNorm::<T, P, _>::new(&s, c, options, comm).map_err(gpu_err)?;
+                    m.local_mut().set_weight(w).map_err(gpu_err)?;
+                    m.local_mut().set_bias(b).map_err(gpu_err)?;
+                    // Buffers of at least one element (the driver allocates no zero-byte one).
+                    let pad = |v: &[T]| {
+                        let mut v = v.to_vec();
+                        v.resize(v.len().max(1), T::from_f64(0.0));
+                        v
+                    };
+                    let x = s.clone_htod(&pad(&xs[range.clone()])).map_err(gpu_err)?;
+                    let dy = s.clone_htod(&pad(&dys[range.clone()])).map_err(gpu_err)?;
+                    let mut ys = Vec::new();
+                    for _ in 0..2 {
+                        let mut y = s.clone_htod(&pad(&[])).map_err(gpu_err)?;
+                        if shape.numel() > 0 {
+                            y = s.alloc_zeros(shape.numel()).map_err(gpu_err)?;
+                        }
+                        m.forward_into(&x, &shape, &mut y).map_err(gpu_err)?;
+                        let mut host = s.clone_dtoh(&y).map_err(gpu_err)?;
+                        host.truncate(shape.numel());
+                        ys.push(host);
+                    }
+                    let mut dx = s.alloc_zeros::<T>(shape.numel().max(1)).map_err(gpu_err)?;
+                    let mut gw = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+                    let mut gb = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+                    m.backward_into(&dy, &x, &shape, &mut dx, Some(&mut gw), Some(&mut gb))
+                        .map_err(gpu_err)?;
+                    let mut dx = s.clone_dtoh(&dx).map_err(gpu_err)?;
+                    dx.truncate(shape.numel());
+                    let sd = m.local().state_dict().map_err(gpu_err)?;
+                    Ok(RankRun {
+                        ys,
+                        dx,
+                        grad_weight: s.clone_dtoh(&gw).map_err(gpu_err)?,
+                        grad_bias: s.clone_dtoh(&gb).map_err(gpu_err)?,
+                        running_mean: sd.running_mean.unwrap(),
+                        running_var: sd.running_var.unwrap(),
+                        num_batches_tracked: m.local().num_batches_tracked(),
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let runs = runs.into_iter().collect::<Result<Vec<_>, String>>()?;
+    let what = |v: &str| {
+        format!(
+            "SyncBatchNorm {v}, ranks {splits:?} of {:?} {:?}, {} / {}, momentum {momentum:?}",
+            full.dims(),
+            full.format(),
+            T::DTYPE.name(),
+            P::DTYPE.name()
+        )
+    };
+    for (step, y_ref) in y_ref.iter().enumerate() {
+        let y: Vec<T> = runs.iter().flat_map(|r| r.ys[step].clone()).collect();
+        common::check_close(&what(&format!("y, step {step}")), &y, &f(y_ref.clone()))?;
+    }
+    let dx: Vec<T> = runs.iter().flat_map(|r| r.dx.clone()).collect();
+    common::check_close(&what("dx"), &dx, &dx_ref)?;
+    let summed = |pick: &dyn Fn(&RankRun<T, P>) -> &Vec<P>| -> Vec<P> {
+        (0..c)
+            .map(|i| P::from_f64(runs.iter().map(|r| pick(r)[i].to_f64()).sum()))
+            .collect()
+    };
+    common::check_close(
+        &what("grad_weight (summed)"),
+        &summed(&|r| &r.grad_weight),
+        &gw_ref,
+    )?;
+    common::check_close(
+        &what("grad_bias (summed)"),
+        &summed(&|r| &r.grad_bias),
+        &gb_ref,
+    )?;
+    for (k, r) in runs.iter().enumerate() {
+        common::check_close(
+            &what(&format!("running_mean of rank {k}")),
+            &r.running_mean,
+            &rm_ref,
+        )?;
+        common::check_close(
+            &what(&format!("running_var of rank {k}")),
+            &r.running_var,
+            &rv_ref,
+        )?;
+        assert_eq!(r.num_batches_tracked, 2, "{}", what("num_batches_tracked"));
+        // Every rank's statistics are the same computation on the same gathered data.
+        assert_eq!(
+            r.running_mean
+                .iter()
+                .map(|v| v.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+            runs[0]
+                .running_mean
+                .iter()
+                .map(|v| v.to_f64().to_bits())
+                .collect::<Vec<_>>(),
+            "{}",
+            what("running_mean bitwise across ranks")
+        );
+    }
+    Ok(())
+}
+
+/// SyncBatchNorm with 1 to 4 ranks, even, uneven and empty batches, both layouts,
+/// every type pair, against one BatchNorm over the concatenated batch.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_over_ranks_matches_one_batch_norm() {
+    let Some(Gpu { stream, .. }) = gpu("sync_batch_norm_over_ranks_matches_one_batch_norm") else {
+        return;
+    };
+    let ctx = stream.context().clone();
+    let splits: [&[usize]; 5] = [&[5], &[2, 3], &[1, 0, 4], &[2, 1, 0, 2], &[3, 2]];
+    let mut failures = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let full = Shape::new(&[5, 3, 2, 3], format).unwrap();
+        for (i, split) in splits.iter().enumerate() {
+            // the last split with the cumulative average
+            let momentum = if i == 4 { None } else { Some(0.1) };
+            let r = [
+                sync_module_case::<f32, f32>(&ctx, full, split, momentum),
+                sync_module_case::<f64, f64>(&ctx, full, split, momentum),
+                sync_module_case::<f16, f16>(&ctx, full, split, momentum),
+                sync_module_case::<f16, f32>(&ctx, full, split, momentum),
+                sync_module_case::<cuda_batchnorm::half::bf16, cuda_batchnorm::half::bf16>(
+                    &ctx, full, split, momentum,
+                ),
+                sync_module_case::<cuda_batchnorm::half::bf16, f32>(&ctx, full, split, momentum),
+            ];
+            failures.extend(r.into_iter().filter_map(Result::err));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Runs `f(rank, comm)` on `world` threads with the host collectives; returns each
+/// rank's result.
+fn on_ranks<R: Send>(world: usize, f: impl Fn(usize, HostCollectives) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = HostCollectives::world(world)
+            .into_iter()
+            .enumerate()
+            .map(|(r, comm)| {
+                let f = &f;
+                scope.spawn(move || f(r, comm))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Ranks that disagree, a global batch of one value per channel, and a rank whose own
+/// call is wrong: every rank returns an error (none waits for the others), and no
+/// rank's state changes. PyTorch's SyncBatchNorm rank and channel checks come first.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_errors_reach_every_rank() {
+    use cuda_batchnorm::sync::SyncBatchNorm;
+    let Some(Gpu { stream, .. }) = gpu("sync_batch_norm_errors_reach_every_rank") else {
+        return;
+    };
+    let ctx = stream.context().clone();
+    // (channels, batch) per rank, and each rank's error.
+    let run = |shapes: [(usize, usize); 2], short_output: [bool; 2]| -> Vec<String> {
+        on_ranks(2, |r, comm| {
+            let s = ctx.new_stream().unwrap();
+            let (c, n) = shapes[r];
+            let mut m = SyncBatchNorm::<f32, f32, _>::new(&s, c, BatchNormOptions::default(), comm)
+                .unwrap();
+            let shape = Shape::nchw(n, c, 1, 1).unwrap();
+            let x = s.clone_htod(&vec![1.5f32; shape.numel().max(1)]).unwrap();
+            let len = if short_output[r] {
+                1
+            } else {
+                shape.numel().max(1)
+            };
+            let mut y = s.alloc_zeros::<f32>(len).unwrap();
+            let before = m.local().state_dict().unwrap();
+            let e = m.forward_into(&x, &shape, &mut y).unwrap_err().to_string();
+            assert_eq!(
+                m.local().state_dict().unwrap(),
+                before,
+                "rank {r} changed state"
+            );
+            e
+        })
+    };
+    let errs = run([(3, 4), (5, 4)], [false, false]);
+    assert!(errs.iter().all(|e| e.contains("channels")), "{errs:?}");
+    let errs = run([(3, 1), (3, 0)], [false, false]);
+    assert!(
+        errs.iter()
+            .all(|e| e.starts_with("Expected more than 1 value per channel when training")),
+        "{errs:?}"
+    );
+    let errs = run([(3, 4), (3, 4)], [false, true]);
+    assert!(
+        errs[0].contains("rank 1's call failed its own checks"),
+        "{errs:?}"
+    );
+    assert!(errs[1].contains("output holds 1 elements"), "{errs:?}");
+
+    // PyTorch's own checks, before any communication.
+    let comm = HostCollectives::world(1).pop().unwrap();
+    let mut m =
+        SyncBatchNorm::<f32, f32, _>::new(&stream, 3, BatchNormOptions::default(), comm).unwrap();
+    let x = stream.clone_htod(&[1.0f32; 4]).unwrap();
+    let mut y = stream.alloc_zeros::<f32>(4).unwrap();
+    let flat = Shape::new(&[4], MemoryFormat::Contiguous).unwrap();
+    assert_eq!(
+        m.forward_into(&x, &flat, &mut y).unwrap_err().to_string(),
+        "expected at least 2D input (got 1D input)"
+    );
+    let none = Shape::nc(4, 0).unwrap();
+    assert_eq!(
+        m.forward_into(&x, &none, &mut y).unwrap_err().to_string(),
+        "SyncBatchNorm number of input channels should be non-zero"
+    );
+}
+
+/// On one rank, and in eval, SyncBatchNorm is the plain BatchNorm: bitwise the same
+/// outputs, gradients and running statistics; `from_batch_norm` keeps a module's state.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_on_one_rank_and_in_eval_is_batch_norm() {
+    use cuda_batchnorm::sync::SyncBatchNorm;
+    let Some(Gpu { stream: s, .. }) = gpu("sync_batch_norm_on_one_rank_and_in_eval_is_batch_norm")
+    else {
+        return;
+    };
+    let (c, shape) = (4, Shape::nhwc(3, 4, 2, 5).unwrap());
+    let xs: Vec<f32> = (0..shape.numel())
+        .map(|i| ((i * 7) % 13) as f32 * 0.3 - 1.0)
+        .collect();
+    let x = s.clone_htod(&xs).unwrap();
+    let dy = s
+        .clone_htod(&xs.iter().map(|v| v * 0.5 - 0.1).collect::<Vec<_>>())
+        .unwrap();
+    let sd = trained_state(c);
+    let mut bn = BatchNorm2d::<f32>::new(Cuda::new(&s), c, BatchNormOptions::default()).unwrap();
+    bn.load_state_dict(&sd).unwrap();
+    let mut sync = SyncBatchNorm::from_batch_norm(
+        {
+            let mut b =
+                BatchNorm2d::<f32>::new(Cuda::new(&s), c, BatchNormOptions::default()).unwrap();
+            b.load_state_dict(&sd).unwrap();
+            b
+        },
+        HostCollectives::world(1).pop().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sync.local().state_dict().unwrap(), bn.state_dict().unwrap());
+    for training in [true, false] {
+        if !training {
+            bn.eval();
+            sync.eval();
+        }
+        let y0 = s.clone_dtoh(&bn.forward(&x, &shape).unwrap()).unwrap();
+        let y1 = s.clone_dtoh(&sync.forward(&x, &shape).unwrap()).unwrap();
+        assert_eq!(y0, y1, "training {training}");
+        let g0 = bn.backward(&dy, &x, &shape).unwrap();
+        let g1 = sync.backward(&dy, &x, &shape).unwrap();
+        assert_eq!(
+            s.clone_dtoh(&g0.input).unwrap(),
+            s.clone_dtoh(&g1.input).unwrap(),
+            "training {training}"
+        );
+        assert_eq!(
+            s.clone_dtoh(g0.weight.as_ref().unwrap()).unwrap(),
+            s.clone_dtoh(g1.weight.as_ref().unwrap()).unwrap()
+        );
+        assert_eq!(bn.state_dict().unwrap(), sync.local().state_dict().unwrap());
+    }
+}
