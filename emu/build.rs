@@ -149,6 +149,39 @@ fn main() {
     println!("cargo:rustc-link-lib=stdc++");
 
     emulated_driver(&base, &manifest, &out, &objects);
+    emulated_nccl(&base, &manifest, &out);
+}
+
+/// Links `OUT_DIR/driver/libnccl.so`: the emulated NCCL (driver/libnccl.cpp), which moves
+/// data with the emulated driver's copies, and tells the crate where it is
+/// (`BN_EMU_NCCL_LIBRARY`, empty where none is built).
+fn emulated_nccl(base: &cc::Build, manifest: &Path, out: &Path) {
+    let source = manifest.join("driver").join("libnccl.cpp");
+    println!("cargo:rerun-if-changed={}", source.display());
+    if env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        println!("cargo:rustc-env=BN_EMU_NCCL_LIBRARY=");
+        return;
+    }
+    let dir = out.join("nccl");
+    fs::create_dir_all(&dir).expect("create OUT_DIR/nccl");
+    let mut nccl = base.clone();
+    nccl.out_dir(&dir);
+    let objects = nccl.file(&source).compile_intermediates();
+    let library = dir.join("libnccl.so");
+    let status = base
+        .get_compiler()
+        .to_command()
+        .arg("-shared")
+        .arg("-o")
+        .arg(&library)
+        .arg("-Wl,-soname,libnccl.so")
+        .args(&objects)
+        .arg("-lpthread")
+        .arg("-ldl")
+        .status()
+        .expect("run the C++ compiler to link the emulated NCCL");
+    assert!(status.success(), "linking {} failed", library.display());
+    println!("cargo:rustc-env=BN_EMU_NCCL_LIBRARY={}", library.display());
 }
 
 /// Links `OUT_DIR/driver/libcuda.so`: the emulated CUDA driver (driver/libcuda.cpp) over

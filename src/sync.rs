@@ -573,11 +573,18 @@ pub struct SyncOptions {
     /// call; without it a call queues its work and returns, and a rank that fails its
     /// own checks returns before its collectives (the others then wait for it).
     pub verify: bool,
+    /// Synchronise in training even on one rank (default false: PyTorch's module is
+    /// the plain BatchNorm there). The numbers are the same to rounding; it runs the
+    /// collectives' path where only one GPU is at hand, to test or time it.
+    pub force: bool,
 }
 
 impl Default for SyncOptions {
     fn default() -> Self {
-        SyncOptions { verify: true }
+        SyncOptions {
+            verify: true,
+            force: false,
+        }
     }
 }
 
@@ -707,9 +714,10 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         self.bn.eval();
     }
 
-    /// PyTorch's `need_sync`: batch statistics in training, on more than one rank.
+    /// PyTorch's `need_sync`: batch statistics in training, on more than one rank (or
+    /// [`SyncOptions::force`]).
     fn needs_sync(&self) -> bool {
-        self.bn.is_training() && self.comm.world_size() > 1
+        self.bn.is_training() && (self.comm.world_size() > 1 || self.options.force)
     }
 
     fn stream(&self) -> Arc<CudaStream> {

@@ -1792,6 +1792,33 @@ where
     T: cuda_batchnorm::Float + ParamFor<T>,
     P: ParamFor<T>,
 {
+    let comms = std::sync::Mutex::new(
+        HostCollectives::world(splits.len())
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>(),
+    );
+    let setup = |r: usize| -> Result<(Arc<CudaStream>, HostCollectives), String> {
+        let comm = comms.lock().unwrap()[r].take().unwrap();
+        Ok((ctx.new_stream().map_err(gpu_err)?, comm))
+    };
+    sync_ranks_case::<T, P, HostCollectives>(&ctx.default_stream(), &setup, full, splits, momentum)
+}
+
+/// [`sync_module_case`] with each rank's stream and collectives made by `setup(rank)`
+/// on the rank's own thread (an NCCL communicator forms once every rank has called).
+fn sync_ranks_case<T, P, C>(
+    s: &Arc<CudaStream>,
+    setup: &(dyn Fn(usize) -> Result<(Arc<CudaStream>, C), String> + Sync),
+    full: Shape,
+    splits: &[usize],
+    momentum: Option<f64>,
+) -> Result<(), String>
+where
+    T: cuda_batchnorm::Float + ParamFor<T>,
+    P: ParamFor<T>,
+    C: cuda_batchnorm::sync::Collectives,
+{
     use cuda_batchnorm::sync::SyncBatchNorm;
     let (n, c) = (full.n(), full.c());
     let per_sample = full.numel() / n;
@@ -1811,8 +1838,7 @@ where
         ..BatchNormOptions::default()
     };
     // The reference: BatchNorm over the whole batch, two steps.
-    let s = ctx.default_stream();
-    let mut bn = cuda_batchnorm::module::BatchNorm::<0, Cuda, T, P>::new(Cuda::new(&s), c, options)
+    let mut bn = cuda_batchnorm::module::BatchNorm::<0, Cuda, T, P>::new(Cuda::new(s), c, options)
         .map_err(gpu_err)?;
     bn.set_weight(&w).map_err(gpu_err)?;
     bn.set_bias(&b).map_err(gpu_err)?;
@@ -1841,21 +1867,23 @@ where
     for k in splits {
         starts.push(starts.last().unwrap() + k);
     }
-    let comms = HostCollectives::world(splits.len());
     let runs: Vec<Result<RankRun<T, P>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .enumerate()
-            .map(|(r, comm)| {
+        let handles: Vec<_> = (0..splits.len())
+            .map(|r| {
                 let (xs, dys, w, b) = (&xs, &dys, &w, &b);
                 let range = starts[r] * per_sample..starts[r + 1] * per_sample;
                 let mut dims = full.dims().to_vec();
                 dims[0] = splits[r];
                 scope.spawn(move || -> Result<RankRun<T, P>, String> {
                     let shape = Shape::new(&dims, full.format()).map_err(gpu_err)?;
-                    let s = ctx.new_stream().map_err(gpu_err)?;
+                    let (s, comm) = setup(r)?;
                     let mut m =
                         SyncBatchNorm::<T, P, _>::new(&s, c, options, comm).map_err(gpu_err)?;
+                    // one rank too runs the collectives (the plain path has its own test)
+                    m.set_sync_options(cuda_batchnorm::sync::SyncOptions {
+                        force: true,
+                        ..m.sync_options()
+                    });
                     m.local_mut().set_weight(w).map_err(gpu_err)?;
                     m.local_mut().set_bias(b).map_err(gpu_err)?;
                     // Buffers of at least one element (the driver allocates no zero-byte one).
@@ -2139,4 +2167,60 @@ fn sync_batch_norm_on_one_rank_and_in_eval_is_batch_norm() {
         );
         assert_eq!(bn.state_dict().unwrap(), sync.local().state_dict().unwrap());
     }
+}
+
+/// SyncBatchNorm over NCCL (`sync::Nccl`): one rank per device, ranks as threads, with
+/// 1 to 4 ranks (as many as there are devices: the emulated driver's four with the
+/// emulated NCCL where there is no GPU; a GPU machine's, with its libnccl) against one
+/// BatchNorm over the concatenated batch. Where libnccl cannot be loaded the test skips
+/// (`CUDA_BATCHNORM_REQUIRE_NCCL=1` makes that a failure).
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_over_nccl_matches_one_batch_norm() {
+    use cuda_batchnorm::sync::{Nccl, NcclId};
+    let test = "sync_batch_norm_over_nccl_matches_one_batch_norm";
+    let Some(Gpu { stream, emulated }) = gpu(test) else {
+        return;
+    };
+    if emulated {
+        cuda_batchnorm_emu::nccl::preload().unwrap();
+    }
+    if let Err(e) = Nccl::version() {
+        let required = std::env::var("CUDA_BATCHNORM_REQUIRE_NCCL").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "CUDA_BATCHNORM_REQUIRE_NCCL=1 but {test} cannot run: {e}"
+        );
+        let _ = writeln!(std::io::stderr(), "skipping {test}: {e}");
+        return;
+    }
+    let devices = cuda_batchnorm::cudarc::driver::CudaContext::device_count().unwrap() as usize;
+    let splits: [&[usize]; 4] = [&[5], &[2, 3], &[1, 0, 4], &[2, 1, 0, 2]];
+    let mut failures = Vec::new();
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let full = Shape::new(&[5, 3, 2, 3], format).unwrap();
+        for split in splits.iter().filter(|s| s.len() <= devices) {
+            // A communicator per run, each from a fresh id (passed as bytes, as between
+            // processes).
+            let setup = || {
+                let id = Nccl::unique_id().unwrap().bytes();
+                move |r: usize| -> Result<(Arc<CudaStream>, Nccl), String> {
+                    let ctx = open_device(r).map_err(gpu_err)?;
+                    let comm = Nccl::from_rank(&ctx, r, split.len(), NcclId::from_bytes(id))
+                        .map_err(gpu_err)?;
+                    Ok((ctx.new_stream().map_err(gpu_err)?, comm))
+                }
+            };
+            let r = [
+                sync_ranks_case::<f32, f32, _>(&stream, &setup(), full, split, Some(0.1)),
+                sync_ranks_case::<f16, f32, _>(&stream, &setup(), full, split, None),
+                sync_ranks_case::<f64, f64, _>(&stream, &setup(), full, split, Some(0.1)),
+            ];
+            failures.extend(r.into_iter().filter_map(Result::err));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -420,3 +420,20 @@ fn a_refused_state_dict_changes_no_version() {
     assert!(m.load_state_dict(&sd).is_err());
     m.backward(&x, &x, &shape).unwrap();
 }
+
+/// NCCL missing (this test process never loads one; on a machine without libnccl on the
+/// loader's path) is a typed error that says what to install, not cudarc's panic.
+#[test]
+fn nccl_without_libnccl_is_an_error() {
+    match cuda_batchnorm::sync::Nccl::version() {
+        Ok(v) => assert!(v > 0, "a libnccl was found: version {v}"),
+        Err(e) => {
+            assert!(
+                matches!(e, cuda_batchnorm::BnError::Communication(_)),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("libnccl was not found"), "{e}");
+            assert!(cuda_batchnorm::sync::Nccl::unique_id().is_err());
+        }
+    }
+}

@@ -188,12 +188,13 @@ fn bnbench_explains_a_driver_without_a_device() {
         "{stdout}"
     );
 
-    let args = ["--device", "1"].into_iter().chain(SMALL_ROWS);
+    // The emulated driver shows four devices.
+    let args = ["--device", "4"].into_iter().chain(SMALL_ROWS);
     let (status, stdout, _) = bnbench(dir, &[], args);
     assert!(status.success(), "{status}\n{stdout}");
     assert_eq!(
         stdout.lines().next().unwrap_or_default(),
-        "bnbench: no GPU run: no CUDA device: device 1 asked for, 1 present",
+        "bnbench: no GPU run: no CUDA device: device 4 asked for, 4 present",
         "{stdout}"
     );
 }

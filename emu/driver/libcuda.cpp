@@ -10,9 +10,13 @@
 // matches cudarc's first candidate name by SONAME) or through LD_LIBRARY_PATH.
 //
 // Model, and its assumptions:
-//   * one device, ordinal 0, compute capability 9.0; its other attributes are small
-//     and fixed (see attribute()), chosen so that launch plans stay quick to emulate
-//     (BN_EMU_DRIVER_DEVICES=0 hides it: cuInit fails with CUDA_ERROR_NO_DEVICE);
+//   * four identical devices, ordinals 0 to 3, compute capability 9.0, each with its
+//     primary context; their other attributes are small and fixed (see attribute()),
+//     chosen so that launch plans stay quick to emulate. SyncBatchNorm's ranks run as
+//     threads on them, one device each, with the emulated NCCL (driver/libnccl.cpp).
+//     BN_EMU_DRIVER_DEVICES=n shows n (0 to 16); 0 none, where cuInit fails with
+//     CUDA_ERROR_NO_DEVICE. Their memory is one pool, so a pointer of one device is
+//     valid on every other, as with peer access enabled;
 //   * device memory is host memory: a device pointer is the host address of a block
 //     allocated here, filled with 0xFF bytes, so every copy and memset is checked
 //     against the live allocations and a range outside them fails with
@@ -173,9 +177,16 @@ State& state() {
     return *s;
 }
 
-// The one context: an address that identifies it.
-char g_context_tag;
-void* const kContext = &g_context_tag;
+// The devices' primary contexts: addresses that identify them.
+constexpr int kMaxDevices = 16;
+constexpr int kDefaultDevices = 4;
+char g_context_tags[kMaxDevices];
+void* context_of(int dev) { return &g_context_tags[dev]; }
+// The device of a context, or -1 for anything else.
+int device_of(const void* ctx) {
+    const char* c = static_cast<const char*>(ctx);
+    return (c >= g_context_tags && c < g_context_tags + kMaxDevices) ? static_cast<int>(c - g_context_tags) : -1;
+}
 thread_local void* t_current = nullptr;
 
 constexpr uint64_t kTotalMemory = 8ull << 30;
@@ -264,7 +275,7 @@ int attribute(int attr, int* out) {
 
 int check_ready(const State& s) {
     if (!s.initialised) return kNotInitialized;
-    if (t_current != kContext) return kInvalidContext;
+    if (device_of(t_current) < 0) return kInvalidContext;
     return kSuccess;
 }
 
@@ -414,13 +425,21 @@ int driver_version() {
     return (end != nullptr && *end == '\0' && parsed > 0 && parsed < 100000) ? static_cast<int>(parsed) : kDriverVersion;
 }
 
-// Whether the driver shows its device: BN_EMU_DRIVER_DEVICES=0 plays a machine whose
-// driver is installed but sees no GPU (a container without one, CUDA_VISIBLE_DEVICES=""),
-// where NVIDIA's cuInit fails with CUDA_ERROR_NO_DEVICE. Any other value keeps one device.
-bool device_visible() {
+// How many devices the driver shows: BN_EMU_DRIVER_DEVICES=n (0 to 16), four when it is
+// unset or anything else. 0 plays a machine whose driver is installed but sees no GPU
+// (a container without one, CUDA_VISIBLE_DEVICES=""), where NVIDIA's cuInit fails
+// with CUDA_ERROR_NO_DEVICE.
+int device_count() {
     const char* v = std::getenv("BN_EMU_DRIVER_DEVICES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    if (v == nullptr || *v == '\0') return kDefaultDevices;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    return (end != nullptr && *end == '\0' && n >= 0 && n <= kMaxDevices) ? static_cast<int>(n) : kDefaultDevices;
 }
+
+bool device_visible() { return device_count() > 0; }
+
+bool valid_device(int dev) { return dev >= 0 && dev < device_count(); }
 
 // Newest PTX ISA (10 * major + minor) a driver of CUDA `version` JIT-compiles, from
 // NVIDIA's PTX ISA release notes: 11.x -> 7.x, 12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5,
@@ -696,7 +715,7 @@ BN_API int cuDeviceGetCount(int* count) {
     LOCKED;
     if (!s.initialised) return kNotInitialized;
     if (count == nullptr) return kInvalidValue;
-    *count = 1;
+    *count = device_count();
     return kSuccess;
 }
 
@@ -704,8 +723,8 @@ BN_API int cuDeviceGet(int* dev, int ordinal) {
     LOCKED;
     if (!s.initialised) return kNotInitialized;
     if (dev == nullptr) return kInvalidValue;
-    if (ordinal != 0) return kInvalidDevice;
-    *dev = 0;
+    if (!valid_device(ordinal)) return kInvalidDevice;
+    *dev = ordinal;
     return kSuccess;
 }
 
@@ -713,13 +732,13 @@ BN_API int cuDeviceGetAttribute(int* out, int attr, int dev) {
     LOCKED;
     if (!s.initialised) return kNotInitialized;
     if (out == nullptr) return kInvalidValue;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     return attribute(attr, out);
 }
 
 BN_API int cuDeviceGetName(char* name, int len, int dev) {
     if (name == nullptr || len <= 0) return kInvalidValue;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     // driver::DEVICE_NAME in emu/src/lib.rs repeats this name (tests/gpu.rs checks it).
     std::snprintf(name, static_cast<size_t>(len), "%s", "cuda-batchnorm emulated device (CPU)");
     return kSuccess;
@@ -727,14 +746,14 @@ BN_API int cuDeviceGetName(char* name, int len, int dev) {
 
 BN_API int cuDeviceTotalMem_v2(size_t* bytes, int dev) {
     if (bytes == nullptr) return kInvalidValue;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     *bytes = kTotalMemory;
     return kSuccess;
 }
 
 BN_API int cuDeviceComputeCapability(int* major, int* minor, int dev) {
     if (major == nullptr || minor == nullptr) return kInvalidValue;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     *major = 9;
     *minor = 0;
     return kSuccess;
@@ -744,15 +763,15 @@ BN_API int cuDevicePrimaryCtxRetain(void** ctx, int dev) {
     LOCKED;
     if (!s.initialised) return kNotInitialized;
     if (ctx == nullptr) return kInvalidValue;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     s.primary_refs += 1;
-    *ctx = kContext;
+    *ctx = context_of(dev);
     return kSuccess;
 }
 
 BN_API int cuDevicePrimaryCtxRelease_v2(int dev) {
     LOCKED;
-    if (dev != 0) return kInvalidDevice;
+    if (!valid_device(dev)) return kInvalidDevice;
     if (s.primary_refs > 0) s.primary_refs -= 1;
     return kSuccess;
 }
@@ -765,7 +784,7 @@ BN_API int cuCtxDestroy_v2(void* ctx) {
 }
 
 BN_API int cuCtxSetCurrent(void* ctx) {
-    if (ctx != nullptr && ctx != kContext) return kInvalidContext;
+    if (ctx != nullptr && device_of(ctx) < 0) return kInvalidContext;
     t_current = ctx;
     return kSuccess;
 }
@@ -778,8 +797,8 @@ BN_API int cuCtxGetCurrent(void** ctx) {
 
 BN_API int cuCtxGetDevice(int* dev) {
     if (dev == nullptr) return kInvalidValue;
-    if (t_current != kContext) return kInvalidContext;
-    *dev = 0;
+    if (device_of(t_current) < 0) return kInvalidContext;
+    *dev = device_of(t_current);
     return kSuccess;
 }
 

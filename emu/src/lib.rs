@@ -363,6 +363,57 @@ pub mod driver {
     }
 }
 
+/// The emulated NCCL (driver/libnccl.cpp): ranks as threads on the emulated driver's
+/// devices, so that SyncBatchNorm's NCCL path runs without GPUs.
+pub mod nccl {
+    use std::ffi::{c_char, c_int, c_void, CStr, CString};
+    use std::sync::OnceLock;
+
+    extern "C" {
+        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+        fn dlerror() -> *const c_char;
+    }
+    const RTLD_NOW: c_int = 2;
+    const RTLD_GLOBAL: c_int = 0x100;
+
+    /// Path of the library, or None where it is not built (only Linux builds it).
+    pub fn library() -> Option<&'static str> {
+        Some(env!("BN_EMU_NCCL_LIBRARY")).filter(|p| !p.is_empty())
+    }
+
+    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+
+    /// Loads the library into this process, once, after the emulated driver (whose
+    /// copies it calls). Its SONAME is `libnccl.so`, the name cudarc asks the dynamic
+    /// loader for: cudarc's NCCL calls made after this reach it.
+    pub fn preload() -> Result<(), String> {
+        super::driver::preload()?;
+        LOADED
+            .get_or_init(|| {
+                let path = library().ok_or("the emulated NCCL is built on Linux only")?;
+                let c = CString::new(path).map_err(|_| format!("{path}: path has a NUL byte"))?;
+                // SAFETY: `c` is a NUL-terminated path; the library has no initialisers
+                // of its own beyond empty globals.
+                let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+                if h.is_null() {
+                    // SAFETY: dlerror returns NULL or a NUL-terminated message.
+                    let why = unsafe { dlerror() };
+                    let why = if why.is_null() {
+                        String::from("unknown error")
+                    } else {
+                        // SAFETY: non-NULL, NUL-terminated, valid until the next dl call.
+                        unsafe { CStr::from_ptr(why) }
+                            .to_string_lossy()
+                            .into_owned()
+                    };
+                    return Err(format!("cannot load {path}: {why}"));
+                }
+                Ok(())
+            })
+            .clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
