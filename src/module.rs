@@ -436,8 +436,25 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
     /// it, so that a bad size cannot ask for a huge output first.
     pub(crate) fn check_forward(&self, input: usize, output: usize, shape: &Shape) -> Result<()> {
         validate::module_rank(D, shape)?;
+        validate::forward(&self.forward_spec(input, output, shape)).map(|_| ())
+    }
+
+    /// The checks of a synchronised training forward: [`check_forward`](Self::check_forward)'s,
+    /// the values per channel left to the caller to count over every rank.
+    pub(crate) fn check_sync_forward(
+        &self,
+        input: usize,
+        output: usize,
+        shape: &Shape,
+    ) -> Result<()> {
+        validate::module_rank(D, shape)?;
+        validate::forward_sync(&self.forward_spec(input, output, shape)).map(|_| ())
+    }
+
+    /// A forward on `shape` as validation sees it.
+    fn forward_spec(&self, input: usize, output: usize, shape: &Shape) -> ForwardSpec {
         let batch_stats = self.uses_batch_stats();
-        validate::forward(&ForwardSpec {
+        ForwardSpec {
             shape: *shape,
             training: batch_stats,
             eps: self.options.eps,
@@ -451,34 +468,7 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
             // forward_into gives a module without per-channel state C of each
             save_mean: batch_stats.then_some(shape.c()),
             save_invstd: batch_stats.then_some(shape.c()),
-        })
-        .map(|_| ())
-    }
-
-    /// The checks of a synchronised training forward: [`check_forward`](Self::check_forward)'s,
-    /// the values per channel left to the caller to count over every rank.
-    pub(crate) fn check_sync_forward(
-        &self,
-        input: usize,
-        output: usize,
-        shape: &Shape,
-    ) -> Result<()> {
-        validate::module_rank(D, shape)?;
-        validate::forward_sync(&ForwardSpec {
-            shape: *shape,
-            training: true,
-            eps: self.options.eps,
-            momentum: self.factor(),
-            input,
-            output,
-            weight: self.weight.as_ref().map(B::buffer_len),
-            bias: self.bias.as_ref().map(B::buffer_len),
-            running_mean: self.running_mean.as_ref().map(B::buffer_len),
-            running_var: self.running_var.as_ref().map(B::buffer_len),
-            save_mean: Some(shape.c()),
-            save_invstd: Some(shape.c()),
-        })
-        .map(|_| ())
+        }
     }
 
     /// The forward into a new buffer.
@@ -733,16 +723,17 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         });
     }
 
-    /// Save buffers of `c` values (a module without per-channel state takes any channel
+    /// The save buffers' length (C of the last batch-statistics forward, or of the
+    /// module).
+    pub(crate) fn save_len(&self) -> usize {
+        B::buffer_len(&self.save_mean)
+    }
+
+    /// Replaces the save buffers (a module without per-channel state takes any channel
     /// count; its save buffers follow the input, as a plain forward's do).
-    pub(crate) fn ensure_save_len(&mut self, c: usize) -> Result<()> {
-        if B::buffer_len(&self.save_mean) != c {
-            let zero = T::Acc::from_f64(0.0);
-            let (m, i) = (self.backend.alloc(c, zero)?, self.backend.alloc(c, zero)?);
-            self.save_mean = m;
-            self.save_invstd = i;
-        }
-        Ok(())
+    pub(crate) fn set_save(&mut self, mean: B::Buffer<T::Acc>, invstd: B::Buffer<T::Acc>) {
+        self.save_mean = mean;
+        self.save_invstd = invstd;
     }
 
     /// The same module taking the input ranks of `E`, its state kept.

@@ -570,8 +570,10 @@ pub struct SyncOptions {
     /// count), read on the host: ranks whose channel counts differ, a global batch of
     /// one value per channel, or a rank whose own checks failed give every rank an
     /// error instead of a hang (default true). This is one host synchronisation per
-    /// call; without it a call queues its work and returns, and a rank that fails its
-    /// own checks returns before its collectives (the others then wait for it).
+    /// call; without it a call queues its work and returns, a rank that fails its own
+    /// checks returns before its collectives (the others then wait for it), and a
+    /// global batch of one value per channel is not refused (its running variance
+    /// becomes NaN, where PyTorch raises).
     pub verify: bool,
     /// Synchronise in training even on one rank (default false: PyTorch's module is
     /// the plain BatchNorm there). The numbers are the same to rounding; it runs the
@@ -588,7 +590,9 @@ impl Default for SyncOptions {
     }
 }
 
-/// The device buffers of the collectives, sized for one channel count.
+/// The device buffers of the collectives, sized for one channel count and world. The
+/// gathered rows of a synchronised forward stay until the next one: its backward reads
+/// the ranks' counts there.
 struct SyncBuffers<A: Float> {
     c: usize,
     world: usize,
@@ -598,12 +602,33 @@ struct SyncBuffers<A: Float> {
     gathered: CudaSlice<A>,
     /// `[sum_dy(C), sum_dy_xmu(C)]`, all-reduced.
     sums: CudaSlice<A>,
-    /// `[ok, channels, count]` of this rank, and of every rank.
-    header: CudaSlice<f64>,
-    headers: CudaSlice<f64>,
+}
+
+/// `[ok, channels, count]` of this rank, and of every rank: the opening exchange.
+struct Headers {
+    world: usize,
+    mine: CudaSlice<f64>,
+    all: CudaSlice<f64>,
 }
 
 const HEADER: usize = 3;
+
+/// PyTorch's SyncBatchNorm checks of an input, before anything else.
+fn sync_input(shape: &Shape) -> Result<()> {
+    validate::module_rank(0, shape)?;
+    if shape.c() == 0 {
+        return Err(BnError::ZeroChannels);
+    }
+    Ok(())
+}
+
+/// What a synchronised forward allocates before its exchange and keeps only if every
+/// rank goes ahead: collective buffers for a new channel count, save buffers for a
+/// module without per-channel state given another one.
+struct Staged<A: Float> {
+    data: Option<SyncBuffers<A>>,
+    save: Option<(CudaSlice<A>, CudaSlice<A>)>,
+}
 
 /// `torch.nn.SyncBatchNorm` over [`Collectives`]: in training on more than one rank,
 /// the batch statistics cover every rank's batch (each rank normalises with the global
@@ -622,7 +647,8 @@ pub struct SyncBatchNorm<T: Float, P: ParamFor<T>, C: Collectives> {
     bn: BatchNorm<0, Cuda, T, P>,
     comm: C,
     options: SyncOptions,
-    buffers: Option<SyncBuffers<T::Acc>>,
+    data: Option<SyncBuffers<T::Acc>>,
+    headers: Option<Headers>,
     /// The last forward was synchronised (its backward is too).
     synced: bool,
 }
@@ -652,7 +678,8 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
     }
 
     /// `torch.nn.SyncBatchNorm.convert_sync_batchnorm` for one module: `bn`'s
-    /// parameters, buffers, counter and mode, synchronised over `comm`.
+    /// parameters, buffers, counter and mode, synchronised over `comm`. The one error,
+    /// a `comm` whose rank is not below its world size, drops `bn`.
     pub fn from_batch_norm<const D: usize>(bn: BatchNorm<D, Cuda, T, P>, comm: C) -> Result<Self> {
         Self::with_module(bn.with_rank::<0>(), comm, SyncOptions::default())
     }
@@ -668,7 +695,8 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             bn,
             comm,
             options,
-            buffers: None,
+            data: None,
+            headers: None,
             synced: false,
         })
     }
@@ -731,31 +759,32 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         shape: &Shape,
         output: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
-        validate::module_rank(0, shape)?;
-        if shape.c() == 0 {
-            return Err(BnError::ZeroChannels);
-        }
         if !self.needs_sync() {
+            sync_input(shape)?;
+            self.bn.forward_into(input, shape, output)?;
             self.synced = false;
-            return self.bn.forward_into(input, shape, output);
+            return Ok(());
         }
         let stream = self.stream();
-        let local = self
-            .bn
-            .check_sync_forward(input.len(), output.len(), shape)
+        let c = shape.c();
+        // Everything that can fail on this rank alone happens before the exchange,
+        // which every rank joins whatever its own verdict.
+        let local = sync_input(shape)
+            .and_then(|()| self.bn.check_sync_forward(input.len(), output.len(), shape))
             .and_then(|()| same_context(&stream, "input", input))
-            .and_then(|()| same_context(&stream, "output", &*output));
-        // Every rank joins the header exchange, whatever its own checks said.
-        self.reserve(shape.c())?;
-        let total = self.exchange(shape, local.is_ok())?;
-        local?;
-        self.bn.ensure_save_len(shape.c())?;
-        if let Some(total) = total {
-            if total <= 1.0 {
-                return Err(BnError::TooFewValues {
-                    size: shape.dims().to_vec(),
-                });
-            }
+            .and_then(|()| same_context(&stream, "output", &*output))
+            .and_then(|()| self.stage(c));
+        let (staged, total) = self.open_call(shape, local)?;
+        if total.is_some_and(|t| t <= 1.0) {
+            return Err(BnError::TooFewValues {
+                size: shape.dims().to_vec(),
+            });
+        }
+        if let Some(data) = staged.data {
+            self.data = Some(data);
+        }
+        if let Some((m, i)) = staged.save {
+            self.bn.set_save(m, i);
         }
         self.sync_forward(&stream, input, shape, output)?;
         self.bn.finish_sync_forward(shape);
@@ -765,58 +794,93 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
 
     /// The forward into a new buffer.
     pub fn forward(&mut self, input: &dyn DevicePtr<T>, shape: &Shape) -> Result<CudaSlice<T>> {
-        validate::module_rank(0, shape)?;
-        validate::buffer("input", shape.numel(), input.len(), shape)?;
-        let mut out = self.bn.backend().alloc(shape.numel(), T::from_f64(0.0))?;
-        self.forward_into(input, shape, &mut out)?;
-        Ok(out)
+        let out = sync_input(shape)
+            .and_then(|()| validate::buffer("input", shape.numel(), input.len(), shape))
+            .and_then(|()| self.bn.backend().alloc(shape.numel(), T::from_f64(0.0)));
+        match out {
+            Ok(mut out) => {
+                self.forward_into(input, shape, &mut out)?;
+                Ok(out)
+            }
+            Err(e) => Err(self.abandon(self.needs_sync(), shape, e)),
+        }
     }
 
-    /// The collectives' buffers for `c` channels.
-    fn reserve(&mut self, c: usize) -> Result<()> {
+    /// The buffers a synchronised forward on `c` channels needs that it does not have.
+    fn stage(&self, c: usize) -> Result<Staged<T::Acc>> {
         let world = self.comm.world_size();
-        if self
-            .buffers
+        let backend = self.bn.backend();
+        let zero = T::Acc::from_f64(0.0);
+        let data = if self
+            .data
             .as_ref()
             .is_some_and(|b| b.c == c && b.world == world)
         {
-            return Ok(());
-        }
-        let backend = self.bn.backend();
-        let zero = T::Acc::from_f64(0.0);
-        let row = 2 * c + 1;
-        self.buffers = Some(SyncBuffers {
-            c,
-            world,
-            send: backend.alloc(row, zero)?,
-            gathered: backend.alloc(row.saturating_mul(world), zero)?,
-            sums: backend.alloc(2 * c, zero)?,
-            header: backend.alloc(HEADER, 0.0)?,
-            headers: backend.alloc(HEADER * world, 0.0)?,
-        });
-        Ok(())
+            None
+        } else {
+            let row = 2 * c + 1;
+            Some(SyncBuffers {
+                c,
+                world,
+                send: backend.alloc(row, zero)?,
+                gathered: backend.alloc(row.saturating_mul(world), zero)?,
+                sums: backend.alloc(2 * c, zero)?,
+            })
+        };
+        let save = if self.bn.save_len() == c {
+            None
+        } else {
+            Some((backend.alloc(c, zero)?, backend.alloc(c, zero)?))
+        };
+        Ok(Staged { data, save })
     }
 
-    /// With [`SyncOptions::verify`]: gathers every rank's (ok, channels, count) and
-    /// returns the global count, or the error every rank then returns. Without, nothing
-    /// (None).
-    fn exchange(&mut self, shape: &Shape, ok: bool) -> Result<Option<f64>> {
+    /// A call that fails before its collectives: on the synchronised path (`sync`) the
+    /// rank still joins the opening exchange, as a failed rank, so that the others
+    /// return too. Returns the error to report.
+    fn abandon(&mut self, sync: bool, shape: &Shape, e: BnError) -> BnError {
+        if !sync {
+            return e;
+        }
+        match self.open_call::<()>(shape, Err(e)) {
+            Err(e) => e,
+            Ok(_) => BnError::RankMismatch("a failed call went ahead".into()),
+        }
+    }
+
+    /// Opens a synchronised call: with [`SyncOptions::verify`], every rank's (ok,
+    /// channels, count) gathered and read on the host. Returns this rank's own result
+    /// with the global count (None without verify), this rank's own error, or the
+    /// error every rank returns when they disagree or another rank failed.
+    fn open_call<R>(&mut self, shape: &Shape, local: Result<R>) -> Result<(R, Option<f64>)> {
         if !self.options.verify {
-            return Ok(None);
+            return local.map(|r| (r, None));
         }
         let stream = self.stream();
-        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let world = self.comm.world_size();
+        if self.headers.as_ref().is_none_or(|h| h.world != world) {
+            let backend = self.bn.backend();
+            self.headers = Some(Headers {
+                world,
+                mine: backend.alloc(HEADER, 0.0)?,
+                all: backend.alloc(HEADER * world, 0.0)?,
+            });
+        }
+        let Some(h) = self.headers.as_mut() else {
+            return Err(BnError::RankMismatch("no header buffers".into()));
+        };
+        let ok = local.is_ok();
         let mine = [
             f64::from(u8::from(ok)),
             shape.c() as f64,
             shape.per_channel() as f64,
         ];
         stream
-            .memcpy_htod(&mine, &mut b.header)
+            .memcpy_htod(&mine, &mut h.mine)
             .map_err(BnError::driver("copying the rank's header to the device"))?;
         {
-            let (send, _gs) = b.header.device_ptr(&stream);
-            let (recv, _gr) = b.headers.device_ptr_mut(&stream);
+            let (send, _gs) = h.mine.device_ptr(&stream);
+            let (recv, _gr) = h.all.device_ptr_mut(&stream);
             // SAFETY: both are this module's allocations on the stream's context, of
             // HEADER and HEADER * world values.
             unsafe {
@@ -825,18 +889,19 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             }
         }
         let all = stream
-            .clone_dtoh(&b.headers)
+            .clone_dtoh(&h.all)
             .map_err(BnError::driver("copying the ranks' headers to the host"))?;
+        let r = local?;
         let mut total = 0.0;
-        for (r, h) in all.chunks_exact(HEADER).enumerate() {
-            if h[0] != 1.0 && ok {
+        for (rank, h) in all.chunks_exact(HEADER).enumerate() {
+            if h[0] != 1.0 {
                 return Err(BnError::RankMismatch(format!(
-                    "rank {r}'s call failed its own checks"
+                    "rank {rank}'s call failed its own checks"
                 )));
             }
             if h[1] != mine[1] {
                 return Err(BnError::RankMismatch(format!(
-                    "rank {r} has {} channels, rank {} has {}",
+                    "rank {rank} has {} channels, rank {} has {}",
                     h[1],
                     self.comm.rank(),
                     mine[1]
@@ -844,7 +909,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             }
             total += h[2];
         }
-        Ok(Some(total))
+        Ok((r, Some(total)))
     }
 
     fn sync_forward(
@@ -859,7 +924,11 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         let (training, track) = (self.bn.is_training(), self.bn.options().track_running_stats);
         let (momentum, eps) = (self.bn.factor(), self.bn.options().eps);
         let parts = self.bn.parts();
-        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let Some(b) = self.data.as_mut() else {
+            return Err(BnError::Backward(
+                "the collectives' buffers were not staged",
+            ));
+        };
         let acc = std::mem::size_of::<T::Acc>() as u64;
         let kernels = Kernels::for_context(stream.context())?;
         let launcher = CudaLauncher::new(stream, &kernels);
@@ -984,7 +1053,20 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         let stream = self.stream();
         let c = shape.c();
         let numel = shape.numel();
+        let world = self.comm.world_size();
         let mut local = self.bn.last_forward(shape).map(|_| ()).and_then(|()| {
+            // The forward's gathered counts and statistics are still there (a later
+            // forward that failed after its exchange may have replaced them).
+            if !self
+                .data
+                .as_ref()
+                .is_some_and(|b| b.c == c && b.world == world)
+                || self.bn.save_len() != c
+            {
+                return Err(BnError::Backward(
+                    "the last synchronised forward's statistics are gone: run the forward again",
+                ));
+            }
             validate::buffer("grad_output", numel, grad_output.len(), shape)?;
             validate::buffer("input", numel, input.len(), shape)?;
             validate::buffer("grad_input", numel, grad_input.len(), shape)?;
@@ -1002,9 +1084,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 .and_then(|()| validate::feature("grad_bias", c, Some(g.len())))
                 .and_then(|()| same_context(&stream, "grad_bias", &**g));
         }
-        self.reserve(c)?;
-        self.exchange(shape, local.is_ok())?;
-        local?;
+        self.open_call(shape, local)?;
         self.sync_backward(
             &stream,
             grad_output,
@@ -1030,7 +1110,11 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         let c = shape.c();
         let world = self.comm.world_size();
         let parts = self.bn.parts();
-        let b = self.buffers.as_mut().expect("reserved by the caller");
+        let Some(b) = self.data.as_mut() else {
+            return Err(BnError::Backward(
+                "the collectives' buffers were not staged",
+            ));
+        };
         let acc = std::mem::size_of::<T::Acc>();
         let kernels = Kernels::for_context(stream.context())?;
         let launcher = CudaLauncher::new(stream, &kernels);
@@ -1137,21 +1221,23 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         if !self.synced {
             return self.bn.backward(grad_output, input, shape);
         }
-        self.bn.last_forward(shape)?;
-        let backend = self.bn.backend();
-        let mut g_in = backend.alloc(shape.numel(), T::from_f64(0.0))?;
-        let affine = self.bn.options().affine;
-        let c = self.bn.num_features();
-        let zero = P::from_f64(0.0);
-        let mut g_w = if affine {
-            Some(backend.alloc(c, zero)?)
-        } else {
-            None
-        };
-        let mut g_b = if affine {
-            Some(backend.alloc(c, zero)?)
-        } else {
-            None
+        let grads = self.bn.last_forward(shape).and_then(|_| {
+            let backend = self.bn.backend();
+            let affine = self.bn.options().affine;
+            let c = self.bn.num_features();
+            let zero = P::from_f64(0.0);
+            let param = || -> Result<Option<CudaSlice<P>>> {
+                affine.then(|| backend.alloc(c, zero)).transpose()
+            };
+            Ok((
+                backend.alloc(shape.numel(), T::from_f64(0.0))?,
+                param()?,
+                param()?,
+            ))
+        });
+        let (mut g_in, mut g_w, mut g_b) = match grads {
+            Ok(g) => g,
+            Err(e) => return Err(self.abandon(true, shape, e)),
         };
         self.backward_into(
             grad_output,

@@ -2093,6 +2093,86 @@ fn sync_batch_norm_errors_reach_every_rank() {
     );
     assert!(errs[1].contains("output holds 1 elements"), "{errs:?}");
 
+    // Failures before a call's collectives: a rank whose input is too short for
+    // `forward` (which allocates the output), one whose input is 1D, one whose backward
+    // is wrong; the other rank returns an error too.
+    let errs = on_ranks(2, |r, comm| {
+        let s = ctx.new_stream().unwrap();
+        let mut m =
+            SyncBatchNorm::<f32, f32, _>::new(&s, 3, BatchNormOptions::default(), comm).unwrap();
+        let shape = Shape::nchw(2, 3, 2, 2).unwrap();
+        let short = s
+            .clone_htod(&vec![1.0f32; if r == 1 { 5 } else { 24 }])
+            .unwrap();
+        let e1 = m.forward(&short, &shape).unwrap_err().to_string();
+        let flat = Shape::new(&[24], MemoryFormat::Contiguous).unwrap();
+        let x = s.clone_htod(&vec![1.0f32; 24]).unwrap();
+        let e2 = m
+            .forward(&x, if r == 0 { &flat } else { &shape })
+            .unwrap_err()
+            .to_string();
+        let x = s
+            .clone_htod(&(0..24).map(|i| i as f32).collect::<Vec<_>>())
+            .unwrap();
+        m.forward(&x, &shape).unwrap();
+        let dy = s.clone_htod(&vec![0.5f32; 24]).unwrap();
+        let mut dx = s.alloc_zeros::<f32>(if r == 0 { 3 } else { 24 }).unwrap();
+        let e3 = m
+            .backward_into(&dy, &x, &shape, &mut dx, None, None)
+            .unwrap_err()
+            .to_string();
+        m.backward(&dy, &x, &shape).unwrap();
+        [e1, e2, e3]
+    });
+    let [a, b] = [&errs[0], &errs[1]];
+    assert!(
+        a[0].contains("rank 1's call failed") && b[0].contains("input holds 5"),
+        "{errs:?}"
+    );
+    assert!(
+        a[1].contains("expected at least 2D input") && b[1].contains("rank 0's call failed"),
+        "{errs:?}"
+    );
+    assert!(
+        a[2].contains("grad_input holds 3") && b[2].contains("rank 0's call failed"),
+        "{errs:?}"
+    );
+
+    // A module without per-channel state takes any C; a forward refused after the
+    // exchange (a global batch of one value per channel) keeps the last forward's
+    // statistics for its backward.
+    let options = BatchNormOptions {
+        affine: false,
+        track_running_stats: false,
+        ..BatchNormOptions::default()
+    };
+    let comm = HostCollectives::world(1).pop().unwrap();
+    let mut m = SyncBatchNorm::<f32, f32, _>::new(&stream, 3, options, comm).unwrap();
+    m.set_sync_options(cuda_batchnorm::sync::SyncOptions {
+        force: true,
+        ..m.sync_options()
+    });
+    let shape = Shape::nchw(2, 3, 2, 2).unwrap();
+    let x = stream
+        .clone_htod(&(0..24).map(|i| i as f32).collect::<Vec<_>>())
+        .unwrap();
+    let dy = stream.clone_htod(&vec![0.5f32; 24]).unwrap();
+    let g0 = m
+        .forward(&x, &shape)
+        .and_then(|_| m.backward(&dy, &x, &shape))
+        .unwrap();
+    let other = Shape::nc(1, 5).unwrap();
+    assert!(m
+        .forward(&x, &other)
+        .unwrap_err()
+        .to_string()
+        .starts_with("Expected more than 1"));
+    let g1 = m.backward(&dy, &x, &shape).unwrap();
+    assert_eq!(
+        stream.clone_dtoh(&g0.input).unwrap(),
+        stream.clone_dtoh(&g1.input).unwrap()
+    );
+
     // PyTorch's own checks, before any communication.
     let comm = HostCollectives::world(1).pop().unwrap();
     let mut m =
@@ -2214,13 +2294,59 @@ fn sync_batch_norm_over_nccl_matches_one_batch_norm() {
                     Ok((ctx.new_stream().map_err(gpu_err)?, comm))
                 }
             };
+            use cuda_batchnorm::half::bf16;
             let r = [
                 sync_ranks_case::<f32, f32, _>(&stream, &setup(), full, split, Some(0.1)),
-                sync_ranks_case::<f16, f32, _>(&stream, &setup(), full, split, None),
                 sync_ranks_case::<f64, f64, _>(&stream, &setup(), full, split, Some(0.1)),
+                sync_ranks_case::<f16, f16, _>(&stream, &setup(), full, split, Some(0.1)),
+                sync_ranks_case::<f16, f32, _>(&stream, &setup(), full, split, None),
+                sync_ranks_case::<bf16, bf16, _>(&stream, &setup(), full, split, Some(0.1)),
+                sync_ranks_case::<bf16, f32, _>(&stream, &setup(), full, split, None),
             ];
             failures.extend(r.into_iter().filter_map(Result::err));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Over NCCL too, ranks whose channel counts differ all get an error, none hangs.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_over_nccl_reports_mismatched_ranks() {
+    use cuda_batchnorm::sync::{Nccl, NcclId, SyncBatchNorm};
+    let test = "sync_batch_norm_over_nccl_reports_mismatched_ranks";
+    let Some(Gpu { emulated, .. }) = gpu(test) else {
+        return;
+    };
+    if emulated {
+        cuda_batchnorm_emu::nccl::preload().unwrap();
+    }
+    let devices = cuda_batchnorm::cudarc::driver::CudaContext::device_count().unwrap();
+    if Nccl::version().is_err() || devices < 2 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping {test}: it needs NCCL and two devices"
+        );
+        return;
+    }
+    let id = Nccl::unique_id().unwrap().bytes();
+    let errs = on_ranks(2, |r, _| {
+        let ctx = open_device(r).unwrap();
+        let comm = Nccl::from_rank(&ctx, r, 2, NcclId::from_bytes(id)).unwrap();
+        let s = ctx.default_stream();
+        let c = 3 + r;
+        let mut m =
+            SyncBatchNorm::<f32, f32, _>::new(&s, c, BatchNormOptions::default(), comm).unwrap();
+        let shape = Shape::nchw(2, c, 2, 2).unwrap();
+        let x = s.clone_htod(&vec![0.5f32; shape.numel()]).unwrap();
+        m.forward(&x, &shape).unwrap_err().to_string()
+    });
+    assert!(
+        errs.iter()
+            .all(|e| e.contains("rank 1 has 4 channels") || e.contains("rank 0 has 3 channels")),
+        "{errs:?}"
+    );
 }

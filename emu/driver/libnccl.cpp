@@ -15,8 +15,9 @@
 //   * the ranks' n-th collectives must agree (kind, count, type, operation), as NCCL
 //     requires; where they do not, every rank's call fails with ncclInvalidUsage (a
 //     real NCCL may hang or corrupt memory instead). A rank that waits more than
-//     BN_EMU_NCCL_TIMEOUT_S seconds (default 60) for the others fails with
-//     ncclSystemError, so that a test fails where a real run would hang;
+//     BN_EMU_NCCL_TIMEOUT_S seconds (default 120) for the others fails with
+//     ncclSystemError, so that a test fails where a real run would hang, and the
+//     communicator's later calls fail too (its ranks are out of step);
 //   * all-reduce sums, in rank order, f32, f64, int32, int64 and uint8 (what
 //     SyncBatchNorm and the tests use); other types or operations fail with
 //     ncclInvalidArgument. ncclGroupStart / ncclGroupEnd nest and do nothing else.
@@ -87,6 +88,8 @@ struct Shared {
     uint64_t generation = 0;
     int arrived = 0;
     std::vector<Slot> slots;
+    // a rank gave up waiting: the ranks are out of step, every later call fails
+    bool broken = false;
 };
 
 struct Comm {
@@ -103,7 +106,7 @@ thread_local int t_group_depth = 0;
 int timeout_s() {
     const char* v = std::getenv("BN_EMU_NCCL_TIMEOUT_S");
     const long n = v != nullptr ? std::strtol(v, nullptr, 10) : 0;
-    return n > 0 ? static_cast<int>(n) : 60;
+    return n > 0 ? static_cast<int>(n) : 120;
 }
 
 // Waits until every rank has arrived; false after the timeout.
@@ -115,7 +118,10 @@ bool barrier(Shared& sh, std::unique_lock<std::mutex>& lk) {
         sh.cv.notify_all();
         return true;
     }
-    return sh.cv.wait_for(lk, std::chrono::seconds(timeout_s()), [&] { return sh.generation != gen; });
+    if (sh.cv.wait_for(lk, std::chrono::seconds(timeout_s()), [&] { return sh.generation != gen; })) return true;
+    sh.arrived -= 1;
+    sh.broken = true;
+    return false;
 }
 
 // The emulated driver's calls this library moves data with.
@@ -174,6 +180,7 @@ int collective(Comm* c, const Slot& mine) {
     if (c == nullptr || !c->shared) return kInvalidArgument;
     Shared& sh = *c->shared;
     std::unique_lock<std::mutex> lk(sh.m);
+    if (sh.broken) return kSystemError;
     sh.slots[c->rank] = mine;
     if (!barrier(sh, lk)) {
         std::fprintf(stderr, "emulated NCCL: rank %d waited %d s for the other ranks in %s\n", c->rank, timeout_s(),

@@ -339,42 +339,41 @@ pub mod driver {
     pub fn preload() -> Result<(), String> {
         let loaded = LOADED.get_or_init(|| {
             let path = library().ok_or("the emulated driver is built on Linux only")?;
-            let c = CString::new(path).map_err(|_| format!("{path}: path has a NUL byte"))?;
-            // SAFETY: `c` is a NUL-terminated path; loading the library runs no code of
-            // ours but the C++ static initialisers of the emulator, which only fill
-            // its kernel registry.
-            let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
-            if h.is_null() {
-                // SAFETY: dlerror returns NULL or a NUL-terminated message.
-                let why = unsafe { dlerror() };
-                let why = if why.is_null() {
-                    String::from("unknown error")
-                } else {
-                    // SAFETY: non-NULL, NUL-terminated, valid until the next dl call.
-                    unsafe { CStr::from_ptr(why) }
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                return Err(format!("cannot load {path}: {why}"));
-            }
-            Ok(())
+            // Loading it runs no code of ours but the C++ static initialisers of the
+            // emulator, which only fill its kernel registry.
+            load_global(path)
         });
         loaded.clone()
+    }
+
+    /// dlopens `path` with its symbols global (so that a later dlopen of its SONAME finds
+    /// it), kept loaded; the loader's message on failure.
+    pub(crate) fn load_global(path: &str) -> Result<(), String> {
+        let c = CString::new(path).map_err(|_| format!("{path}: path has a NUL byte"))?;
+        // SAFETY: `c` is a NUL-terminated path; the callers load only this crate's own
+        // libraries, whose initialisers are known (see each caller).
+        let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+        if h.is_null() {
+            // SAFETY: dlerror returns NULL or a NUL-terminated message.
+            let why = unsafe { dlerror() };
+            let why = if why.is_null() {
+                String::from("unknown error")
+            } else {
+                // SAFETY: non-NULL, NUL-terminated, valid until the next dl call.
+                unsafe { CStr::from_ptr(why) }
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            return Err(format!("cannot load {path}: {why}"));
+        }
+        Ok(())
     }
 }
 
 /// The emulated NCCL (driver/libnccl.cpp): ranks as threads on the emulated driver's
 /// devices, so that SyncBatchNorm's NCCL path runs without GPUs.
 pub mod nccl {
-    use std::ffi::{c_char, c_int, c_void, CStr, CString};
     use std::sync::OnceLock;
-
-    extern "C" {
-        fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
-        fn dlerror() -> *const c_char;
-    }
-    const RTLD_NOW: c_int = 2;
-    const RTLD_GLOBAL: c_int = 0x100;
 
     /// Path of the library, or None where it is not built (only Linux builds it).
     pub fn library() -> Option<&'static str> {
@@ -391,24 +390,8 @@ pub mod nccl {
         LOADED
             .get_or_init(|| {
                 let path = library().ok_or("the emulated NCCL is built on Linux only")?;
-                let c = CString::new(path).map_err(|_| format!("{path}: path has a NUL byte"))?;
-                // SAFETY: `c` is a NUL-terminated path; the library has no initialisers
-                // of its own beyond empty globals.
-                let h = unsafe { dlopen(c.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
-                if h.is_null() {
-                    // SAFETY: dlerror returns NULL or a NUL-terminated message.
-                    let why = unsafe { dlerror() };
-                    let why = if why.is_null() {
-                        String::from("unknown error")
-                    } else {
-                        // SAFETY: non-NULL, NUL-terminated, valid until the next dl call.
-                        unsafe { CStr::from_ptr(why) }
-                            .to_string_lossy()
-                            .into_owned()
-                    };
-                    return Err(format!("cannot load {path}: {why}"));
-                }
-                Ok(())
+                // Its initialisers only construct empty globals.
+                super::driver::load_global(path)
             })
             .clone()
     }
