@@ -602,6 +602,8 @@ struct SyncBuffers<A: Float> {
     gathered: CudaSlice<A>,
     /// `[sum_dy(C), sum_dy_xmu(C)]`, all-reduced.
     sums: CudaSlice<A>,
+    /// The count `send` holds, once written.
+    count: Option<usize>,
 }
 
 /// `[ok, channels, count]` of this rank, and of every rank: the opening exchange.
@@ -825,6 +827,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 send: backend.alloc(row, zero)?,
                 gathered: backend.alloc(row.saturating_mul(world), zero)?,
                 sums: backend.alloc(2 * c, zero)?,
+                count: None,
             })
         };
         let save = if self.bn.save_len() == c {
@@ -958,9 +961,15 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 unsafe { raw::stats::<T, P>(&launcher, shape, &a, &tuning)? };
             }
         }
-        stream
-            .memcpy_htod(&count, &mut b.send.slice_mut(2 * c..))
-            .map_err(BnError::driver("copying the rank's count to the device"))?;
+        // The statistics launch leaves the count's slot alone: it is written when it
+        // changes only, since a copy from pageable host memory waits for the stream.
+        if b.count != Some(shape.per_channel()) {
+            b.count = None;
+            stream
+                .memcpy_htod(&count, &mut b.send.slice_mut(2 * c..))
+                .map_err(BnError::driver("copying the rank's count to the device"))?;
+            b.count = Some(shape.per_channel());
+        }
         // 2. Every rank's.
         let row = 2 * c + 1;
         {

@@ -2172,6 +2172,39 @@ fn sync_batch_norm_errors_reach_every_rank() {
         stream.clone_dtoh(&g0.input).unwrap(),
         stream.clone_dtoh(&g1.input).unwrap()
     );
+    // Other batch sizes on the same buffers (the count is written anew): the plain
+    // module's numbers.
+    let mut plain =
+        cuda_batchnorm::module::BatchNorm::<0, Cuda, f32, f32>::new(Cuda::new(&stream), 3, options)
+            .unwrap();
+    for n in [1, 2] {
+        let shape = Shape::nchw(n, 3, 2, 2).unwrap();
+        let (a, b) = (
+            stream.clone_dtoh(&m.forward(&x, &shape).unwrap()).unwrap(),
+            stream
+                .clone_dtoh(&plain.forward(&x, &shape).unwrap())
+                .unwrap(),
+        );
+        let reference: Vec<f64> = b.iter().map(|&v| f64::from(v)).collect();
+        common::check_close(&format!("forced one-rank sync, N = {n}"), &a, &reference).unwrap();
+        let (ga, gb) = (
+            m.backward(&dy, &x, &shape).unwrap(),
+            plain.backward(&dy, &x, &shape).unwrap(),
+        );
+        let reference: Vec<f64> = stream
+            .clone_dtoh(&gb.input)
+            .unwrap()
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let dx = stream.clone_dtoh(&ga.input).unwrap();
+        common::check_close(
+            &format!("forced one-rank sync dx, N = {n}"),
+            &dx,
+            &reference,
+        )
+        .unwrap();
+    }
 
     // PyTorch's own checks, before any communication.
     let comm = HostCollectives::world(1).pop().unwrap();
