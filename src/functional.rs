@@ -402,6 +402,28 @@ fn raw_epilogue_grad<'a, T: Float>(
     }
 }
 
+/// Zeroes `len` elements of `elem_bytes` at `addr` on the stream (`name` for a size
+/// that cannot be represented, `op` for a driver error). The caller passes a live allocation of the stream's
+/// context of at least that many elements, kept alive by its guard until this is
+/// queued.
+pub(crate) fn zero(
+    stream: &CudaStream,
+    op: &'static str,
+    name: &'static str,
+    addr: u64,
+    len: usize,
+    elem_bytes: usize,
+) -> Result<()> {
+    let bytes = raw::byte_count(name, len, elem_bytes)? as usize;
+    if bytes == 0 {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract above: `addr` holds at least `bytes` bytes of this
+    // context and outlives the queued memset.
+    unsafe { result::memset_d8_async(addr, 0, bytes, stream.cu_stream()) }
+        .map_err(BnError::driver(op))
+}
+
 /// A buffer of no elements. The driver refuses zero-byte allocations, so it owns one
 /// element that it does not count (freed with it).
 fn empty_slice<E: Float>(stream: &Arc<CudaStream>) -> Result<CudaSlice<E>> {
@@ -837,12 +859,10 @@ pub fn batch_norm_backward_fused<T: Float, P: ParamFor<T>>(
     if !run {
         // Empty input: the parameter gradients are zero, as in PyTorch.
         for g in [&mut grad_weight, &mut grad_bias].into_iter().flatten() {
-            let bytes = raw::byte_count("grad_weight", g.len(), std::mem::size_of::<P>())? as usize;
+            let len = g.len();
             let (p, _guard) = g.device_ptr_mut(stream);
-            // SAFETY: p is a live allocation of at least `bytes` bytes in the stream's
-            // context (checked above), kept alive by the guard.
-            unsafe { result::memset_d8_async(p, 0, bytes, stream.cu_stream()) }
-                .map_err(BnError::driver("zeroing parameter gradients"))?;
+            let op = "zeroing parameter gradients";
+            zero(stream, op, "grad_weight", p, len, std::mem::size_of::<P>())?;
         }
         return Ok(());
     }

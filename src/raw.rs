@@ -311,6 +311,14 @@ pub struct OpPlan {
 }
 
 impl OpPlan {
+    /// Its launches, or only the one of stage `only` when given.
+    fn launches_of(&self, only: Option<Stage>) -> Vec<&PlannedLaunch> {
+        self.launches
+            .iter()
+            .filter(|l| only.is_none_or(|s| s == l.kernel.stage))
+            .collect()
+    }
+
     /// The workspace the operation needs.
     pub fn workspace(&self, c: usize, acc: DType) -> WorkspaceSize {
         let l = workspace_layout(self.launches.iter().map(|l| &l.plan), c, acc);
@@ -464,6 +472,36 @@ pub fn plan_op_fused(
     launcher: &impl Launcher,
     tuning: &Tuning,
 ) -> Result<OpPlan> {
+    plan_with(op, fused, false, shape, types, align, launcher, tuning)
+}
+
+/// [`plan_op`] for the stats-stage functions, which run an operation's stages as calls of
+/// their own: the persistent family's single launch cannot be cut, so the plan is the
+/// one [`plan_op`] would make without it (a persistent family asked for is unavailable).
+pub fn plan_op_split(
+    op: Op,
+    shape: &Shape,
+    types: (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
+    plan_with(op, false, true, shape, types, align, launcher, tuning)
+}
+
+/// The one planner of [`plan_op_fused`] and [`plan_op_split`]: with `split`, the
+/// persistent family is never chosen.
+#[allow(clippy::too_many_arguments)]
+fn plan_with(
+    op: Op,
+    fused: bool,
+    split: bool,
+    shape: &Shape,
+    types: (DType, DType),
+    align: Alignment,
+    launcher: &impl Launcher,
+    tuning: &Tuning,
+) -> Result<OpPlan> {
     if shape.numel() == 0 {
         return Err(BnError::EmptyInput {
             size: shape.dims().to_vec(),
@@ -478,7 +516,16 @@ pub fn plan_op_fused(
             _ => plan_variant(Variant::Baseline, op, shape, types, align, launcher, tuning),
         };
     }
+    let allowed = |v: Variant| !(split && v == Variant::Persistent);
     if let Some(v) = tuning.variant {
+        if !allowed(v) {
+            return Err(BnError::VariantUnavailable {
+                variant: v.name(),
+                reason: "the stats-stage functions run the statistics and the normalisation \
+                         as launches of their own"
+                    .into(),
+            });
+        }
         return plan_variant(v, op, shape, types, align, launcher, tuning);
     }
     let measured = tuning.table.and_then(|t| {
@@ -491,56 +538,19 @@ pub fn plan_op_fused(
         let bucket = launch::bytes_bucket(shape.numel(), types.0);
         t.choose(tuned, launch::Layout::of(shape), types.0, bucket)
     });
-    if let Some(v) = measured {
+    if let Some(v) = measured.filter(|&v| allowed(v)) {
         match plan_variant(v, op, shape, types, align, launcher, tuning) {
             Err(BnError::VariantUnavailable { .. }) => {}
             other => return other,
         }
     }
-    for v in PREDICTED_ORDER {
+    for v in PREDICTED_ORDER.into_iter().filter(|&v| allowed(v)) {
         match plan_variant(v, op, shape, types, align, launcher, tuning) {
             Err(BnError::VariantUnavailable { .. }) => continue,
             other => return other,
         }
     }
     plan_variant(Variant::Baseline, op, shape, types, align, launcher, tuning)
-}
-
-/// [`plan_op`] for the stats-stage functions, which run an operation's stages as calls of
-/// their own: the persistent family's single launch cannot be cut, so the plan is the
-/// first other family that can take the call (a persistent family asked for is
-/// unavailable).
-pub fn plan_op_split(
-    op: Op,
-    shape: &Shape,
-    types: (DType, DType),
-    align: Alignment,
-    launcher: &impl Launcher,
-    tuning: &Tuning,
-) -> Result<OpPlan> {
-    let unavailable = || {
-        BnError::VariantUnavailable {
-        variant: Variant::Persistent.name(),
-        reason: "the stats-stage functions run the statistics and the normalisation as launches of their own".into(),
-    }
-    };
-    if tuning.variant == Some(Variant::Persistent) {
-        return Err(unavailable());
-    }
-    let plan = plan_op(op, shape, types, align, launcher, tuning)?;
-    if plan.variant != Variant::Persistent {
-        return Ok(plan);
-    }
-    for v in PREDICTED_ORDER
-        .into_iter()
-        .filter(|&v| v != Variant::Persistent)
-    {
-        match plan_variant(v, op, shape, types, align, launcher, tuning) {
-            Err(BnError::VariantUnavailable { .. }) => continue,
-            other => return other,
-        }
-    }
-    Err(unavailable())
 }
 
 /// The workspace every forward and backward call on this shape with inputs of `input`
@@ -811,11 +821,7 @@ unsafe fn forward_launches<T: Float, P: ParamFor<T>>(
             region(a.running_var, c, P::DTYPE, "running_var", kind)?,
         ])
     };
-    let launches: Vec<&PlannedLaunch> = plan
-        .launches
-        .iter()
-        .filter(|l| only.is_none_or(|s| s == l.kernel.stage))
-        .collect();
+    let launches = plan.launches_of(only);
     let ids: Vec<KernelId> = launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
 
@@ -980,11 +986,7 @@ unsafe fn backward_launches<T: Float, P: ParamFor<T>>(
     };
     let frozen = mode == flags::FROZEN;
     let (y, dz) = a.epilogue.addrs();
-    let launches: Vec<&PlannedLaunch> = plan
-        .launches
-        .iter()
-        .filter(|l| only.is_none_or(|s| s == l.kernel.stage))
-        .collect();
+    let launches = plan.launches_of(only);
     let ids: Vec<KernelId> = launches.iter().map(|l| l.kernel).collect();
     launcher.prepare(&ids)?;
     for l in launches {
@@ -1026,6 +1028,9 @@ unsafe fn backward_launches<T: Float, P: ParamFor<T>>(
             stats_regions[1],
         ];
         if reduce && !frozen {
+            if sums != 0 {
+                p.ws_channel = sums;
+            }
             p.grad_weight = a.grad_weight;
             p.grad_bias = a.grad_bias;
             p.ws_counters = ws.counters();
@@ -1043,7 +1048,6 @@ unsafe fn backward_launches<T: Float, P: ParamFor<T>>(
                 counters,
                 partials,
                 if sums != 0 {
-                    p.ws_channel = sums;
                     region(sums, c.saturating_mul(2), acc, "sums", RegionKind::Output)?
                 } else {
                     ws.channel_region(acc, c, RegionKind::Output)?
@@ -1155,6 +1159,24 @@ fn strided(rows: usize, stride: usize, width: usize) -> usize {
         .saturating_add(width)
 }
 
+/// Runs the per-channel stage `stage` that prepares `plan`'s channel data, after looking
+/// up every kernel of the plan too, so that a missing one fails before anything runs.
+fn prep_launch(
+    launcher: &impl Launcher,
+    stage: Stage,
+    c: usize,
+    types: (DType, DType),
+    plan: &OpPlan,
+    p: &BnParams,
+    regions: &[Region],
+) -> Result<()> {
+    let (id, config) = launch::channel_launch(stage, c, types)?;
+    let mut ids = vec![id];
+    ids.extend(plan.launches.iter().map(|l| l.kernel));
+    launcher.prepare(&ids)?;
+    launcher.launch(id, &config, p, regions)
+}
+
 /// The plan of an operation the stats stage cuts into its stages.
 fn split_plan<T: Float, P: ParamFor<T>>(
     launcher: &impl Launcher,
@@ -1219,6 +1241,11 @@ pub unsafe fn gather_stats<T: Float, P: ParamFor<T>>(
     let acc = T::Acc::DTYPE;
     let (id, config) = launch::channel_launch(Stage::StatsGather, c, (T::DTYPE, P::DTYPE))?;
     let update = a.running_mean != 0 && a.running_var != 0;
+    let (rm, rv) = if update {
+        (a.running_mean, a.running_var)
+    } else {
+        (0, 0)
+    };
     let rows = strided(a.ranks, a.stats_stride, c);
     let mut regions = input_span(
         &[
@@ -1237,20 +1264,8 @@ pub unsafe fn gather_stats<T: Float, P: ParamFor<T>>(
     regions.extend([
         region(a.mean, c, acc, "mean", RegionKind::Output)?,
         region(a.invstd, c, acc, "invstd", RegionKind::Output)?,
-        region(
-            if update { a.running_mean } else { 0 },
-            c,
-            P::DTYPE,
-            "running_mean",
-            running,
-        )?,
-        region(
-            if update { a.running_var } else { 0 },
-            c,
-            P::DTYPE,
-            "running_var",
-            running,
-        )?,
+        region(rm, c, P::DTYPE, "running_mean", running)?,
+        region(rv, c, P::DTYPE, "running_var", running)?,
     ]);
     let p = BnParams {
         x: a.means,
@@ -1262,8 +1277,8 @@ pub unsafe fn gather_stats<T: Float, P: ParamFor<T>>(
         s: a.counts_stride as i64,
         save_mean: a.mean,
         save_invstd: a.invstd,
-        running_mean: if update { a.running_mean } else { 0 },
-        running_var: if update { a.running_var } else { 0 },
+        running_mean: rm,
+        running_var: rv,
         flags: if update { flags::UPDATE_RUNNING } else { 0 },
         momentum: a.momentum,
         eps: a.eps,
@@ -1292,7 +1307,6 @@ pub unsafe fn elemt<T: Float, P: ParamFor<T>>(
     let op = Op::Forward { batch_stats: true };
     let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.y], tuning)?;
     let ws = Workspace::new(&plan, c, acc, a.counters, a.scratch);
-    let (id, config) = launch::channel_launch(Stage::ElemtPrep, c, (T::DTYPE, P::DTYPE))?;
     let p = BnParams {
         c: c as i64,
         save_mean: a.save_mean,
@@ -1305,10 +1319,8 @@ pub unsafe fn elemt<T: Float, P: ParamFor<T>>(
         region(a.save_invstd, c, acc, "invstd", RegionKind::Input)?,
         ws.channel_region(acc, c, RegionKind::Output)?,
     ];
-    let mut ids = vec![id];
-    ids.extend(plan.launches.iter().map(|l| l.kernel));
-    launcher.prepare(&ids)?;
-    launcher.launch(id, &config, &p, &regions)?;
+    let types = (T::DTYPE, P::DTYPE);
+    prep_launch(launcher, Stage::ElemtPrep, c, types, &plan, &p, &regions)?;
     let a = ForwardArgs {
         batch_stats: true,
         update_running: false,
@@ -1328,7 +1340,7 @@ pub unsafe fn elemt<T: Float, P: ParamFor<T>>(
 /// The backward's sums alone (PyTorch's `batch_norm_backward_reduce`): `sums` (`Acc[2C]`)
 /// gets `sum_dy` then `sum_dy_xmu` (the sum of `dy * (x - mean)`), `a.grad_bias` and
 /// `a.grad_weight` (when not 0) `sum_dy` and `sum_dy_xmu * invstd`. `a.stats` must be
-/// [`BackwardStats::Batch`]; `a.dx` is not written.
+/// [`BackwardStats::Batch`]; `a.dx` is not written and the epilogue is not used.
 ///
 /// # Safety
 /// As for [`backward`], with `sums` a live `Acc[2C]` allocation overlapping no input.
@@ -1357,8 +1369,9 @@ pub unsafe fn backward_reduce<T: Float, P: ParamFor<T>>(
 /// `dx = (dy - sum_dy / M - (x - mean) * invstd^2 * sum_dy_xmu / M) * invstd * weight`,
 /// `sums` (`Acc[2C]`, sum_dy then sum_dy_xmu) summed over every rank and M the sum of the
 /// ranks' counts (`counts + r * counts_stride` for r < `ranks`, `T::Acc`). `a.stats` must
-/// be [`BackwardStats::Batch`] (the global statistics). Two launches: the scaled sums
-/// into the workspace's channel data, then the backward's dx stage.
+/// be [`BackwardStats::Batch`] (the global statistics); the epilogue is not used, as in
+/// [`backward_reduce`]. Two launches: the scaled sums into the workspace's channel data,
+/// then the backward's dx stage.
 ///
 /// # Safety
 /// As for [`backward`]; `sums` and the counts live allocations of the sizes above.
@@ -1379,10 +1392,8 @@ pub unsafe fn backward_elemt<T: Float, P: ParamFor<T>>(
         batch: true,
         reduce: true,
     };
-    let (y, dz) = a.epilogue.addrs();
-    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.dy, a.dx, y, dz], tuning)?;
+    let plan = split_plan::<T, P>(launcher, op, shape, &[a.x, a.dy, a.dx], tuning)?;
     let ws = Workspace::new(&plan, c, acc, a.counters, a.scratch);
-    let (id, config) = launch::channel_launch(Stage::DxPrep, c, (T::DTYPE, P::DTYPE))?;
     let p = BnParams {
         x: sums,
         z: counts,
@@ -1400,13 +1411,12 @@ pub unsafe fn backward_elemt<T: Float, P: ParamFor<T>>(
         "counts",
     )?);
     regions.push(ws.channel_region(acc, c, RegionKind::Output)?);
-    let mut ids = vec![id];
-    ids.extend(plan.launches.iter().map(|l| l.kernel));
-    launcher.prepare(&ids)?;
-    launcher.launch(id, &config, &p, &regions)?;
+    let types = (T::DTYPE, P::DTYPE);
+    prep_launch(launcher, Stage::DxPrep, c, types, &plan, &p, &regions)?;
     let a = BackwardArgs {
         grad_weight: 0,
         grad_bias: 0,
+        epilogue: EpilogueGrad::None,
         ..*a
     };
     // SAFETY: the caller's contract; the dx stage reads the sums the launch above wrote

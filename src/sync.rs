@@ -33,17 +33,21 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::backend::Backend;
 use crate::dtype::{DType, Float, ParamFor};
 use crate::error::{BnError, Result};
-use crate::functional::{prepare, read, same_context, write, Cuda, Workspace};
+use crate::functional::{prepare, read, same_context, write, zero, Cuda, Workspace};
 use crate::kernels::{CudaLauncher, Kernels};
+use crate::launch::Tuning;
 use crate::module::{BatchNorm, BatchNormOptions, Gradients};
 use crate::raw;
 use crate::shape::Shape;
 use crate::validate;
+
+/// The driver step of zeroing an empty input's outputs, for messages.
+const ZEROING: &str = "zeroing a buffer";
 
 /// [`batch_norm_stats`]'s input.
 pub struct Stats<'a, T: Float> {
@@ -124,24 +128,6 @@ pub struct BackwardElemt<'a, T: Float, P: ParamFor<T>> {
     pub counts: &'a dyn DevicePtr<T::Acc>,
 }
 
-/// Zeroes `b` (`len` elements of `elem_bytes`) on the stream.
-fn zero(
-    stream: &CudaStream,
-    name: &'static str,
-    addr: u64,
-    len: usize,
-    elem_bytes: usize,
-) -> Result<()> {
-    let bytes = raw::byte_count(name, len, elem_bytes)? as usize;
-    if bytes == 0 {
-        return Ok(());
-    }
-    // SAFETY: the caller passes a live allocation of the stream's context of at least
-    // `len` elements, kept alive by its guard until this is queued.
-    unsafe { result::memset_d8_async(addr, 0, bytes, stream.cu_stream()) }
-        .map_err(BnError::driver("zeroing a buffer"))
-}
-
 /// The local batch statistics (PyTorch's `torch.batch_norm_stats`): `mean` and `invstd`
 /// (`1 / sqrt(biased variance + eps)`), C each. An input with no values writes zeros.
 pub fn batch_norm_stats<T: Float>(
@@ -165,9 +151,9 @@ pub fn batch_norm_stats<T: Float>(
     let acc = std::mem::size_of::<T::Acc>();
     if shape.numel() == 0 {
         let (m, _gm) = mean.device_ptr_mut(stream);
-        zero(stream, "mean", m, c, acc)?;
+        zero(stream, ZEROING, "mean", m, c, acc)?;
         let (i, _gi) = invstd.device_ptr_mut(stream);
-        return zero(stream, "invstd", i, c, acc);
+        return zero(stream, ZEROING, "invstd", i, c, acc);
     }
     let (kernels, tuning) = prepare(stream, workspace, &shape, T::DTYPE)?;
     let (x, _gx) = input.device_ptr(stream);
@@ -383,6 +369,7 @@ pub fn batch_norm_backward_reduce<'g, T: Float, P: ParamFor<T>>(
         let (s, _gs) = sums.device_ptr_mut(stream);
         zero(
             stream,
+            ZEROING,
             "sums",
             s,
             c.saturating_mul(2),
@@ -392,7 +379,7 @@ pub fn batch_norm_backward_reduce<'g, T: Float, P: ParamFor<T>>(
         let (gb, _ggb) = write(&mut grad_bias, stream);
         for (name, p) in [("grad_weight", gw), ("grad_bias", gb)] {
             if p != 0 {
-                zero(stream, name, p, c, std::mem::size_of::<P>())?;
+                zero(stream, ZEROING, name, p, c, std::mem::size_of::<P>())?;
             }
         }
         return Ok(());
@@ -775,8 +762,9 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             .and_then(|()| self.bn.check_sync_forward(input.len(), output.len(), shape))
             .and_then(|()| same_context(&stream, "input", input))
             .and_then(|()| same_context(&stream, "output", &*output))
-            .and_then(|()| self.stage(c));
-        let (staged, total) = self.open_call(shape, local)?;
+            .and_then(|()| self.stage(c))
+            .and_then(|staged| Ok((staged, self.prepared(&stream, shape)?)));
+        let ((staged, (kernels, tuning)), total) = self.open_call(shape, local)?;
         if total.is_some_and(|t| t <= 1.0) {
             return Err(BnError::TooFewValues {
                 size: shape.dims().to_vec(),
@@ -788,7 +776,8 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         if let Some((m, i)) = staged.save {
             self.bn.set_save(m, i);
         }
-        self.sync_forward(&stream, input, shape, output)?;
+        let launcher = CudaLauncher::new(&stream, &kernels);
+        self.sync_forward(&launcher, &tuning, &stream, input, shape, output)?;
         self.bn.finish_sync_forward(shape);
         self.synced = true;
         Ok(())
@@ -806,6 +795,16 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             }
             Err(e) => Err(self.abandon(self.needs_sync(), shape, e)),
         }
+    }
+
+    /// The kernels and tuning of a call on `shape`, its workspace reserved (before the
+    /// exchange, so that a failed allocation is this rank's own verdict).
+    fn prepared(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        shape: &Shape,
+    ) -> Result<(Arc<Kernels>, Tuning)> {
+        prepare(stream, self.bn.parts().workspace, shape, T::DTYPE)
     }
 
     /// The buffers a synchronised forward on `c` channels needs that it does not have.
@@ -917,6 +916,8 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
 
     fn sync_forward(
         &mut self,
+        launcher: &CudaLauncher<'_>,
+        tuning: &Tuning,
         stream: &Arc<CudaStream>,
         input: &dyn DevicePtr<T>,
         shape: &Shape,
@@ -933,18 +934,13 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             ));
         };
         let acc = std::mem::size_of::<T::Acc>() as u64;
-        let kernels = Kernels::for_context(stream.context())?;
-        let launcher = CudaLauncher::new(stream, &kernels);
-        let tuning = kernels.tuning();
         let count = [T::Acc::from_f64(shape.per_channel() as f64)];
         // 1. This rank's statistics and count.
         {
             let (send, _gs) = b.send.device_ptr_mut(stream);
             if shape.numel() == 0 {
-                zero(stream, "statistics", send, 2 * c, acc as usize)?;
+                zero(stream, ZEROING, "statistics", send, 2 * c, acc as usize)?;
             } else {
-                let size = raw::workspace_size(&launcher, shape, T::DTYPE, &tuning)?;
-                parts.workspace.reserve(stream, size)?;
                 let (x, _gx) = input.device_ptr(stream);
                 let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
                 let a = raw::ForwardArgs {
@@ -957,8 +953,9 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                     ..raw::ForwardArgs::default()
                 };
                 // SAFETY: validation checked the input against the shape; `send` holds
-                // 2C + 1 values of this context; the workspace was reserved above.
-                unsafe { raw::stats::<T, P>(&launcher, shape, &a, &tuning)? };
+                // 2C + 1 values of this context; the workspace was reserved for the
+                // shape before the exchange.
+                unsafe { raw::stats::<T, P>(launcher, shape, &a, tuning)? };
             }
         }
         // The statistics launch leaves the count's slot alone: it is written when it
@@ -1001,7 +998,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         };
         // SAFETY: the gathered rows hold `world` rows of 2C + 1; the module's save
         // buffers hold C (validation).
-        unsafe { raw::gather_stats::<T, P>(&launcher, c, &g)? };
+        unsafe { raw::gather_stats::<T, P>(launcher, c, &g)? };
         if shape.numel() > 0 {
             let (x, _gx) = input.device_ptr(stream);
             let (y, _gy) = output.device_ptr_mut(stream);
@@ -1020,7 +1017,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 ..raw::ForwardArgs::default()
             };
             // SAFETY: validation checked every length against the shape and C.
-            unsafe { raw::elemt::<T, P>(&launcher, shape, &a, &tuning)? };
+            unsafe { raw::elemt::<T, P>(launcher, shape, &a, tuning)? };
         }
         if training && track {
             if let (Some(rm), Some(rv)) = (parts.running_mean, parts.running_var) {
@@ -1031,7 +1028,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 g.running_mean = rm;
                 g.running_var = rv;
                 // SAFETY: as above; the running statistics hold C (validation).
-                unsafe { raw::gather_stats::<T, P>(&launcher, c, &g)? };
+                unsafe { raw::gather_stats::<T, P>(launcher, c, &g)? };
             }
         }
         Ok(())
@@ -1093,8 +1090,12 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
                 .and_then(|()| validate::feature("grad_bias", c, Some(g.len())))
                 .and_then(|()| same_context(&stream, "grad_bias", &**g));
         }
-        self.open_call(shape, local)?;
+        let local = local.and_then(|()| self.prepared(&stream, shape));
+        let ((kernels, tuning), _) = self.open_call(shape, local)?;
+        let launcher = CudaLauncher::new(&stream, &kernels);
         self.sync_backward(
+            &launcher,
+            &tuning,
             &stream,
             grad_output,
             input,
@@ -1108,6 +1109,8 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
     #[allow(clippy::too_many_arguments)]
     fn sync_backward(
         &mut self,
+        launcher: &CudaLauncher<'_>,
+        tuning: &Tuning,
         stream: &Arc<CudaStream>,
         grad_output: &dyn DevicePtr<T>,
         input: &dyn DevicePtr<T>,
@@ -1125,9 +1128,6 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             ));
         };
         let acc = std::mem::size_of::<T::Acc>();
-        let kernels = Kernels::for_context(stream.context())?;
-        let launcher = CudaLauncher::new(stream, &kernels);
-        let tuning = kernels.tuning();
         let (mean, _gm) = parts.save_mean.device_ptr(stream);
         let (invstd, _gi) = parts.save_invstd.device_ptr(stream);
         let stats = raw::BackwardStats::Batch {
@@ -1150,15 +1150,13 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         };
         let (sums, _gs) = b.sums.device_ptr_mut(stream);
         if shape.numel() == 0 {
-            zero(stream, "sums", sums, 2 * c, acc)?;
+            zero(stream, ZEROING, "sums", sums, 2 * c, acc)?;
             for (name, p) in [("grad_weight", gw), ("grad_bias", gb)] {
                 if p != 0 {
-                    zero(stream, name, p, c, std::mem::size_of::<P>())?;
+                    zero(stream, ZEROING, name, p, c, std::mem::size_of::<P>())?;
                 }
             }
         } else {
-            let size = raw::workspace_size(&launcher, shape, T::DTYPE, &tuning)?;
-            parts.workspace.reserve(stream, size)?;
             let (dy, _gdy) = grad_output.device_ptr(stream);
             let (x, _gx) = input.device_ptr(stream);
             let [(counters, _gc), (scratch, _gsc)] = parts.workspace.ptrs(stream)?;
@@ -1176,7 +1174,7 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
             };
             // SAFETY: validation checked every length against the shape and C; `sums`
             // is this module's buffer of 2C.
-            unsafe { raw::backward_reduce::<T, P>(&launcher, shape, &a, sums, &tuning)? };
+            unsafe { raw::backward_reduce::<T, P>(launcher, shape, &a, sums, tuning)? };
         }
         // SAFETY: this module's buffer of 2C values.
         unsafe {
@@ -1208,14 +1206,14 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         // SAFETY: as above; the counts are the gathered rows' (world rows of 2C + 1).
         unsafe {
             raw::backward_elemt::<T, P>(
-                &launcher,
+                launcher,
                 shape,
                 &a,
                 sums,
                 gathered + (2 * c * acc) as u64,
                 row,
                 world,
-                &tuning,
+                tuning,
             )
         }
     }

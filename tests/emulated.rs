@@ -2197,6 +2197,25 @@ fn stats_stage_on<T: Float, P: ParamFor<T>>(
     );
     let mut sums = vec![T::Acc::from_f64(0.0); 2 * c];
     let mut local = vec![T::Acc::from_f64(0.0); 2 * c];
+    // A rank's backward through the global statistics: dx and weight as given.
+    let backward_args =
+        |range: &std::ops::Range<usize>, dx: u64, weight: u64, (counters, scratch)| {
+            raw::BackwardArgs {
+                dy: addr(&dys[range.clone()]),
+                x: addr(&xs[range.clone()]),
+                dx,
+                weight,
+                stats: raw::BackwardStats::Batch {
+                    save_mean: addr(&mean),
+                    save_invstd: addr(&invstd),
+                },
+                grad_weight: 0,
+                grad_bias: 0,
+                counters,
+                scratch,
+                epilogue: raw::EpilogueGrad::None,
+            }
+        };
     for (shape, range) in &shapes {
         if shape.numel() == 0 {
             continue;
@@ -2215,21 +2234,7 @@ fn stats_stage_on<T: Float, P: ParamFor<T>>(
         };
         // SAFETY: as above.
         unsafe { raw::elemt::<T, P>(&launcher, shape, &a, &emu.tuning) }.map_err(err)?;
-        let a = raw::BackwardArgs {
-            dy: addr(&dys[range.clone()]),
-            x: addr(&xs[range.clone()]),
-            dx: 0,
-            weight: 0,
-            stats: raw::BackwardStats::Batch {
-                save_mean: addr(&mean),
-                save_invstd: addr(&invstd),
-            },
-            grad_weight: 0,
-            grad_bias: 0,
-            counters,
-            scratch,
-            epilogue: raw::EpilogueGrad::None,
-        };
+        let a = backward_args(range, 0, 0, (counters, scratch));
         let out = local.as_mut_ptr() as u64;
         // SAFETY: as above; `local` holds 2C.
         unsafe { raw::backward_reduce::<T, P>(&launcher, shape, &a, out, &emu.tuning) }
@@ -2248,21 +2253,8 @@ fn stats_stage_on<T: Float, P: ParamFor<T>>(
             continue;
         }
         let (counters, scratch) = emu.workspace(&mut ws, shape, T::DTYPE).map_err(err)?;
-        let a = raw::BackwardArgs {
-            dy: addr(&dys[range.clone()]),
-            x: addr(&xs[range.clone()]),
-            dx: dx[range.clone()].as_mut_ptr() as u64,
-            weight: addr(&w),
-            stats: raw::BackwardStats::Batch {
-                save_mean: addr(&mean),
-                save_invstd: addr(&invstd),
-            },
-            grad_weight: 0,
-            grad_bias: 0,
-            counters,
-            scratch,
-            epilogue: raw::EpilogueGrad::None,
-        };
+        let dx_addr = dx[range.clone()].as_mut_ptr() as u64;
+        let a = backward_args(range, dx_addr, addr(&w), (counters, scratch));
         let counts = base + 2 * c as u64 * acc;
         // SAFETY: as above; the counts are the gathered rows'.
         unsafe {

@@ -768,25 +768,32 @@ fn trained_state(c: usize) -> cuda_batchnorm::StateDict<f32> {
 fn on_threads(
     stream: &Arc<CudaStream>,
     host: &[f32],
-    infer: impl Fn(&Arc<CudaStream>, &CudaSlice<f32>, &mut CudaSlice<f32>) + Send + Sync + 'static,
+    infer: impl Fn(&Arc<CudaStream>, &CudaSlice<f32>, &mut CudaSlice<f32>) + Sync,
 ) -> Vec<Vec<f32>> {
-    let infer = Arc::new(infer);
-    let ctx = stream.context().clone();
-    let handles: Vec<_> = (0..4)
-        .map(|_| {
-            let (infer, ctx, host) = (infer.clone(), ctx.clone(), host.to_vec());
-            std::thread::spawn(move || {
-                let s = ctx.new_stream().unwrap();
-                let x = s.clone_htod(&host).unwrap();
-                let mut y = s.alloc_zeros::<f32>(host.len()).unwrap();
-                for _ in 0..10 {
-                    infer(&s, &x, &mut y);
-                }
-                s.clone_dtoh(&y).unwrap()
+    let ctx = stream.context();
+    concurrently(4, |_| {
+        let s = ctx.new_stream().unwrap();
+        let x = s.clone_htod(host).unwrap();
+        let mut y = s.alloc_zeros::<f32>(host.len()).unwrap();
+        for _ in 0..10 {
+            infer(&s, &x, &mut y);
+        }
+        s.clone_dtoh(&y).unwrap()
+    })
+}
+
+/// Runs `f(i)` for i below `n` on `n` threads at once (ranks that wait for each other
+/// need that); the results in order.
+fn concurrently<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let f = &f;
+                scope.spawn(move || f(i))
             })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
 
 /// A sized workspace serves every later call on its shape without growing.
@@ -1687,6 +1694,13 @@ impl HostCollectives {
             .collect()
     }
 
+    /// The world of `n`, rank r's collectives handed out once, to whichever thread asks
+    /// for r.
+    fn handout(n: usize) -> impl Fn(usize) -> HostCollectives + Sync {
+        let comms = std::sync::Mutex::new(Self::world(n).into_iter().map(Some).collect::<Vec<_>>());
+        move |r| comms.lock().unwrap()[r].take().unwrap()
+    }
+
     /// Every rank's `bytes` at `send`, rank by rank.
     fn exchange(&self, stream: &CudaStream, send: u64, bytes: usize) -> Vec<Vec<u8>> {
         use cuda_batchnorm::cudarc::driver::result;
@@ -1792,15 +1806,9 @@ where
     T: cuda_batchnorm::Float + ParamFor<T>,
     P: ParamFor<T>,
 {
-    let comms = std::sync::Mutex::new(
-        HostCollectives::world(splits.len())
-            .into_iter()
-            .map(Some)
-            .collect::<Vec<_>>(),
-    );
+    let comm = HostCollectives::handout(splits.len());
     let setup = |r: usize| -> Result<(Arc<CudaStream>, HostCollectives), String> {
-        let comm = comms.lock().unwrap()[r].take().unwrap();
-        Ok((ctx.new_stream().map_err(gpu_err)?, comm))
+        Ok((ctx.new_stream().map_err(gpu_err)?, comm(r)))
     };
     sync_ranks_case::<T, P, HostCollectives>(&ctx.default_stream(), &setup, full, splits, momentum)
 }
@@ -1867,65 +1875,56 @@ where
     for k in splits {
         starts.push(starts.last().unwrap() + k);
     }
-    let runs: Vec<Result<RankRun<T, P>, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..splits.len())
-            .map(|r| {
-                let (xs, dys, w, b) = (&xs, &dys, &w, &b);
-                let range = starts[r] * per_sample..starts[r + 1] * per_sample;
-                let mut dims = full.dims().to_vec();
-                dims[0] = splits[r];
-                scope.spawn(move || -> Result<RankRun<T, P>, String> {
-                    let shape = Shape::new(&dims, full.format()).map_err(gpu_err)?;
-                    let (s, comm) = setup(r)?;
-                    let mut m =
-                        SyncBatchNorm::<T, P, _>::new(&s, c, options, comm).map_err(gpu_err)?;
-                    // one rank too runs the collectives (the plain path has its own test)
-                    m.set_sync_options(cuda_batchnorm::sync::SyncOptions {
-                        force: true,
-                        ..m.sync_options()
-                    });
-                    m.local_mut().set_weight(w).map_err(gpu_err)?;
-                    m.local_mut().set_bias(b).map_err(gpu_err)?;
-                    // Buffers of at least one element (the driver allocates no zero-byte one).
-                    let pad = |v: &[T]| {
-                        let mut v = v.to_vec();
-                        v.resize(v.len().max(1), T::from_f64(0.0));
-                        v
-                    };
-                    let x = s.clone_htod(&pad(&xs[range.clone()])).map_err(gpu_err)?;
-                    let dy = s.clone_htod(&pad(&dys[range.clone()])).map_err(gpu_err)?;
-                    let mut ys = Vec::new();
-                    for _ in 0..2 {
-                        let mut y = s.clone_htod(&pad(&[])).map_err(gpu_err)?;
-                        if shape.numel() > 0 {
-                            y = s.alloc_zeros(shape.numel()).map_err(gpu_err)?;
-                        }
-                        m.forward_into(&x, &shape, &mut y).map_err(gpu_err)?;
-                        let mut host = s.clone_dtoh(&y).map_err(gpu_err)?;
-                        host.truncate(shape.numel());
-                        ys.push(host);
-                    }
-                    let mut dx = s.alloc_zeros::<T>(shape.numel().max(1)).map_err(gpu_err)?;
-                    let mut gw = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
-                    let mut gb = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
-                    m.backward_into(&dy, &x, &shape, &mut dx, Some(&mut gw), Some(&mut gb))
-                        .map_err(gpu_err)?;
-                    let mut dx = s.clone_dtoh(&dx).map_err(gpu_err)?;
-                    dx.truncate(shape.numel());
-                    let sd = m.local().state_dict().map_err(gpu_err)?;
-                    Ok(RankRun {
-                        ys,
-                        dx,
-                        grad_weight: s.clone_dtoh(&gw).map_err(gpu_err)?,
-                        grad_bias: s.clone_dtoh(&gb).map_err(gpu_err)?,
-                        running_mean: sd.running_mean.unwrap(),
-                        running_var: sd.running_var.unwrap(),
-                        num_batches_tracked: m.local().num_batches_tracked(),
-                    })
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let runs = concurrently(splits.len(), |r| -> Result<RankRun<T, P>, String> {
+        let range = starts[r] * per_sample..starts[r + 1] * per_sample;
+        let mut dims = full.dims().to_vec();
+        dims[0] = splits[r];
+        let shape = Shape::new(&dims, full.format()).map_err(gpu_err)?;
+        let (s, comm) = setup(r)?;
+        let mut m = SyncBatchNorm::<T, P, _>::new(&s, c, options, comm).map_err(gpu_err)?;
+        // one rank too runs the collectives (the plain path has its own test)
+        m.set_sync_options(cuda_batchnorm::sync::SyncOptions {
+            force: true,
+            ..m.sync_options()
+        });
+        m.local_mut().set_weight(&w).map_err(gpu_err)?;
+        m.local_mut().set_bias(&b).map_err(gpu_err)?;
+        // Buffers of at least one element (the driver allocates no zero-byte one).
+        let pad = |v: &[T]| {
+            let mut v = v.to_vec();
+            v.resize(v.len().max(1), T::from_f64(0.0));
+            v
+        };
+        let x = s.clone_htod(&pad(&xs[range.clone()])).map_err(gpu_err)?;
+        let dy = s.clone_htod(&pad(&dys[range.clone()])).map_err(gpu_err)?;
+        let mut ys = Vec::new();
+        for _ in 0..2 {
+            let mut y = s.clone_htod(&pad(&[])).map_err(gpu_err)?;
+            if shape.numel() > 0 {
+                y = s.alloc_zeros(shape.numel()).map_err(gpu_err)?;
+            }
+            m.forward_into(&x, &shape, &mut y).map_err(gpu_err)?;
+            let mut host = s.clone_dtoh(&y).map_err(gpu_err)?;
+            host.truncate(shape.numel());
+            ys.push(host);
+        }
+        let mut dx = s.alloc_zeros::<T>(shape.numel().max(1)).map_err(gpu_err)?;
+        let mut gw = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+        let mut gb = s.alloc_zeros::<P>(c).map_err(gpu_err)?;
+        m.backward_into(&dy, &x, &shape, &mut dx, Some(&mut gw), Some(&mut gb))
+            .map_err(gpu_err)?;
+        let mut dx = s.clone_dtoh(&dx).map_err(gpu_err)?;
+        dx.truncate(shape.numel());
+        let sd = m.local().state_dict().map_err(gpu_err)?;
+        Ok(RankRun {
+            ys,
+            dx,
+            grad_weight: s.clone_dtoh(&gw).map_err(gpu_err)?,
+            grad_bias: s.clone_dtoh(&gb).map_err(gpu_err)?,
+            running_mean: sd.running_mean.unwrap(),
+            running_var: sd.running_var.unwrap(),
+            num_batches_tracked: m.local().num_batches_tracked(),
+        })
     });
     let runs = runs.into_iter().collect::<Result<Vec<_>, String>>()?;
     let what = |v: &str| {
@@ -2026,17 +2025,8 @@ fn sync_batch_norm_over_ranks_matches_one_batch_norm() {
 /// Runs `f(rank, comm)` on `world` threads with the host collectives; returns each
 /// rank's result.
 fn on_ranks<R: Send>(world: usize, f: impl Fn(usize, HostCollectives) -> R + Sync) -> Vec<R> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = HostCollectives::world(world)
-            .into_iter()
-            .enumerate()
-            .map(|(r, comm)| {
-                let f = &f;
-                scope.spawn(move || f(r, comm))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    let comm = HostCollectives::handout(world);
+    concurrently(world, |r| f(r, comm(r)))
 }
 
 /// Ranks that disagree, a global batch of one value per channel, and a rank whose own
