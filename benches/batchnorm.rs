@@ -16,6 +16,8 @@ use cuda_batchnorm::cudarc::driver::CudaStream;
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::{BnError, DType, Float, MemoryFormat, ParamFor, Shape, Workspace};
 
+// The SyncBatchNorm ops need a communicator: bnbench times them, these benches do not.
+#[allow(dead_code)]
 #[path = "../bnbench/src/ops.rs"]
 mod ops;
 
@@ -55,6 +57,7 @@ fn case<T: Float, P: ParamFor<T>>(
         gb: s.alloc_zeros::<P>(c).map_err(err)?,
         ws: Workspace::for_shape(s, &shape, T::DTYPE).map_err(err)?,
         fused: None,
+        sync: None,
     };
     let mut identity = vec![<T::Acc as Float>::from_f64(1.0); c];
     identity.resize(2 * c, <T::Acc as Float>::from_f64(0.0));

@@ -60,7 +60,8 @@ except ModuleNotFoundError:  # Python < 3.11
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE_PATH = os.path.join(HERE, "..", "bench", "suite.toml")
 
-SET_NAMES = ["quick", "resnet50", "bn1d", "hard", "full"]
+SET_NAMES = ["quick", "resnet50", "bn1d", "hard", "full", "sync"]
+SYNC_BATCH = 32  # the sync set: the resnet50 group's shapes with this batch size
 LINE_SETS = ["resnet50", "bn1d", "hard"]
 CUSTOM_SET = "custom"
 LAYOUTS = ["nchw", "nhwc"]
@@ -197,7 +198,8 @@ def expand(lines, sets, shapes=(), layouts=None, dtypes=None):
                     rows.append((set_name, list(dims), layout, dtype))
 
     for line in lines:
-        if "full" in sets or line["set"] in sets:
+        sync = "sync" in sets and line["set"] == "resnet50" and line["dims"][0] == SYNC_BATCH
+        if "full" in sets or line["set"] in sets or sync:
             lays, dts = line["layouts"], line["dtypes"]
         elif "quick" in sets and line["quick"] is not None:
             lays, dts = line["quick"]
@@ -348,7 +350,7 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Time PyTorch's batch norm on bnbench's suite (bench/suite.toml), the way bnbench times cuda-batchnorm.",
     )
-    p.add_argument("--set", action="append", default=[], help="quick, resnet50, bn1d, hard or full, comma-separated [default: quick, or none with --shape]")
+    p.add_argument("--set", action="append", default=[], help="quick, resnet50, bn1d, hard, full or sync (the resnet50 shapes with batch 32), comma-separated [default: quick, or none with --shape]")
     p.add_argument("--shape", action="append", default=[], help="an extra shape, e.g. 48,96,35,35 (repeatable, rank >= 2); nchw f32 unless --layout/--dtype")
     p.add_argument("--dtype", action="append", default=[], help="f32,f16,bf16,f64: replaces every row's dtypes")
     p.add_argument("--layout", action="append", default=[], help="nchw,nhwc: replaces every row's layouts (rank-2 shapes are nchw only)")

@@ -332,6 +332,24 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
         self.running_var.as_ref()
     }
 
+    /// The batch mean that the last forward saved for its backward (PyTorch's
+    /// `save_mean`): `None` until a forward with batch statistics (in training, or in
+    /// eval without running statistics) has run, and after one with the running
+    /// statistics.
+    pub fn saved_mean(&self) -> Option<&B::Buffer<T::Acc>> {
+        self.saved_batch_stats().then_some(&self.save_mean)
+    }
+
+    /// Its invstd, `1 / sqrt(var + eps)` of the biased variance (PyTorch's
+    /// `save_invstd`), when [`saved_mean`](Self::saved_mean) is there.
+    pub fn saved_invstd(&self) -> Option<&B::Buffer<T::Acc>> {
+        self.saved_batch_stats().then_some(&self.save_invstd)
+    }
+
+    fn saved_batch_stats(&self) -> bool {
+        self.last.as_ref().is_some_and(|l| l.batch_stats)
+    }
+
     /// Whether a forward now normalises with batch statistics: in training, and in
     /// eval when no running statistics are tracked.
     pub(crate) fn uses_batch_stats(&self) -> bool {

@@ -550,6 +550,48 @@ pub trait Collectives {
     ) -> Result<()>;
 }
 
+// One communicator serves every layer of a model: `SyncBatchNorm<T, P, &C>`, `Rc<C>` or
+// `Arc<C>` share it (each layer's collectives are queued in the order the layers run,
+// which is the same on every rank).
+macro_rules! shared_collectives {
+    ($($ty:ty),*) => {$(
+        impl<C: Collectives + ?Sized> Collectives for $ty {
+            fn rank(&self) -> usize {
+                (**self).rank()
+            }
+
+            fn world_size(&self) -> usize {
+                (**self).world_size()
+            }
+
+            unsafe fn all_gather(
+                &self,
+                stream: &CudaStream,
+                send: u64,
+                recv: u64,
+                count: usize,
+                dtype: DType,
+            ) -> Result<()> {
+                // SAFETY: the caller's contract, passed on unchanged.
+                unsafe { (**self).all_gather(stream, send, recv, count, dtype) }
+            }
+
+            unsafe fn all_reduce_sum(
+                &self,
+                stream: &CudaStream,
+                buf: u64,
+                count: usize,
+                dtype: DType,
+            ) -> Result<()> {
+                // SAFETY: the caller's contract, passed on unchanged.
+                unsafe { (**self).all_reduce_sum(stream, buf, count, dtype) }
+            }
+        }
+    )*};
+}
+
+shared_collectives!(&C, std::rc::Rc<C>, Arc<C>);
+
 /// [`SyncBatchNorm`]'s own options (the BatchNorm ones are [`BatchNormOptions`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncOptions {

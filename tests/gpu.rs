@@ -1677,6 +1677,8 @@ struct HostCollectives {
 struct HostShared {
     slots: std::sync::Mutex<Vec<Vec<u8>>>,
     barrier: std::sync::Barrier,
+    /// Exchanges made, counted on rank 0.
+    exchanges: std::sync::atomic::AtomicUsize,
 }
 
 impl HostCollectives {
@@ -1684,6 +1686,7 @@ impl HostCollectives {
         let shared = Arc::new(HostShared {
             slots: std::sync::Mutex::new(vec![Vec::new(); n]),
             barrier: std::sync::Barrier::new(n),
+            exchanges: std::sync::atomic::AtomicUsize::new(0),
         });
         (0..n)
             .map(|rank| HostCollectives {
@@ -1704,6 +1707,10 @@ impl HostCollectives {
     /// Every rank's `bytes` at `send`, rank by rank.
     fn exchange(&self, stream: &CudaStream, send: u64, bytes: usize) -> Vec<Vec<u8>> {
         use cuda_batchnorm::cudarc::driver::result;
+        if self.rank == 0 {
+            let n = &self.shared.exchanges;
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut mine = vec![0u8; bytes];
         // SAFETY: the module passes a live allocation of `bytes` bytes on this stream.
         unsafe { result::memcpy_dtoh_async(&mut mine, send, stream.cu_stream()) }.unwrap();
@@ -2269,6 +2276,62 @@ fn sync_batch_norm_on_one_rank_and_in_eval_is_batch_norm() {
             s.clone_dtoh(g1.weight.as_ref().unwrap()).unwrap()
         );
         assert_eq!(bn.state_dict().unwrap(), sync.local().state_dict().unwrap());
+    }
+}
+
+/// The layers of a model share one communicator through `&C` and `Rc<C>`: two forced
+/// one-rank layers in a chain run their collectives through it and give the plain
+/// modules' numbers.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn sync_batch_norm_layers_share_one_communicator() {
+    use cuda_batchnorm::sync::{SyncBatchNorm, SyncOptions};
+    use std::sync::atomic::Ordering;
+    let Some(Gpu { stream: s, .. }) = gpu("sync_batch_norm_layers_share_one_communicator") else {
+        return;
+    };
+    let (c, shape) = (3, Shape::nchw(4, 3, 2, 3).unwrap());
+    let xs: Vec<f32> = (0..shape.numel())
+        .map(|i| ((i * 5) % 11) as f32 * 0.4 - 1.5)
+        .collect();
+    let x = s.clone_htod(&xs).unwrap();
+    let comm = std::rc::Rc::new(HostCollectives::world(1).pop().unwrap());
+    let opts = BatchNormOptions::default();
+    let forced = SyncOptions {
+        force: true,
+        ..SyncOptions::default()
+    };
+    let mut first = SyncBatchNorm::<f32, f32, _>::new(&s, c, opts, comm.clone()).unwrap();
+    let mut second = SyncBatchNorm::<f32, f32, _>::new(&s, c, opts, &*comm).unwrap();
+    first.set_sync_options(forced);
+    second.set_sync_options(forced);
+    let mut plain = [(); 2].map(|()| BatchNorm2d::<f32>::new(Cuda::new(&s), c, opts).unwrap());
+    let h = first.forward(&x, &shape).unwrap();
+    let y = s.clone_dtoh(&second.forward(&h, &shape).unwrap()).unwrap();
+    let h0 = plain[0].forward(&x, &shape).unwrap();
+    let y0 = s
+        .clone_dtoh(&plain[1].forward(&h0, &shape).unwrap())
+        .unwrap();
+    // Each layer's forward: the verifying header, then the statistics.
+    assert_eq!(comm.shared.exchanges.load(Ordering::Relaxed), 4);
+    let err = y
+        .iter()
+        .zip(&y0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(err < 1e-5, "max difference {err}");
+    for (sync, bn) in [(first.local(), &plain[0]), (second.local(), &plain[1])] {
+        let (a, b) = (sync.state_dict().unwrap(), bn.state_dict().unwrap());
+        let rv = |sd: &cuda_batchnorm::StateDict<f32>| sd.running_var.clone().unwrap();
+        let diff = rv(&a)
+            .iter()
+            .zip(&rv(&b))
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "running variance differs by {diff}");
     }
 }
 

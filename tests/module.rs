@@ -243,6 +243,33 @@ fn eval_after_training_uses_the_updated_statistics_and_backward_follows_the_mode
 }
 
 #[test]
+fn saved_stats_are_the_last_batch_statistics_forwards() {
+    let shape = Shape::nchw(5, 3, 2, 2).unwrap();
+    let mut m = BatchNorm2d::<f64>::new(Cpu, 3, BatchNormOptions::default()).unwrap();
+    assert!(m.saved_mean().is_none() && m.saved_invstd().is_none());
+    let mut rng = Rng::new(3);
+    let x = batch(&mut rng, &shape, 2.0);
+    m.forward(&x, &shape).unwrap();
+    let (mean, var) = reference::batch_stats(&x, &shape).unwrap();
+    let (sm, si) = (m.saved_mean().unwrap(), m.saved_invstd().unwrap());
+    assert!(close(sm, &mean, 1e-12), "{sm:?} {mean:?}");
+    assert!(close(si, &reference::invstd(&var, 1e-5), 1e-12));
+    // A forward with the running statistics saves none.
+    m.eval();
+    m.forward(&x, &shape).unwrap();
+    assert!(m.saved_mean().is_none() && m.saved_invstd().is_none());
+    // Without running statistics, eval uses (and saves) the batch's.
+    let opts = BatchNormOptions {
+        track_running_stats: false,
+        ..Default::default()
+    };
+    let mut m = BatchNorm2d::<f64>::new(Cpu, 3, opts).unwrap();
+    m.eval();
+    m.forward(&x, &shape).unwrap();
+    assert!(close(m.saved_mean().unwrap(), &mean, 1e-12));
+}
+
+#[test]
 fn state_dict_round_trips_and_missing_counter_keeps_the_count() {
     let shape = Shape::nc(5, 3).unwrap();
     let mut a = BatchNorm1d::<f32>::new(Cpu, 3, BatchNormOptions::default()).unwrap();

@@ -153,8 +153,9 @@ fn parse_svg_path(s: &str) -> Result<String, String> {
     max_term_width = 100
 )]
 struct Args {
-    /// Sets of suite rows: quick, resnet50, bn1d, hard or full, comma-separated
-    /// [default: quick, or none when --shape is given]
+    /// Sets of suite rows: quick, resnet50, bn1d, hard, full or sync (the resnet50
+    /// shapes with batch 32, for the SyncBatchNorm ops), comma-separated [default: quick,
+    /// or none when --shape is given]
     #[arg(long = "set", value_name = "NAMES", value_delimiter = ',',
           value_parser = PossibleValuesParser::new(SET_NAMES), hide_possible_values = true)]
     sets: Vec<String>,
@@ -172,7 +173,8 @@ struct Args {
     #[arg(long = "layout", value_name = "LIST", value_delimiter = ',')]
     layouts: Vec<LayoutArg>,
 
-    /// Ops, comma-separated [default: train_fwd,eval_fwd,backward]
+    /// Ops, comma-separated [default: train_fwd,eval_fwd,backward, and with --set sync
+    /// also sync_train_fwd,sync_backward,sync_train_fwd_unverified,sync_backward_unverified]
     #[arg(long = "op", value_name = "LIST", value_delimiter = ',')]
     ops: Vec<Op>,
 
@@ -392,7 +394,11 @@ where
     let layouts: Vec<MemoryFormat> = unique(a.layouts.into_iter().map(MemoryFormat::from));
     let dtypes: Vec<DType> = unique(a.dtypes.into_iter().map(DType::from));
     let ops = if a.ops.is_empty() {
-        Op::PLAIN.to_vec()
+        let mut ops = Op::PLAIN.to_vec();
+        if sets.iter().any(|s| s == "sync") {
+            ops.extend(Op::SYNC);
+        }
+        ops
     } else {
         // Run in the suite's op order whatever the flag's order.
         Op::ALL
@@ -603,6 +609,18 @@ mod tests {
         assert!(text.contains("2 bad flags or unreadable files"), "{text}");
         assert!(text.contains("nothing is timed on hardware"), "{text}");
         assert!(!text.contains("emulated-child"), "{text}");
+    }
+
+    #[test]
+    fn the_sync_set_adds_the_sync_ops_unless_ops_are_given() {
+        let o = run(&["--set", "sync"]).unwrap();
+        let mut want = Op::PLAIN.to_vec();
+        want.extend(Op::SYNC);
+        assert_eq!(o.ops, want);
+        let o = run(&["--set", "sync", "--op", "sync_backward,train_fwd"]).unwrap();
+        assert_eq!(o.ops, [Op::TrainFwd, Op::SyncBackward]);
+        let o = run(&["--set", "resnet50"]).unwrap();
+        assert_eq!(o.ops, Op::PLAIN.to_vec());
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! real driver is installed but unusable (no device, PTX refused) this process is
 //! already bound to it. So the check runs in a child process, this same executable with
 //! the hidden flag `--emulated-child`, which loads the emulated driver
-//! (`driver::preload`) before anything touches cudarc, then runs the selected rows and
-//! ops once each through the ordinary GPU path (`crate::gpu`, untimed) and checks them
-//! against the f64 reference. The request goes to its stdin and the records come back on
+//! (`driver::preload`, and the emulated NCCL for the SyncBatchNorm ops) before anything
+//! touches cudarc, then runs the selected rows and ops once each through the ordinary
+//! GPU path (`crate::gpu`, untimed) and checks them against the f64 reference. The request goes to its stdin and the records come back on
 //! its stdout, both as JSON; its progress goes to stderr.
 
 use std::io::{Read, Write};
@@ -192,6 +192,10 @@ fn unavailable_response(why: String) -> Response {
 
 fn run(req: &Request) -> Result<Response, String> {
     if let Err(e) = driver::preload() {
+        return Ok(unavailable_response(e));
+    }
+    // The SyncBatchNorm ops' communicator, before cudarc looks for libnccl.
+    if let Err(e) = cuda_batchnorm_emu::nccl::preload() {
         return Ok(unavailable_response(e));
     }
     let mut g = match gpu::open(0, false) {

@@ -13,7 +13,13 @@
 //! that family needs, then called once untimed (a family that cannot take the call says
 //! so there, and is reported n/a), checked, and timed. The backward's saved statistics
 //! come from the context's own training forward. The row's tuning is restored after it.
+//!
+//! SyncBatchNorm ops (`sync_*`) run one module per row on rank 0 of a world of one over
+//! NCCL (one communicator per run, created at the first such op), forced to synchronise;
+//! without a loadable libnccl they are n/a (a failure under
+//! `CUDA_BATCHNORM_REQUIRE_NCCL=1`).
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use cuda_batchnorm::cudarc::driver::{
@@ -21,12 +27,13 @@ use cuda_batchnorm::cudarc::driver::{
 };
 use cuda_batchnorm::half::{bf16, f16};
 use cuda_batchnorm::launch::{Tuning, TuningTable, Variant};
+use cuda_batchnorm::sync::Nccl;
 use cuda_batchnorm::{frozen, functional, BnError, DType, Float, ParamFor, Shape, Workspace};
 
 use crate::check::{self, BackwardOut, Check, Sample, TrainOut};
 use crate::data::{self, Inputs};
 use crate::metrics;
-use crate::ops::{FusedBuffers, OpBuffers, EPS};
+use crate::ops::{FusedBuffers, OpBuffers, SyncModule, EPS};
 use crate::suite::{Kind, Op, Row};
 use crate::timing::{self, Timing};
 
@@ -92,6 +99,9 @@ pub struct Gpu {
     /// The L2 flush buffer; none on a device opened only to check.
     flush: Option<CudaSlice<u8>>,
     events: Vec<(CudaEvent, CudaEvent)>,
+    /// The SyncBatchNorm ops' communicator (a world of one), or why there is none;
+    /// made at the first such op.
+    comm: Option<Result<Rc<Nccl>, String>>,
 }
 
 fn drv(what: &'static str) -> impl Fn(cuda_batchnorm::cudarc::driver::DriverError) -> String {
@@ -103,6 +113,7 @@ fn bn(e: BnError) -> String {
 }
 
 /// Why an op of one family did not run to the end.
+#[derive(Clone)]
 enum Failure {
     /// The family cannot take the call (`BnError::VariantUnavailable`): its reason.
     Unavailable(String),
@@ -161,6 +172,7 @@ pub fn open(ordinal: usize, timed: bool) -> Result<Gpu, String> {
         summary,
         flush,
         events: Vec::new(),
+        comm: None,
     })
 }
 
@@ -287,6 +299,25 @@ impl Gpu {
         Ok((metrics::gbps(2 * bytes as u64, t.median_us), bytes, t))
     }
 
+    /// The communicator of the SyncBatchNorm ops: rank 0 of a world of one on this
+    /// device. Without NCCL they are n/a, or a failure where NCCL is required.
+    fn comm(&mut self) -> Result<Rc<Nccl>, Failure> {
+        let ctx = self.stream.context().clone();
+        let comm = self.comm.get_or_insert_with(|| {
+            Nccl::unique_id()
+                .and_then(|id| Nccl::from_rank(&ctx, 0, 1, id))
+                .map(Rc::new)
+                .map_err(|e| format!("no NCCL communicator: {e}"))
+        });
+        match comm {
+            Ok(c) => Ok(c.clone()),
+            Err(e) if std::env::var("CUDA_BATCHNORM_REQUIRE_NCCL").is_ok_and(|v| v == "1") => Err(
+                Failure::Error(format!("{e} (CUDA_BATCHNORM_REQUIRE_NCCL=1)")),
+            ),
+            Err(e) => Err(Failure::Unavailable(e.clone())),
+        }
+    }
+
     /// Plans every later call with `table` (`--tuning-in`), keeping the rest of the
     /// context's tuning.
     pub fn use_table(&self, table: &'static TuningTable) -> Result<(), String> {
@@ -346,6 +377,17 @@ impl Gpu {
         let chans = data::sample_channels(shape.c());
         let sample = (cfg.check || !cfg.timed).then(|| Sample::new(&inputs, &shape, &chans));
         let mut bufs = Buffers::<T, P>::new(&s, &shape, &inputs, ops)?;
+        // The SyncBatchNorm module, or why its ops cannot run.
+        let sync = if ops.iter().any(|o| o.is_sync()) {
+            self.comm().and_then(|comm| {
+                let (w, b) = (&inputs.weight, &inputs.bias);
+                let (rm, rv) = (&inputs.running_mean, &inputs.running_var);
+                bufs.sync = Some(SyncModule::new(&s, comm, w, b, rm, rv)?);
+                Ok(())
+            })
+        } else {
+            Ok(())
+        };
         let tol = check::tolerance(T::DTYPE);
         let mut results = Vec::new();
         for &op in ops {
@@ -353,7 +395,10 @@ impl Gpu {
             // through, from the context's own choice of its training forward, whichever
             // family the backward is.
             let stats = match op.forward() {
-                Some(fwd) => (|| -> Result<(), String> {
+                Some(fwd) => (|| -> Result<(), Failure> {
+                    if fwd.is_sync() {
+                        sync.clone()?;
+                    }
                     functional::set_tuning(&s, base).map_err(bn)?;
                     bufs.ws
                         .reserve(
@@ -362,8 +407,9 @@ impl Gpu {
                         )
                         .map_err(bn)?;
                     bufs.reset_running(&s, &inputs)?;
-                    bufs.call(&s, fwd)
-                        .map_err(|e| format!("the training forward before the backward: {e}"))
+                    bufs.call(&s, fwd).map_err(|e| {
+                        Failure::Error(format!("the training forward before the backward: {e}"))
+                    })
                 })(),
                 None => Ok(()),
             };
@@ -378,8 +424,11 @@ impl Gpu {
                     error: None,
                 };
                 let outcome = (|| -> Result<(), Failure> {
-                    if choice.is_some() && !op.is_plain() {
-                        return Err(Failure::Unavailable(FUSED_AUTO_ONLY.into()));
+                    if let (Some(_), Some(why)) = (choice, op.auto_only()) {
+                        return Err(Failure::Unavailable(why.into()));
+                    }
+                    if op.is_sync() {
+                        sync.clone()?;
                     }
                     stats.clone()?;
                     functional::set_tuning(
@@ -392,7 +441,11 @@ impl Gpu {
                     // The family may need more workspace than the one sized before.
                     bufs.ws
                         .reserve(&s, functional::workspace_size(&s, &shape, T::DTYPE)?)?;
-                    bufs.reset_running(&s, &inputs)?;
+                    // The running statistics a forward's check starts from (a backward's
+                    // forward has run: a module's forward would end with a change).
+                    if op.kind() != Kind::Backward {
+                        bufs.reset_running(&s, &inputs)?;
+                    }
                     // The first call: a family that cannot take it says so here, before
                     // anything is checked or timed.
                     bufs.call(&s, op)?;
@@ -422,12 +475,6 @@ impl Gpu {
         Ok(results)
     }
 }
-
-/// Why a frozen or fused op (or our unfused sequence of one) is not run by a forced
-/// family: the fused calls run the baseline family's epilogue whatever is asked, and the
-/// sequences are timed as the planner chains them.
-pub const FUSED_AUTO_ONLY: &str =
-    "the frozen and fused ops and their unfused sequences run with the planner's choice only (auto)";
 
 /// Every op and family of a row that could not be set up, failed with `e`.
 fn failed_row(ops: &[Op], choices: &[Option<Variant>], e: &str) -> Vec<OpResult> {
@@ -502,7 +549,7 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
         let (numel, c) = (shape.numel(), shape.c());
         let alloc = drv("allocating a buffer");
         let up = |v: &[P]| s.clone_htod(v).map_err(drv("uploading parameters"));
-        let fused = if ops.iter().all(|o| o.is_plain()) {
+        let fused = if ops.iter().all(|o| o.is_plain() || o.is_sync()) {
             None
         } else {
             let acc = |v: &[T::Acc]| s.clone_htod(v).map_err(drv("uploading coefficients"));
@@ -549,11 +596,18 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
             gb: s.alloc_zeros::<P>(c).map_err(&alloc)?,
             ws: Workspace::for_shape(s, shape, T::DTYPE).map_err(bn)?,
             fused,
+            sync: None,
         })
     }
 
     /// Runs `op` once.
     fn call(&mut self, s: &Arc<CudaStream>, op: Op) -> Result<(), BnError> {
+        if let Some(verify) = op.sync_verify() {
+            return match op.kind() {
+                Kind::Backward => self.sync_backward(verify),
+                _ => self.sync_train(verify),
+            };
+        }
         match (op.kind(), op.epilogue(), op.is_sequence()) {
             (Kind::Train, None, _) => self.train(s),
             (Kind::Eval, None, _) => self.eval(s),
@@ -578,14 +632,32 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
         tol: f64,
     ) -> Result<Check, String> {
         let epi = op.epilogue();
+        // A SyncBatchNorm op's statistics are its module's.
+        let (sm, si, rm, rv) = match (op.is_sync(), &self.sync) {
+            (false, _) => (&self.sm, &self.si, &self.rm, &self.rv),
+            (true, Some(m)) => {
+                let local = m.module.local();
+                let no = "internal: the SyncBatchNorm module has no";
+                let saved = local.saved_mean().zip(local.saved_invstd());
+                let (sm, si) = saved.ok_or_else(|| format!("{no} saved statistics"))?;
+                let rm = local
+                    .running_mean()
+                    .ok_or_else(|| format!("{no} running mean"))?;
+                let rv = local
+                    .running_var()
+                    .ok_or_else(|| format!("{no} running variance"))?;
+                (sm, si, rm, rv)
+            }
+            (true, None) => return Err("internal: no SyncBatchNorm module".into()),
+        };
         Ok(match op.kind() {
             Kind::Train => {
                 let out = TrainOut {
                     y: self.gather(s, Which::Y, chans)?,
-                    save_mean: pick(s, &self.sm, chans)?,
-                    save_invstd: pick(s, &self.si, chans)?,
-                    running_mean: pick(s, &self.rm, chans)?,
-                    running_var: pick(s, &self.rv, chans)?,
+                    save_mean: pick(s, sm, chans)?,
+                    save_invstd: pick(s, si, chans)?,
+                    running_mean: pick(s, rm, chans)?,
+                    running_var: pick(s, rv, chans)?,
                 };
                 check::check_train_fused(sample, &out, epi, tol)
             }
@@ -598,7 +670,7 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
                     grad_weight: pick(s, &self.gw, chans)?,
                     grad_bias: pick(s, &self.gb, chans)?,
                 };
-                let (sm, si) = (pick(s, &self.sm, chans)?, pick(s, &self.si, chans)?);
+                let (sm, si) = (pick(s, sm, chans)?, pick(s, si, chans)?);
                 if epi.is_none() {
                     check::check_backward(sample, &sm, &si, &out, tol)
                 } else {
@@ -615,6 +687,9 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
     }
 
     fn reset_running(&mut self, s: &Arc<CudaStream>, inputs: &Inputs<T, P>) -> Result<(), String> {
+        if let Some(sync) = &mut self.sync {
+            sync.reset().map_err(bn)?;
+        }
         s.memcpy_htod(&inputs.running_mean, &mut self.rm)
             .map_err(drv("uploading running statistics"))?;
         s.memcpy_htod(&inputs.running_var, &mut self.rv)

@@ -592,6 +592,7 @@ fn run_gpu(
                     pct_copy: metrics::pct_of(gbps, copy_gbps),
                     min_us: Some(t.min_us),
                     bytes: Some(bytes),
+                    sent_bytes: metrics::sent_bytes(r.op, &row.dims, row.dtype),
                     check: Some(check.map_or("skipped", Check::status).into()),
                     max_rel_err: check.map(|c| c.max_rel_err).filter(|e| e.is_finite()),
                 });

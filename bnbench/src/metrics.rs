@@ -14,6 +14,8 @@
 //! * an unfused sequence (`*_seq`) is charged the bytes of the computation it performs,
 //!   the same as its fused op's (for the backward, ReLU's), so that the two GB/s figures
 //!   compare as the inverse of their times.
+//! * a SyncBatchNorm op (`sync_*`) is charged its plain op's bytes; what it sends
+//!   through the collectives is [`sent_bytes`], reported beside them.
 //!
 //! Parameters and running statistics are f32 for f16/bf16 inputs (the suite's mixed
 //! mode) and the input's type otherwise; saved statistics are in the accumulator type
@@ -53,6 +55,27 @@ pub fn op_bytes(op: Op, dims: &[usize], dtype: DType) -> u64 {
         (_, Some(Epi::AddRelu)) => numel * t,
     };
     plain + epilogue
+}
+
+/// Bytes of the verifying exchange (`SyncOptions::verify`): ok, channels and count as
+/// f64.
+pub const SYNC_HEADER_BYTES: u64 = 24;
+
+/// The bytes one rank hands its collectives per call of a SyncBatchNorm op (`None` for
+/// the other ops): the forward all-gathers its mean, invstd (C each) and count in the
+/// accumulator type, the backward all-reduces `sum_dy` and `sum_dy_xmu` (C each); with
+/// verification each call first all-gathers its header. These are the send buffers, the
+/// same for any number of ranks; over k ranks NCCL's ring moves (k - 1) times an
+/// all-gather's and about 2 (k - 1) / k times an all-reduce's through each rank's links.
+pub fn sent_bytes(op: Op, dims: &[usize], dtype: DType) -> Option<u64> {
+    let verify = op.sync_verify()?;
+    let c = dims.get(1).copied().unwrap_or(0) as u64;
+    let acc = dtype.acc().size() as u64;
+    let data = match op.kind() {
+        Kind::Backward => 2 * c * acc,
+        _ => (2 * c + 1) * acc,
+    };
+    Some(data + if verify { SYNC_HEADER_BYTES } else { 0 })
 }
 
 /// GB/s (10^9 bytes per second) of `bytes` moved in `us` microseconds.
@@ -106,6 +129,22 @@ pub fn geomean(values: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_of_the_sync_ops_and_what_they_send() {
+        let dims = [32, 256, 56, 56];
+        for (dtype, acc) in [(DType::F16, 4), (DType::F64, 8)] {
+            let b = |op| op_bytes(op, &dims, dtype);
+            assert_eq!(b(Op::SyncTrainFwd), b(Op::TrainFwd));
+            assert_eq!(b(Op::SyncBackwardUnverified), b(Op::Backward));
+            let sent = |op| sent_bytes(op, &dims, dtype);
+            assert_eq!(sent(Op::SyncTrainFwd), Some(513 * acc + 24));
+            assert_eq!(sent(Op::SyncTrainFwdUnverified), Some(513 * acc));
+            assert_eq!(sent(Op::SyncBackward), Some(512 * acc + 24));
+            assert_eq!(sent(Op::SyncBackwardUnverified), Some(512 * acc));
+            assert_eq!(sent(Op::TrainFwd), None);
+        }
+    }
 
     #[test]
     fn bytes_of_the_frozen_and_fused_ops() {

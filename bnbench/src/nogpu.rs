@@ -29,6 +29,10 @@ pub const FD_MAX_C: usize = 3;
 /// Why the CPU check has nothing to say about an unfused sequence.
 pub const SEQUENCE_ON_CPU: &str = "a sequence of kernels: on the CPU it is its fused op";
 
+/// Why the CPU check has nothing to say about a SyncBatchNorm op.
+pub const SYNC_ON_CPU: &str =
+    "SyncBatchNorm runs on CUDA devices (the emulated driver's check runs it over the emulated NCCL)";
+
 /// Backend names in [`CheckRecord::backend`].
 pub const CPU: &str = "cpu";
 /// The finite-difference check of the CPU backend's backward.
@@ -86,15 +90,13 @@ pub fn cpu_records(rows: &[Row], ops: &[Op], seed: u64) -> Vec<CheckRecord> {
         let tol = check::tolerance(row.dtype);
         // Our unfused sequences chain kernels: on the CPU they are the fused op's
         // computation, checked as that op.
-        for &op in ops.iter().filter(|o| o.is_sequence()) {
-            out.push(CheckRecord::unavailable(
-                CPU,
-                row,
-                &dims,
-                op,
-                SEQUENCE_ON_CPU,
-                tol,
-            ));
+        for &op in ops.iter().filter(|o| o.is_sequence() || o.is_sync()) {
+            let why = if op.is_sync() {
+                SYNC_ON_CPU
+            } else {
+                SEQUENCE_ON_CPU
+            };
+            out.push(CheckRecord::unavailable(CPU, row, &dims, op, why, tol));
         }
         let outcome = Shape::new(&dims, row.layout)
             .map_err(|e| e.to_string())
@@ -191,6 +193,8 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
         }
     }
     let mut errors = String::new();
+    type NotApplicable = ((String, String, String), Vec<String>);
+    let mut na: Vec<NotApplicable> = Vec::new();
     for (shape, layout, dtype, variant) in rows {
         let of_row = |r: &&&CheckRecord| &r.shape == shape && r.layout == layout;
         let ours: Vec<&CheckRecord> = mine
@@ -243,16 +247,25 @@ pub fn table(records: &[CheckRecord], backend: &str, ops: &[Op]) -> String {
                     .variant
                     .as_ref()
                     .map_or(String::new(), |v| format!(" {v}"));
-                errors.push_str(&format!(
-                    "{}: {} {} {} {}{v}: {e}\n",
-                    if r.is_unavailable() { "n/a" } else { "error" },
-                    r.op,
-                    dims_label(shape),
-                    layout,
-                    r.dtype
-                ));
+                let label = format!("{} {} {}", dims_label(shape), layout, r.dtype);
+                if r.is_unavailable() {
+                    let what = (r.op.clone(), v, e.clone());
+                    match na.iter_mut().find(|(w, _)| *w == what) {
+                        Some((_, rows)) => rows.push(label),
+                        None => na.push((what, vec![label])),
+                    }
+                } else {
+                    errors.push_str(&format!("error: {} {label}{v}: {e}\n", r.op));
+                }
             }
         }
+    }
+    // One line per op and reason of the n/a cells (a reason is often every row's).
+    for ((op, v, why), rows) in na {
+        errors.push_str(&match rows.as_slice() {
+            [one] => format!("n/a: {op} {one}{v}: {why}\n"),
+            _ => format!("n/a: {op}{v} ({} rows): {why}\n", rows.len()),
+        });
     }
     table::render(&t) + &errors
 }
@@ -377,14 +390,19 @@ mod tests {
     }
 
     #[test]
-    fn the_frozen_and_fused_ops_are_checked_on_the_cpu_and_sequences_are_not() {
+    fn the_frozen_and_fused_ops_are_checked_on_the_cpu_and_sequences_and_sync_are_not() {
         let rows = rows(&[&[4, 3, 5, 7], &[16, 6]], &BOTH, &ALL_DTYPES);
         let recs = cpu_records(&rows, &Op::ALL, 3);
         assert!(recs.iter().all(CheckRecord::passed), "{recs:#?}");
-        let seqs = Op::ALL.iter().filter(|o| o.is_sequence()).count();
+        let seqs = Op::ALL
+            .iter()
+            .filter(|o| o.is_sequence() || o.is_sync())
+            .count();
         let na: Vec<&CheckRecord> = recs.iter().filter(|r| r.is_unavailable()).collect();
         assert_eq!(na.len(), rows.len() * seqs, "{na:#?}");
-        assert!(na.iter().all(|r| r.op.ends_with("_seq")));
+        assert!(na
+            .iter()
+            .all(|r| r.op.ends_with("_seq") || r.op.starts_with("sync_")));
         // Every other op is checked once per row, the backward also by finite differences.
         let checked = recs.iter().filter(|r| r.check == "ok").count();
         assert_eq!(checked, rows.len() * (Op::ALL.len() - seqs + 1));

@@ -1,14 +1,18 @@
 //! The device buffers of one benchmark problem and the timed operations on them: the
-//! three plain ones, and (with [`FusedBuffers`]) the frozen eval, the fused epilogues
+//! three plain ones, (with [`FusedBuffers`]) the frozen eval, the fused epilogues
 //! (`relu(bn(x))`, `relu(bn(x) + z)`) in eval, training forward and backward, and our own
 //! unfused sequences of the same computations, which the fused calls are measured
-//! against. Shared by bnbench (`gpu.rs`) and the criterion benches
+//! against, and (with [`SyncModule`]) SyncBatchNorm's training forward and backward on
+//! one rank. Shared by bnbench (`gpu.rs`) and the criterion benches
 //! (`benches/batchnorm.rs` includes this file), so both time exactly the same calls.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use cuda_batchnorm::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
-use cuda_batchnorm::{functional, BnError, Float, ParamFor, Shape, Workspace};
+use cuda_batchnorm::sync::{Nccl, SyncBatchNorm, SyncOptions};
+use cuda_batchnorm::{functional, BatchNormOptions, BnError, Float, ParamFor, Shape};
+use cuda_batchnorm::{StateDict, Workspace};
 
 /// eps of every timed call.
 pub const EPS: f64 = 1e-5;
@@ -41,8 +45,60 @@ pub struct FusedBuffers<T: Float> {
     pub frozen: CudaSlice<T::Acc>,
 }
 
+/// SyncBatchNorm on rank 0 of a world of one over NCCL, forced to synchronise (on one
+/// rank PyTorch's module, and ours by default, is the plain BatchNorm), with the
+/// problem's parameters and running statistics. Its outputs go to the problem's `y`,
+/// `dx`, `gw` and `gb`; its running and saved statistics stay in the module.
+pub struct SyncModule<T: Float, P: ParamFor<T>> {
+    pub module: SyncBatchNorm<T, P, Rc<Nccl>>,
+    /// The running statistics every training forward starts from.
+    initial: StateDict<P>,
+}
+
+impl<T: Float, P: ParamFor<T>> SyncModule<T, P> {
+    /// The module over `comm` with the given parameters and running statistics
+    /// (`eps` and `momentum` those of every timed call).
+    pub fn new(
+        s: &Arc<CudaStream>,
+        comm: Rc<Nccl>,
+        weight: &[P],
+        bias: &[P],
+        running_mean: &[P],
+        running_var: &[P],
+    ) -> Result<Self, BnError> {
+        let options = BatchNormOptions {
+            eps: EPS,
+            momentum: Some(MOMENTUM),
+            ..BatchNormOptions::default()
+        };
+        let mut module = SyncBatchNorm::new(s, weight.len(), options, comm)?;
+        let initial = StateDict {
+            weight: Some(weight.to_vec()),
+            bias: Some(bias.to_vec()),
+            running_mean: Some(running_mean.to_vec()),
+            running_var: Some(running_var.to_vec()),
+            num_batches_tracked: Some(0),
+        };
+        module.local_mut().load_state_dict(&initial)?;
+        Ok(SyncModule { module, initial })
+    }
+
+    /// Back to the initial running statistics (which ends the last forward's claim on
+    /// a backward, as any change of them does).
+    pub fn reset(&mut self) -> Result<(), BnError> {
+        self.module.local_mut().load_state_dict(&self.initial)
+    }
+
+    fn forced(&mut self, verify: bool) {
+        self.module.set_sync_options(SyncOptions {
+            verify,
+            force: true,
+        });
+    }
+}
+
 /// Every buffer of one problem. `dy` and `dx` exist only when the backward is wanted,
-/// `fused` only when a frozen or fused op is.
+/// `fused` only when a frozen or fused op is, `sync` only when a SyncBatchNorm op is.
 pub struct OpBuffers<T: Float, P: ParamFor<T>> {
     pub shape: Shape,
     pub x: CudaSlice<T>,
@@ -59,10 +115,15 @@ pub struct OpBuffers<T: Float, P: ParamFor<T>> {
     pub gb: CudaSlice<P>,
     pub ws: Workspace,
     pub fused: Option<FusedBuffers<T>>,
+    pub sync: Option<SyncModule<T, P>>,
 }
 
 fn no_fused_buffers() -> BnError {
     BnError::Backward("the fused ops' buffers were not allocated")
+}
+
+fn no_sync_module() -> BnError {
+    BnError::Backward("the SyncBatchNorm module was not set up")
 }
 
 impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
@@ -350,6 +411,40 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
                 bias: Some(gb as &mut dyn DevicePtrMut<P>),
             },
             ws,
+        )
+    }
+
+    /// SyncBatchNorm's training forward on one rank, forced to synchronise, with or
+    /// without its verifying exchange, into y.
+    pub fn sync_train(&mut self, verify: bool) -> Result<(), BnError> {
+        let sync = self.sync.as_mut().ok_or_else(no_sync_module)?;
+        sync.forced(verify);
+        sync.module.forward_into(&self.x, &self.shape, &mut self.y)
+    }
+
+    /// Its backward (after its forward) into dx, dweight and dbias.
+    pub fn sync_backward(&mut self, verify: bool) -> Result<(), BnError> {
+        let OpBuffers {
+            shape,
+            x,
+            dy,
+            dx,
+            gw,
+            gb,
+            sync,
+            ..
+        } = self;
+        let (Some(dy), Some(dx), Some(sync)) = (dy.as_ref(), dx.as_mut(), sync.as_mut()) else {
+            return Err(no_sync_module());
+        };
+        sync.forced(verify);
+        sync.module.backward_into(
+            dy,
+            &*x,
+            shape,
+            dx,
+            Some(gw as &mut dyn DevicePtrMut<P>),
+            Some(gb as &mut dyn DevicePtrMut<P>),
         )
     }
 

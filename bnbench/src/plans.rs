@@ -8,7 +8,8 @@
 
 use std::collections::BTreeSet;
 
-use cuda_batchnorm::launch::{Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning};
+use cuda_batchnorm::launch::{self, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig};
+use cuda_batchnorm::launch::{Stage, Tuning};
 use cuda_batchnorm::launch::{TuningTable, Variant};
 use cuda_batchnorm::raw::{self, Launcher, Region};
 use cuda_batchnorm::{BnError, DType};
@@ -72,6 +73,17 @@ pub fn calls(op: Op, dtype: DType) -> Vec<Call> {
     }
 }
 
+/// The per-channel kernels a SyncBatchNorm op runs besides its plan's launches: the
+/// merge of the gathered statistics and their hand-over to the normalisation, or the
+/// hand-over of the all-reduced sums to dx.
+pub fn sync_stages(op: Op) -> &'static [Stage] {
+    match (op.is_sync(), op.kind()) {
+        (false, _) => &[],
+        (true, Kind::Backward) => &[Stage::DxPrep],
+        (true, _) => &[Stage::StatsGather, Stage::ElemtPrep],
+    }
+}
+
 /// The (input, parameter) types a row runs with: f16 and bf16 inputs with f32
 /// parameters (the suite's mixed mode), f32 and f64 with their own.
 pub fn types(input: DType) -> (DType, DType) {
@@ -117,24 +129,32 @@ pub fn kernels(
                     ..Tuning::default()
                 };
                 let what = format!("{} {} {}", op.name(), row.label(), choice_name(choice));
-                if choice.is_some() && !op.is_plain() {
-                    out.unavailable
-                        .push(format!("{what}: n/a: {}", crate::gpu::FUSED_AUTO_ONLY));
+                if let (Some(_), Some(why)) = (choice, op.auto_only()) {
+                    out.unavailable.push(format!("{what}: n/a: {why}"));
                     continue;
                 }
                 for (raw_op, fused, types) in calls(op, row.dtype) {
-                    match raw::plan_op_fused(
-                        raw_op,
-                        fused,
-                        &shape,
-                        types,
-                        Alignment::ALIGNED,
-                        &Planning,
-                        &tuning,
-                    ) {
-                        Ok(plan) => out
+                    let align = Alignment::ALIGNED;
+                    let plan = if op.is_sync() {
+                        // SyncBatchNorm runs the stages of a split plan around its
+                        // collectives, with the per-channel kernels between them.
+                        raw::plan_op_split(raw_op, &shape, types, align, &Planning, &tuning)
+                            .and_then(|plan| {
+                                let prep = sync_stages(op)
+                                    .iter()
+                                    .map(|&st| launch::channel_launch(st, shape.c(), types))
+                                    .map(|r| r.map(|(id, _)| id.name()))
+                                    .collect::<cuda_batchnorm::Result<Vec<_>>>()?;
+                                Ok((plan, prep))
+                            })
+                    } else {
+                        raw::plan_op_fused(raw_op, fused, &shape, types, align, &Planning, &tuning)
+                            .map(|plan| (plan, Vec::new()))
+                    };
+                    match plan {
+                        Ok((plan, prep)) => out
                             .names
-                            .extend(plan.launches.iter().map(|l| l.kernel.name())),
+                            .extend(plan.launches.iter().map(|l| l.kernel.name()).chain(prep)),
                         Err(BnError::VariantUnavailable { reason, .. }) => {
                             out.unavailable.push(format!("{what}: n/a: {reason}"))
                         }
@@ -312,14 +332,27 @@ mod tests {
         assert!(bwd.len() >= 2 && bwd != names(Op::BackwardRelu), "{bwd:?}");
         // The frozen eval is one streaming pass.
         assert_eq!(names(Op::FrozenEval).len(), 1);
+        // SyncBatchNorm: the split plan's stages and the per-channel kernels.
+        assert_eq!(
+            names(Op::SyncTrainFwd),
+            [
+                "bn_elemt_prep_f32",
+                "bn_ilp_fwd_norm_nchw_f32",
+                "bn_ilp_fwd_stats_nchw_f32",
+                "bn_stats_gather_f32"
+            ]
+        );
+        assert_eq!(names(Op::SyncTrainFwdUnverified), names(Op::SyncTrainFwd));
+        let bwd = names(Op::SyncBackward);
+        assert!(bwd.contains(&"bn_dx_prep_f32".to_string()), "{bwd:?}");
+        assert!(bwd.iter().all(|n| !n.contains("persistent")), "{bwd:?}");
         // Forcing a family: n/a for every non-plain op, as the GPU run reports it.
         let fused: Vec<Op> = Op::ALL.into_iter().filter(|o| !o.is_plain()).collect();
         let k = kernels(&r, &fused, &[Some(Variant::Baseline)], None);
         assert!(k.names.is_empty(), "{k:?}");
         assert_eq!(k.unavailable.len(), fused.len(), "{k:?}");
-        assert!(k
-            .unavailable
-            .iter()
-            .all(|l| l.ends_with(crate::gpu::FUSED_AUTO_ONLY)));
+        assert!(k.unavailable.iter().all(|l| {
+            l.ends_with(crate::suite::FUSED_AUTO_ONLY) || l.ends_with(crate::suite::SYNC_AUTO_ONLY)
+        }));
     }
 }

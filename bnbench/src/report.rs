@@ -8,7 +8,8 @@
 //!            "pct_copy": 0.0, ...}]}
 //! ```
 //!
-//! Rows may carry more fields (`check`, `max_rel_err`, `min_us`, `bytes`); readers
+//! Rows may carry more fields (`check`, `max_rel_err`, `min_us`, `bytes`, and for the
+//! SyncBatchNorm ops `sent_bytes`); readers
 //! ignore what they do not know. Further top-level members (run settings) are kept, in
 //! order, between `copy_gbps` and `rows`. Operations that could not be timed are not
 //! rows: they are listed under `errors`. Written and read with serde_json; the number
@@ -19,7 +20,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::suite::dims_label;
+use crate::metrics;
+use crate::suite::{dims_label, Op};
 
 /// Our implementation's name in result files.
 pub const OUR_IMPL: &str = "cuda-batchnorm";
@@ -65,6 +67,10 @@ pub struct ResultRow {
     /// Minimal bytes, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// For a SyncBatchNorm op: the bytes this rank hands its collectives per call
+    /// (`crate::metrics::sent_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_bytes: Option<u64>,
     /// `ok`, `failed` or `skipped`, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
@@ -384,16 +390,23 @@ impl Report {
         let with_impl = self.impls().len() > 1;
         let with_variant =
             self.rows.iter().any(|r| r.variant.is_some()) || !self.unavailable.is_empty();
+        let with_sent = self.rows.iter().any(|r| r.sent_bytes.is_some());
         let mut header = vec!["op", "shape", "layout", "dtype"];
         if with_variant {
             header.push("variant");
         }
         header.extend(["median µs", "GB/s", "% copy", "check", "max err"]);
+        if with_sent {
+            header.push("sent B");
+        }
         if with_impl {
             header.insert(0, "impl");
         }
         let first_number = header.iter().position(|h| *h == "median µs").unwrap_or(0);
-        let right: Vec<usize> = [0, 1, 2, 4].iter().map(|i| first_number + i).collect();
+        let mut right: Vec<usize> = [0, 1, 2, 4].iter().map(|i| first_number + i).collect();
+        if with_sent {
+            right.push(first_number + 5);
+        }
         let mut t = crate::table::new(&header, &right);
         for r in &self.rows {
             let mut cells = vec![
@@ -417,6 +430,9 @@ impl Report {
                 r.check.clone().unwrap_or_else(|| "-".into()),
                 r.max_rel_err.map_or("-".into(), |e| format!("{e:.1e}")),
             ]);
+            if with_sent {
+                cells.push(r.sent_bytes.map_or("-".into(), |b| b.to_string()));
+            }
             if with_impl {
                 cells.insert(0, r.impl_name.clone());
             }
@@ -428,6 +444,10 @@ impl Report {
                 "* the winner of its row and op: the fastest family timed whose check passed\n",
             );
         }
+        for line in self.sync_overhead() {
+            out.push_str(&line);
+            out.push('\n');
+        }
         for e in &self.errors {
             out.push_str(&format!("{} {}: error: {}\n", e.op, e.label, e.error));
         }
@@ -438,6 +458,53 @@ impl Report {
             ));
         }
         out
+    }
+}
+
+impl Report {
+    /// One line per SyncBatchNorm op timed beside its plain op on the same rows (the
+    /// primary rows of our implementation): the geometric mean, least and greatest of
+    /// its median time over the plain op's, and the microseconds it adds.
+    pub fn sync_overhead(&self) -> Vec<String> {
+        let ours: Vec<&ResultRow> = self
+            .rows
+            .iter()
+            .filter(|r| r.impl_name == OUR_IMPL && r.is_primary())
+            .collect();
+        let mut lines = Vec::new();
+        for op in Op::SYNC {
+            let Some(plain) = op.unsynced() else { continue };
+            let pairs: Vec<(f64, f64)> = ours
+                .iter()
+                .filter(|r| r.op == op.name())
+                .filter_map(|r| {
+                    ours.iter()
+                        .find(|p| {
+                            p.op == plain.name()
+                                && (&p.shape, &p.layout, &p.dtype)
+                                    == (&r.shape, &r.layout, &r.dtype)
+                        })
+                        .map(|p| (r.median_us, p.median_us))
+                })
+                .filter(|(s, p)| *s > 0.0 && *p > 0.0 && s.is_finite() && p.is_finite())
+                .collect();
+            let ratios: Vec<f64> = pairs.iter().map(|(s, p)| s / p).collect();
+            let Some(geo) = metrics::geomean(&ratios) else {
+                continue;
+            };
+            let (lo, hi) = ratios.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+                (lo.min(x), hi.max(x))
+            });
+            let added: Vec<f64> = pairs.iter().map(|(s, p)| s - p).collect();
+            let added = metrics::median(&added).unwrap_or(f64::NAN);
+            lines.push(format!(
+                "{} / {}: x{geo:.2} geomean (x{lo:.2} to x{hi:.2}) over {} rows, median {added:+.1} µs per call",
+                op.name(),
+                plain.name(),
+                ratios.len()
+            ));
+        }
+        lines
     }
 }
 
@@ -476,6 +543,7 @@ pub(crate) mod tests {
             pct_copy: 100.0 / us,
             min_us: None,
             bytes: None,
+            sent_bytes: None,
             check: None,
             max_rel_err: None,
         }
@@ -789,5 +857,41 @@ pub(crate) mod tests {
         let t = rep.table();
         assert!(t.starts_with("impl"), "{t}");
         assert!(t.lines().nth(3).unwrap().starts_with("torch "), "{t}");
+    }
+
+    #[test]
+    fn sync_rows_show_what_they_send_and_their_overhead() {
+        let dims = [32, 64, 56, 56];
+        let timed = |op: &str, dtype: &str, us: f64| ResultRow {
+            sent_bytes: Op::parse(op)
+                .and_then(|o| crate::metrics::sent_bytes(o, &dims, cuda_batchnorm::DType::F32)),
+            ..row(OUR_IMPL, op, &dims, "nchw", dtype, us)
+        };
+        let rep = report(vec![
+            timed("train_fwd", "f32", 10.0),
+            timed("sync_train_fwd", "f32", 15.0),
+            timed("train_fwd", "f16", 8.0),
+            timed("sync_train_fwd", "f16", 16.0),
+            // Its plain op was not timed: no line for it.
+            timed("sync_backward", "f32", 30.0),
+        ]);
+        let text = rep.to_json().unwrap();
+        assert_eq!(Report::from_json(&text).unwrap(), rep);
+        assert!(text.contains("\"sent_bytes\": 540}"), "{text}");
+        assert_eq!(
+            rep.sync_overhead(),
+            ["sync_train_fwd / train_fwd: x1.73 geomean (x1.50 to x2.00) over 2 rows, median +6.5 µs per call"]
+        );
+        let t = rep.table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("sent B"), "{t}");
+        assert!(lines[2].ends_with(" -"), "{t}");
+        assert!(lines[3].ends_with(" 540"), "{t}");
+        assert!(lines[6].ends_with(" 536"), "{t}");
+        assert!(
+            lines[7].starts_with("sync_train_fwd / train_fwd: x1.73"),
+            "{t}"
+        );
+        assert_eq!(lines.len(), 8, "{t}");
     }
 }

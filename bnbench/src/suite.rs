@@ -14,10 +14,14 @@ pub use crate::ops::Epi;
 pub const SUITE_TOML: &str = include_str!("../../bench/suite.toml");
 
 /// Set names `--set` accepts.
-pub const SET_NAMES: [&str; 5] = ["quick", "resnet50", "bn1d", "hard", "full"];
+pub const SET_NAMES: [&str; 6] = ["quick", "resnet50", "bn1d", "hard", "full", "sync"];
 
 /// Set names a group of the suite file may have.
 pub const LINE_SETS: [&str; 3] = ["resnet50", "bn1d", "hard"];
+
+/// The SyncBatchNorm set: the resnet50 group's shapes with this batch size (each with
+/// its group's layouts and dtypes).
+pub const SYNC_BATCH: usize = 32;
 
 /// Set name of rows that come from `--shape`.
 pub const CUSTOM_SET: &str = "custom";
@@ -26,7 +30,9 @@ pub const CUSTOM_SET: &str = "custom";
 /// inference path's (the frozen eval) and the fused epilogues (`relu(bn(x))`,
 /// `relu(bn(x) + z)`), each beside our own unfused sequence of the same computation
 /// (`*_seq`: the plain call, then a separate ReLU or add-ReLU pass, or for the backward
-/// `threshold_backward` then the plain backward), so that a row shows what fusing saves.
+/// `threshold_backward` then the plain backward), so that a row shows what fusing saves;
+/// last SyncBatchNorm's training forward and backward on one rank over NCCL (forced to
+/// synchronise), with and without its verifying exchange, beside the plain ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Op {
     /// `functional::batch_norm` in training, running statistics updated, statistics saved.
@@ -108,6 +114,31 @@ pub enum Op {
         help = "backward of relu(bn(x)) or relu(bn(x) + z) as our two ops in sequence"
     )]
     BackwardReluSeq,
+    /// `sync::SyncBatchNorm`'s training forward on one rank over `sync::Nccl`, forced to
+    /// synchronise, with the default options (the verifying exchange).
+    #[value(
+        name = "sync_train_fwd",
+        help = "SyncBatchNorm's training forward on one rank over NCCL (forced): verifying exchange, all-gather of the statistics"
+    )]
+    SyncTrainFwd,
+    /// Its backward: the all-reduce of the channel sums.
+    #[value(
+        name = "sync_backward",
+        help = "SyncBatchNorm's backward on one rank over NCCL (forced): verifying exchange, all-reduce of the sums"
+    )]
+    SyncBackward,
+    /// `sync_train_fwd` with `SyncOptions::verify` off: no host synchronisation.
+    #[value(
+        name = "sync_train_fwd_unverified",
+        help = "sync_train_fwd without the verifying exchange (no host synchronisation)"
+    )]
+    SyncTrainFwdUnverified,
+    /// `sync_backward` with `SyncOptions::verify` off.
+    #[value(
+        name = "sync_backward_unverified",
+        help = "sync_backward without the verifying exchange (no host synchronisation)"
+    )]
+    SyncBackwardUnverified,
 }
 
 /// What an op computes: its BatchNorm call and epilogue.
@@ -125,7 +156,7 @@ pub enum Kind {
 
 impl Op {
     /// Every op, in the order they run.
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 19] = [
         Op::TrainFwd,
         Op::EvalFwd,
         Op::Backward,
@@ -141,10 +172,22 @@ impl Op {
         Op::BackwardRelu,
         Op::BackwardAddRelu,
         Op::BackwardReluSeq,
+        Op::SyncTrainFwd,
+        Op::SyncBackward,
+        Op::SyncTrainFwdUnverified,
+        Op::SyncBackwardUnverified,
     ];
 
     /// The plain ops: what runs without `--op`.
     pub const PLAIN: [Op; 3] = [Op::TrainFwd, Op::EvalFwd, Op::Backward];
+
+    /// The SyncBatchNorm ops: what `--set sync` adds without `--op`.
+    pub const SYNC: [Op; 4] = [
+        Op::SyncTrainFwd,
+        Op::SyncBackward,
+        Op::SyncTrainFwdUnverified,
+        Op::SyncBackwardUnverified,
+    ];
 
     /// The name used on the command line and in JSON.
     pub const fn name(self) -> &'static str {
@@ -164,6 +207,10 @@ impl Op {
             Op::BackwardRelu => "backward_relu",
             Op::BackwardAddRelu => "backward_add_relu",
             Op::BackwardReluSeq => "backward_relu_seq",
+            Op::SyncTrainFwd => "sync_train_fwd",
+            Op::SyncBackward => "sync_backward",
+            Op::SyncTrainFwdUnverified => "sync_train_fwd_unverified",
+            Op::SyncBackwardUnverified => "sync_backward_unverified",
         }
     }
 
@@ -179,14 +226,19 @@ impl Op {
             | Op::TrainRelu
             | Op::TrainReluSeq
             | Op::TrainAddRelu
-            | Op::TrainAddReluSeq => Kind::Train,
+            | Op::TrainAddReluSeq
+            | Op::SyncTrainFwd
+            | Op::SyncTrainFwdUnverified => Kind::Train,
             Op::EvalFwd | Op::EvalRelu | Op::EvalReluSeq | Op::EvalAddRelu | Op::EvalAddReluSeq => {
                 Kind::Eval
             }
             Op::FrozenEval => Kind::Frozen,
-            Op::Backward | Op::BackwardRelu | Op::BackwardAddRelu | Op::BackwardReluSeq => {
-                Kind::Backward
-            }
+            Op::Backward
+            | Op::BackwardRelu
+            | Op::BackwardAddRelu
+            | Op::BackwardReluSeq
+            | Op::SyncBackward
+            | Op::SyncBackwardUnverified => Kind::Backward,
         }
     }
 
@@ -206,6 +258,10 @@ impl Op {
             | Op::TrainAddReluSeq
             | Op::BackwardAddRelu => Some(Epi::AddRelu),
             Op::TrainFwd | Op::EvalFwd | Op::Backward | Op::FrozenEval => None,
+            Op::SyncTrainFwd
+            | Op::SyncBackward
+            | Op::SyncTrainFwdUnverified
+            | Op::SyncBackwardUnverified => None,
         }
     }
 
@@ -221,9 +277,47 @@ impl Op {
         )
     }
 
+    /// For a SyncBatchNorm op, whether it verifies (`SyncOptions::verify`); `None` for
+    /// the others.
+    pub const fn sync_verify(self) -> Option<bool> {
+        match self {
+            Op::SyncTrainFwd | Op::SyncBackward => Some(true),
+            Op::SyncTrainFwdUnverified | Op::SyncBackwardUnverified => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether it is a SyncBatchNorm op.
+    pub const fn is_sync(self) -> bool {
+        self.sync_verify().is_some()
+    }
+
+    /// The plain op a SyncBatchNorm op synchronises (its overhead is measured against
+    /// it); `None` for the others.
+    pub const fn unsynced(self) -> Option<Op> {
+        match (self.sync_verify(), self.kind()) {
+            (Some(_), Kind::Train) => Some(Op::TrainFwd),
+            (Some(_), _) => Some(Op::Backward),
+            (None, _) => None,
+        }
+    }
+
+    /// Why a forced kernel family (`--variant`) does not run it, if it does not: the
+    /// frozen and fused ops and the sequences run the planner's choice, and
+    /// SyncBatchNorm plans its stages itself.
+    pub const fn auto_only(self) -> Option<&'static str> {
+        if self.is_sync() {
+            Some(SYNC_AUTO_ONLY)
+        } else if self.is_plain() {
+            None
+        } else {
+            Some(FUSED_AUTO_ONLY)
+        }
+    }
+
     /// Whether it is one of the three plain ops.
-    pub fn is_plain(self) -> bool {
-        Op::PLAIN.contains(&self)
+    pub const fn is_plain(self) -> bool {
+        matches!(self, Op::TrainFwd | Op::EvalFwd | Op::Backward)
     }
 
     /// The training forward a backward differentiates through (it makes the saved
@@ -233,10 +327,22 @@ impl Op {
             Op::Backward => Some(Op::TrainFwd),
             Op::BackwardRelu | Op::BackwardReluSeq => Some(Op::TrainRelu),
             Op::BackwardAddRelu => Some(Op::TrainAddRelu),
+            Op::SyncBackward => Some(Op::SyncTrainFwd),
+            Op::SyncBackwardUnverified => Some(Op::SyncTrainFwdUnverified),
             _ => None,
         }
     }
 }
+
+/// Why a frozen or fused op (or our unfused sequence of one) is not run by a forced
+/// family: the fused calls run the baseline family's epilogue whatever is asked, and the
+/// sequences are timed as the planner chains them.
+pub const FUSED_AUTO_ONLY: &str =
+    "the frozen and fused ops and their unfused sequences run with the planner's choice only (auto)";
+
+/// Why a SyncBatchNorm op is not run by a forced family.
+pub const SYNC_AUTO_ONLY: &str =
+    "SyncBatchNorm runs its stages with the planner's choice only (auto)";
 
 /// One shape of the suite file, with its group's lists.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -535,7 +641,9 @@ pub fn expand(lines: &[Line], sel: &Selection) -> Vec<Row> {
     };
     let wants = |name: &str| sel.sets.iter().any(|s| s == name);
     for line in lines {
-        let (layouts, dtypes) = if wants("full") || wants(&line.set) {
+        let sync =
+            wants("sync") && line.set == "resnet50" && line.dims.first() == Some(&SYNC_BATCH);
+        let (layouts, dtypes) = if wants("full") || wants(&line.set) || sync {
             (line.layouts.clone(), line.dtypes.clone())
         } else if let (true, Some(q)) = (wants("quick"), &line.quick) {
             q.clone()
@@ -582,6 +690,14 @@ mod tests {
         assert_eq!(set("hard").len(), 6 * 2 * 3 + 3);
         assert_eq!(set("quick").len(), 10);
         assert_eq!(set("full").len(), 144 + 30 + 39);
+        // The SyncBatchNorm set: resnet50's batch-32 half.
+        let sync = set("sync");
+        assert_eq!(sync.len(), 12 * 2 * 3);
+        assert!(sync
+            .iter()
+            .all(|r| r.set == "resnet50" && r.dims[0] == SYNC_BATCH));
+        let resnet = set("resnet50");
+        assert!(sync.iter().all(|r| resnet.contains(r)));
     }
 
     #[test]
@@ -864,9 +980,11 @@ mod tests {
             return;
         }
         let script = SCRIPT;
-        let cases: [&[&str]; 12] = [
+        let cases: [&[&str]; 14] = [
             &[],
             &["--set", "quick"],
+            &["--set", "sync"],
+            &["--set", "sync,resnet50", "--dtype", "f16"],
             &["--set", "resnet50"],
             &["--set", "bn1d"],
             &["--set", "hard"],

@@ -764,3 +764,103 @@ fn bnbench_checks_and_times_the_fused_ops_and_their_sequences() {
     assert_eq!(of("emulated", "ok").len(), 2 * 12, "{text}");
     assert_eq!(checks.len(), 2 * (12 + 12), "{text}");
 }
+
+/// The SyncBatchNorm ops on the emulated driver and the emulated NCCL (the timed path,
+/// with the emulator's times): checked, timed beside the plain ops, what each call sends
+/// in the JSON, and the overhead lines under the table.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time)"
+)]
+fn bnbench_times_the_sync_ops_beside_the_plain_ones() {
+    let Some(dir) = driver_dir("bnbench_times_the_sync_ops_beside_the_plain_ones") else {
+        return;
+    };
+    let Some(nccl) = cuda_batchnorm_emu::nccl::library().and_then(|p| Path::new(p).parent()) else {
+        return;
+    };
+    let path = format!("{}:{}", dir.display(), nccl.display());
+    let json = std::env::temp_dir().join(format!("bnbench-sync-{}.json", std::process::id()));
+    let args = [
+        "--set", "sync", "--shape", "4,6,3,5", "--layout", "nhwc", "--dtype", "f16", "--warmup",
+        "0", "--list",
+    ];
+    // The sync set is the resnet50 group's batch-32 shapes.
+    let (status, stdout, _) = bnbench(dir, &[], args);
+    assert!(status.success());
+    let listed: Vec<&str> = stdout.lines().collect();
+    assert_eq!(listed.len(), 12 + 1, "{stdout}");
+    assert!(listed[..12].iter().all(|l| l.contains(" 32x")), "{stdout}");
+
+    // Both kinds and both modes, each beside its plain op.
+    let ops = "train_fwd,backward,sync_train_fwd,sync_backward_unverified";
+    let args = [
+        "--shape", "4,6,3,5", "--layout", "nhwc", "--dtype", "f16", "--op", ops, "--warmup", "0",
+        "--json",
+    ];
+    let args = args.iter().map(OsStr::new).chain([json.as_os_str()]);
+    let (status, stdout, stderr) = bnbench(dir, &[("LD_LIBRARY_PATH", &path)], args);
+    assert!(status.success(), "{status}\n{stdout}\n{stderr}");
+    let text = std::fs::read_to_string(&json).expect("bnbench wrote its JSON");
+    let _ = std::fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let sent: Vec<(&str, Option<u64>)> = rows
+        .iter()
+        .map(|r| (r["op"].as_str().unwrap(), r["sent_bytes"].as_u64()))
+        .collect();
+    // f16 accumulates in f32: (2C + 1) and 2C values of 4 bytes, plus the 24-byte header.
+    assert_eq!(
+        sent,
+        [
+            ("train_fwd", None),
+            ("backward", None),
+            ("sync_train_fwd", Some(13 * 4 + 24)),
+            ("sync_backward_unverified", Some(12 * 4)),
+        ],
+        "{text}"
+    );
+    assert!(rows.iter().all(|r| r["check"] == "ok"), "{text}");
+    for line in [
+        "sync_train_fwd / train_fwd: x",
+        "sync_backward_unverified / backward: x",
+    ] {
+        assert!(stdout.contains(line), "{line}\n{stdout}");
+    }
+    assert!(stdout.contains("sent B"), "{stdout}");
+
+    // A forced family does not run them; without NCCL they are n/a, or fail where NCCL
+    // is required.
+    let args = [
+        "--shape",
+        "4,6,3,5",
+        "--op",
+        "sync_train_fwd",
+        "--variant",
+        "baseline",
+        "--warmup",
+        "0",
+    ];
+    let (status, _, stderr) = bnbench(dir, &[("LD_LIBRARY_PATH", &path)], args);
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("SyncBatchNorm runs its stages with the planner's choice only"));
+    let args = [
+        "--shape",
+        "4,6,3,5",
+        "--op",
+        "train_fwd,sync_backward",
+        "--warmup",
+        "0",
+    ];
+    let (status, stdout, stderr) = bnbench(dir, &[], args);
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("sync_backward 4x6x3x5 nchw f32: n/a: no NCCL communicator"),
+        "{stderr}"
+    );
+    let required = [("CUDA_BATCHNORM_REQUIRE_NCCL", "1")];
+    let (status, _, stderr) = bnbench(dir, &required, args);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CUDA_BATCHNORM_REQUIRE_NCCL=1"), "{stderr}");
+}

@@ -129,9 +129,20 @@ using DtoH = int (*)(void*, uint64_t, size_t);
 using HtoD = int (*)(uint64_t, const void*, size_t);
 using GetDevice = int (*)(int*);
 
+// Found in the global scope (the driver preloaded with RTLD_GLOBAL), else in a libcuda
+// this process already loaded locally (cudarc's own dlopen of the emulated driver found
+// through LD_LIBRARY_PATH); never loads one.
 template <class F>
 F driver(const char* name) {
-    return reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+    if (void* f = dlsym(RTLD_DEFAULT, name)) return reinterpret_cast<F>(f);
+    for (const char* lib : {"libcuda.so", "libcuda.so.1"}) {
+        if (void* h = dlopen(lib, RTLD_LAZY | RTLD_NOLOAD)) {
+            void* f = dlsym(h, name);
+            dlclose(h);  // drops the reference RTLD_NOLOAD took; the library stays loaded
+            if (f != nullptr) return reinterpret_cast<F>(f);
+        }
+    }
+    return nullptr;
 }
 
 int copy_in(std::vector<unsigned char>& host, const void* src, size_t bytes) {
