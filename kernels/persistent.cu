@@ -1,22 +1,26 @@
 // persistent.cu: the "persistent" kernel family: the training forward and the training
-// backward each in one cooperative launch, for tensors whose channel slabs fit in the
-// registers of the whole grid, so that x (and dy) are read from memory once.
+// backward each in one cooperative launch, for tensors whose channel slabs fit on chip
+// across the whole grid (registers, then shared memory), so that x (and dy) are read
+// from memory once.
 //
 //   bn_persistent_fwd_train_nchw_<tag>[_i64]: statistics, running-statistics update,
-//       saved statistics and y. Each thread loads its units of its block's slab into
-//       registers (R = 8 raw 16-byte vectors, 32 registers whatever T), Welford over them
-//       (one reciprocal per vector), the block's state published as the split's partial,
-//       a grid-wide barrier, then every block of the channel merges all its splits in the
-//       same fixed order (the same bits in each), normalises its registers and writes y;
-//       split 0 writes save_mean / save_invstd and the running statistics.
-//   bn_persistent_bwd_train_nchw_<tag>[_i64]: sum_dy and dotp from x and dy in registers
-//       (R = 4 vectors each), published, barrier, merged as above, dx from the registers;
-//       split 0 writes grad_weight and grad_bias.
+//       saved statistics and y. Each thread keeps its units of its block's slab as raw
+//       16-byte vectors: the first step of R = 8 in registers (32 registers whatever T),
+//       each further step of R in dynamic shared memory (32 KB a step per block). Welford
+//       over them (one reciprocal per vector), the block's state published as the split's
+//       partial, a grid-wide barrier, then every block of the channel merges all its
+//       splits in the same fixed order (the same bits in each), normalises what it kept
+//       and writes y; split 0 writes save_mean / save_invstd and the running statistics.
+//   bn_persistent_bwd_train_nchw_<tag>[_i64]: sum_dy and dotp from x and dy kept the
+//       same way (R = 4 vectors of each a step: 32 KB of shared memory a further step),
+//       published, barrier, merged as above, dx from what was kept; split 0 writes
+//       grad_weight and grad_bias.
 //
-// Layout and what it needs (the plan guarantees it, src/launch.rs plan_persistent):
+// Layout and what it needs (the plan guarantees it, src/launch.rs plan_persistent_stage):
 // nchw, S a multiple of the vector width V, every tensor 16-byte aligned, a block's
-// split at most 256 R vectors, and the grid (C * splits blocks) no larger than the
-// device keeps resident (the launch is cooperative: the driver refuses it otherwise).
+// split at most 256 R x steps vectors with (steps - 1) x 32 KB of dynamic shared memory
+// (kSlabStepBytes), and the grid (C * splits blocks) no larger than the device keeps
+// resident with that much (the launch is cooperative: the driver refuses it otherwise).
 // One pass over memory: 2 E b bytes for the forward, 3 E b for the backward, the floors.
 // Assumptions otherwise as in batchnorm.cu (M >= 1, C >= 1).
 
@@ -84,6 +88,11 @@ __device__ __forceinline__ typename Pol::State merge_channel(const BnParams& p, 
     return broadcast(Pol::block(acc));
 }
 
+// Bytes of shared memory that one further step of a block's slab takes (256 threads x
+// R vectors of 16 bytes, R x 2 in the backward: 32 KB both), src/launch.rs
+// PERSISTENT_STEP_BYTES.
+constexpr int kSlabStepBytes = 32 * 1024;
+
 // A thread's units of its block's slab, as raw 16-byte packs.
 template <class T, int R>
 struct Slab {
@@ -97,12 +106,41 @@ struct Slab {
             if (walk.has(u)) v[u] = s.template vec<V>(e[u]);
         }
     }
+    // A step that lies in the block's range (every step but a block's last): all R loads
+    // at once, none predicated.
+    template <class I>
+    __device__ __forceinline__ void load_full(const Stream<T, L2Keep::First>& s, const I (&e)[R]) {
+        BN_UNROLL
+        for (int u = 0; u < R; ++u) v[u] = s.template vec<V>(e[u]);
+    }
     template <class A>
     __device__ __forceinline__ void get(int u, A (&out)[V]) const {
         BN_UNROLL
         for (int j = 0; j < V; ++j) out[j] = to_acc<A>(v[u].v[j]);
     }
+    // Slot `slot` of this thread's packs in shared memory (the step's R packs of each of
+    // `ways` tensors, thread-minor: conflict-free 16-byte accesses).
+    template <class Smem>
+    __device__ __forceinline__ void put(const Smem& smem, int slot, int ways, int way, int u) const {
+        smem[((slot * R + u) * ways + way) * kBlockThreads + static_cast<int>(threadIdx.x)] = v[u];
+    }
+    template <class Smem>
+    __device__ __forceinline__ void take(const Smem& smem, int slot, int ways, int way, int u) {
+        v[u] = smem[((slot * R + u) * ways + way) * kBlockThreads + static_cast<int>(threadIdx.x)];
+    }
 };
+
+// Walks a thread's later steps of its block's slab (shared memory, slot = step - 1),
+// after step 0 (registers) at `walk` as made, while the block's range lasts.
+template <class I, int R, int V, class Later>
+__device__ __forceinline__ void each_later_step(IlpNchwWalk<I, R, V> walk, Later&& later) {
+    int slot = 0;
+    for (walk.advance(); walk.has(0); walk.advance(), ++slot) {
+        I e[R];
+        walk.elems(e);
+        later(walk, e, slot);
+    }
+}
 
 template <class T, class P, class A, class I>
 struct PersistentFwd {
@@ -114,20 +152,44 @@ struct PersistentFwd {
         const Stream<T, L2Keep::First> x(p.x);
         const A shift = shift_of(to_acc<A>(x.one(b.c * S)));
         const IlpNchwWalk<I, R, V> walk(p, b.c, b.k);
+        using Packed = Pack<T, V>;
+        BN_DYNAMIC_SHARED(Packed, s_slab);
+        Slab<T, R> slab;
+        Welford<A> w = welford_empty<A>();
+        const auto stats = [&](const IlpNchwWalk<I, R, V>& at, const Slab<T, R>& from) {
+            BN_UNROLL
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                A v[V];
+                from.get(u, v);
+                BN_UNROLL
+                for (int j = 0; j < V; ++j) v[j] -= shift;
+                welford_group<A, V>(w, v);
+            }
+        };
+        // The later steps first, through a second register set into shared memory, so that
+        // the first step's registers are loaded last and the two sets are never live
+        // together.
+        each_later_step(walk, [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], int slot) {
+            // Stored before any arithmetic, so that the loads issue together.
+            Slab<T, R> t;
+            if (at.full()) {
+                t.load_full(x, at_e);
+                BN_UNROLL
+                for (int u = 0; u < R; ++u) t.put(s_slab, slot, 1, 0, u);
+            } else {
+                t.load(x, at, at_e);
+                BN_UNROLL
+                for (int u = 0; u < R; ++u) {
+                    if (at.has(u)) t.put(s_slab, slot, 1, 0, u);
+                }
+            }
+            stats(at, t);
+        });
         I e[R];
         walk.elems(e);
-        Slab<T, R> slab;
         slab.load(x, walk, e);
-        Welford<A> w = welford_empty<A>();
-        BN_UNROLL
-        for (int u = 0; u < R; ++u) {
-            if (!walk.has(u)) continue;
-            A v[V];
-            slab.get(u, v);
-            BN_UNROLL
-            for (int j = 0; j < V; ++j) v[j] -= shift;
-            welford_group<A, V>(w, v);
-        }
+        stats(walk, slab);
         const Welford<A> total = merge_channel<StatsPolicy<A>>(p, b.c, b.k, b.splits, w);
         const A var = total.m2 / total.n;
         const A invstd = acc_rsqrt(var + static_cast<A>(p.eps));
@@ -150,15 +212,26 @@ struct PersistentFwd {
         k.scale = invstd * param_or<P, A>(p.weight, b.c, A(1));
         k.bias = param_or<P, A>(p.bias, b.c, A(0));
         const Gmem<T> y(p.y);
-        BN_UNROLL
-        for (int u = 0; u < R; ++u) {
-            if (!walk.has(u)) continue;
-            A v[V];
-            slab.get(u, v);
+        const auto normalise = [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], const Slab<T, R>& from) {
             BN_UNROLL
-            for (int j = 0; j < V; ++j) v[j] = k.apply(v[j]);
-            store_acc<V>(y, e[u], v);
-        }
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                A v[V];
+                from.get(u, v);
+                BN_UNROLL
+                for (int j = 0; j < V; ++j) v[j] = k.apply(v[j]);
+                store_acc<V>(y, at_e[u], v);
+            }
+        };
+        normalise(walk, e, slab);
+        each_later_step(walk, [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], int slot) {
+            Slab<T, R> t;
+            BN_UNROLL
+            for (int u = 0; u < R; ++u) {
+                if (at.has(u)) t.take(s_slab, slot, 1, 0, u);
+            }
+            normalise(at, at_e, t);
+        });
     }
 };
 
@@ -172,24 +245,42 @@ struct PersistentBwd {
         const Stream<T, L2Keep::First> x(p.x);
         const Stream<T, L2Keep::First> dy(p.dy);
         const IlpNchwWalk<I, R, V> walk(p, b.c, b.k);
+        using Packed = Pack<T, V>;
+        BN_DYNAMIC_SHARED(Packed, s_slab);
+        Slab<T, R> xs, gs;
+        Sum2<A> s{A(0), A(0)};
+        const auto sums = [&](const IlpNchwWalk<I, R, V>& at, const Slab<T, R>& xf, const Slab<T, R>& gf) {
+            BN_UNROLL
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                A xv[V], gv[V];
+                xf.get(u, xv);
+                gf.get(u, gv);
+                BN_UNROLL
+                for (int j = 0; j < V; ++j) {
+                    s.a += gv[j];
+                    s.b += gv[j] * (xv[j] - st.mean);
+                }
+            }
+        };
+        // As in the forward: the later steps first.
+        each_later_step(walk, [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], int slot) {
+            Slab<T, R> tx, tg;
+            tx.load(x, at, at_e);
+            tg.load(dy, at, at_e);
+            BN_UNROLL
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                tx.put(s_slab, slot, 2, 0, u);
+                tg.put(s_slab, slot, 2, 1, u);
+            }
+            sums(at, tx, tg);
+        });
         I e[R];
         walk.elems(e);
-        Slab<T, R> xs, gs;
         xs.load(x, walk, e);
         gs.load(dy, walk, e);
-        Sum2<A> s{A(0), A(0)};
-        BN_UNROLL
-        for (int u = 0; u < R; ++u) {
-            if (!walk.has(u)) continue;
-            A xv[V], gv[V];
-            xs.get(u, xv);
-            gs.get(u, gv);
-            BN_UNROLL
-            for (int j = 0; j < V; ++j) {
-                s.a += gv[j];
-                s.b += gv[j] * (xv[j] - st.mean);
-            }
-        }
+        sums(walk, xs, gs);
         const Sum2<A> total = merge_channel<SumPolicy<A>>(p, b.c, b.k, b.splits, s);
         if (b.k == 0 && threadIdx.x == 0) {
             if (p.grad_bias) Gmem<P>(p.grad_bias).st(b.c, from_acc<P>(total.a));
@@ -202,16 +293,30 @@ struct PersistentBwd {
         k.grad_mean = total.a * norm;
         k.proj = total.b * norm * st.invstd * st.invstd;
         const Gmem<T> dx(p.dx);
-        BN_UNROLL
-        for (int u = 0; u < R; ++u) {
-            if (!walk.has(u)) continue;
-            A xv[V], gv[V];
-            xs.get(u, xv);
-            gs.get(u, gv);
+        const auto grads = [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], const Slab<T, R>& xf,
+                               const Slab<T, R>& gf) {
             BN_UNROLL
-            for (int j = 0; j < V; ++j) gv[j] = k.apply(gv[j], xv[j]);
-            store_acc<V>(dx, e[u], gv);
-        }
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                A xv[V], gv[V];
+                xf.get(u, xv);
+                gf.get(u, gv);
+                BN_UNROLL
+                for (int j = 0; j < V; ++j) gv[j] = k.apply(gv[j], xv[j]);
+                store_acc<V>(dx, at_e[u], gv);
+            }
+        };
+        grads(walk, e, xs, gs);
+        each_later_step(walk, [&](const IlpNchwWalk<I, R, V>& at, const I (&at_e)[R], int slot) {
+            Slab<T, R> tx, tg;
+            BN_UNROLL
+            for (int u = 0; u < R; ++u) {
+                if (!at.has(u)) continue;
+                tx.take(s_slab, slot, 2, 0, u);
+                tg.take(s_slab, slot, 2, 1, u);
+            }
+            grads(at, at_e, tx, tg);
+        });
     }
 };
 

@@ -138,6 +138,8 @@ pub struct Kernels {
     /// The driver's occupancy answers by (kernel, block threads, dynamic shared bytes):
     /// every call plans several families' stages, and the answer never changes.
     occupancy: Mutex<HashMap<(KernelId, u32, u32), u32>>,
+    /// The dynamic shared memory each kernel asked about may use, its opt-in already set.
+    shared_limits: Mutex<HashMap<KernelId, u32>>,
     /// What the functional layer plans with ([`crate::functional::set_tuning`]).
     tuning: Mutex<Tuning>,
 }
@@ -209,6 +211,7 @@ impl Kernels {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             occupancy: Mutex::new(HashMap::new()),
+            shared_limits: Mutex::new(HashMap::new()),
             tuning: Mutex::new(Tuning {
                 table,
                 ..Tuning::default()
@@ -370,6 +373,48 @@ impl Launcher for CudaLauncher<'_> {
         Ok(n)
     }
 
+    /// The device's opt-in per block (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`) less the
+    /// kernel's static shared memory, set as the kernel's `MAX_DYNAMIC_SHARED_SIZE_BYTES`
+    /// (without it a launch may not pass 48 KiB); once per kernel.
+    fn dynamic_shared_limit(&self, kernel: &KernelId) -> Result<u32> {
+        let limits = &self.kernels.shared_limits;
+        if let Some(&n) = limits.lock().unwrap_or_else(|e| e.into_inner()).get(kernel) {
+            return Ok(n);
+        }
+        let ctx = &self.kernels.ctx;
+        ctx.bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        let optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(BnError::driver("reading device attributes"))?;
+        let f = self.kernels.function(kernel)?;
+        use sys::CUfunction_attribute as Attr;
+        // SAFETY: `f` is a live function of the bound context's loaded module; the
+        // attribute is a readable one.
+        let fixed = unsafe {
+            result::function::get_function_attribute(f, Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        }
+        .map_err(BnError::driver("reading a kernel's shared memory"))?;
+        let limit = optin.saturating_sub(fixed).max(0);
+        // SAFETY: as above; the value is within what the device allows the kernel.
+        unsafe {
+            result::function::set_function_attribute(
+                f,
+                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                limit,
+            )
+        }
+        .map_err(BnError::driver("raising a kernel's shared memory limit"))?;
+        let limit = limit as u32;
+        limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*kernel, limit);
+        Ok(limit)
+    }
+
     fn launch(
         &self,
         kernel: KernelId,
@@ -377,6 +422,10 @@ impl Launcher for CudaLauncher<'_> {
         params: &BnParams,
         _regions: &[Region],
     ) -> Result<()> {
+        if config.shared_bytes > crate::launch::DEFAULT_DYNAMIC_SHARED {
+            // The opt-in, where a plan made elsewhere did not ask first.
+            self.dynamic_shared_limit(&kernel)?;
+        }
         self.kernels
             .ctx
             .bind_to_thread()

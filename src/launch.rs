@@ -939,15 +939,28 @@ pub fn plan_ilp_stage(
     })
 }
 
-/// Vector slots per thread of the persistent family's fused stages (kernels/persistent.cu
-/// `R`): the forward keeps 8 16-byte vectors of x per thread, the backward 4 of x and 4
-/// of dy.
+/// Vector slots per thread and step of the persistent family's fused stages
+/// (kernels/persistent.cu `R`): the forward keeps 8 16-byte vectors of x per thread a
+/// step, the backward 4 of x and 4 of dy; the first step in registers, each further one
+/// in [`PERSISTENT_STEP_BYTES`] of dynamic shared memory per block.
 pub const fn persistent_slots(stage: Stage) -> usize {
     match stage {
         Stage::BwdFused => 4,
         _ => 8,
     }
 }
+
+/// Dynamic shared memory of one further step of a persistent block's slab (256 threads x
+/// 8 vectors of 16 bytes; kernels/persistent.cu `kSlabStepBytes`).
+pub const PERSISTENT_STEP_BYTES: u32 = 32 * 1024;
+
+/// Most steps of a persistent block's slab: one in registers and up to seven in shared
+/// memory (224 KB, within an H100's 227 KB per block).
+pub const PERSISTENT_MAX_STEPS: u32 = 8;
+
+/// Dynamic shared memory a kernel may use where the executor cannot say more: CUDA's
+/// 48 KiB per block without the opt-in, less 1 KiB for a kernel's static shared memory.
+pub const DEFAULT_DYNAMIC_SHARED: u32 = 47 * 1024;
 
 /// Whether the persistent family has kernels for this call at all (before its occupancy
 /// is asked for: there are no channels-last entry points to ask about).
@@ -971,10 +984,14 @@ pub fn persistent_takes(stage: Stage, shape: &Shape, input: DType, align: Alignm
 
 /// Plans a fused stage of the persistent family (kernels/persistent.cu): nchw, S a
 /// multiple of the vector width, aligned tensors, each block's split at most 256 x
-/// [`persistent_slots`] vectors, and the whole grid resident at once (`resident` blocks
-/// per multiprocessor, from the driver's occupancy calculator): as many splits per
-/// channel as the device holds, at least enough for the slabs to fit. A tensor whose
+/// [`persistent_slots`] vectors a step, and the whole grid resident at once. The fewest
+/// steps whose slabs fit are taken (the first in registers, each further one in
+/// [`PERSISTENT_STEP_BYTES`] of dynamic shared memory, within `shared_limit` bytes per
+/// block); `resident(bytes)` is the blocks resident per multiprocessor with that much
+/// dynamic shared memory, from the driver's occupancy calculator. Then as many splits
+/// per channel as the device holds, at least enough for the slabs to fit. A tensor whose
 /// slabs do not fit on chip is refused (the two-pass families take it).
+#[allow(clippy::too_many_arguments)]
 pub fn plan_persistent_stage(
     stage: Stage,
     shape: &Shape,
@@ -982,7 +999,8 @@ pub fn plan_persistent_stage(
     align: Alignment,
     dev: &DeviceInfo,
     tuning: &Tuning,
-    resident: u32,
+    resident: &mut dyn FnMut(u32) -> Result<u32>,
+    shared_limit: u32,
 ) -> Result<StagePlan> {
     let v = Variant::Persistent;
     let (c, per_channel) = (shape.c(), shape.per_channel());
@@ -994,30 +1012,48 @@ pub fn plan_persistent_stage(
     persistent_takes(stage, shape, input, align)?;
     let vec_width = 16 / input.size();
     let s = shape.spatial();
-    let capacity = dev.sm_count as usize * resident as usize;
     let vectors = per_channel / vec_width;
-    let per_block = BLOCK_THREADS as usize * persistent_slots(stage);
-    let needed = vectors.div_ceil(per_block);
-    let fits = c.checked_mul(needed).is_some_and(|b| b <= capacity);
-    if !fits {
+    let per_step = BLOCK_THREADS as usize * persistent_slots(stage);
+    let mut tried = None;
+    let mut chosen = None;
+    for steps in 1..=PERSISTENT_MAX_STEPS {
+        let shared = (steps - 1) * PERSISTENT_STEP_BYTES;
+        if shared > shared_limit {
+            break;
+        }
+        let capacity = dev.sm_count as usize * resident(shared)? as usize;
+        if capacity == 0 {
+            break;
+        }
+        let needed = vectors.div_ceil(per_step * steps as usize);
+        if c.checked_mul(needed).is_some_and(|b| b <= capacity) {
+            chosen = Some((capacity, needed));
+            break;
+        }
+        tried = Some((steps, needed, capacity));
+    }
+    let Some((capacity, needed)) = chosen else {
+        let (steps, needed, capacity) = tried.unwrap_or((1, vectors.div_ceil(per_step), 0));
         return Err(unavailable(
             v,
             format!(
-                "the slabs do not fit on chip: {c} channels x {needed} blocks, {capacity} resident"
+                "the slabs do not fit on chip: {c} channels x {needed} blocks of {steps} steps, {capacity} resident"
             ),
         ));
-    }
+    };
     // more splits while the grid still fits, but no block with under 256 vectors
     let splits = (capacity / c).clamp(needed, vectors.div_ceil(BLOCK_THREADS as usize).max(needed));
     let chunk = vectors.div_ceil(splits);
     let splits = vectors.div_ceil(chunk);
     let blocks = c * splits;
+    // the steps the chunk takes: the first in registers, the rest in shared memory
+    let steps = chunk.div_ceil(per_step) as u32;
     let plan = StagePlan {
         layout: Layout::Nchw,
         config: LaunchConfig {
             grid: (blocks as u32, 1, 1),
             block: (BLOCK_THREADS, 1, 1),
-            shared_bytes: 0,
+            shared_bytes: (steps - 1) * PERSISTENT_STEP_BYTES,
             cooperative: true,
         },
         splits: splits as u32,
@@ -1027,7 +1063,11 @@ pub fn plan_persistent_stage(
         vec: true,
         index64: false,
     };
-    let walk_ahead = (per_block as u128 + 1) * (c as u128) * (s as u128);
+    // A thread's walk forms unit positions at most two steps past its block's range (its
+    // last advance, and the step's slots chained from it): that many units, in planes of
+    // s / vec_width units, past the last plane.
+    let planes_ahead = 2 * (per_step / (s / vec_width).max(1)) as u128 + 3;
+    let walk_ahead = planes_ahead * (c as u128) * (s as u128);
     let ahead = shape.numel() as u128 + walk_ahead > i32::MAX as u128;
     Ok(StagePlan {
         index64: tuning.force_index64 || ahead || needs_index64(shape, &plan),

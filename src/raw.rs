@@ -78,6 +78,14 @@ pub trait Launcher {
         let _ = (kernel, block_threads, shared_bytes);
         Ok(4)
     }
+    /// The most dynamic shared memory a block of `kernel` may have, in bytes (the
+    /// persistent family keeps slabs there). An executor that can raise the limit
+    /// (CUDA's opt-in, `cuFuncSetAttribute`) does so here, before any launch that needs
+    /// it. The default is [`launch::DEFAULT_DYNAMIC_SHARED`].
+    fn dynamic_shared_limit(&self, kernel: &KernelId) -> Result<u32> {
+        let _ = kernel;
+        Ok(launch::DEFAULT_DYNAMIC_SHARED)
+    }
     /// Runs one kernel. `regions` lists every buffer it may touch.
     fn launch(
         &self,
@@ -391,8 +399,19 @@ fn plan_family_stage(
         }
         Variant::Persistent => {
             launch::persistent_takes(stage, shape, input, align)?;
-            let resident = launcher.resident_blocks(kernel, launch::BLOCK_THREADS, 0)?;
-            launch::plan_persistent_stage(stage, shape, input, align, dev, tuning, resident)
+            let limit = launcher.dynamic_shared_limit(kernel)?;
+            let mut resident =
+                |shared| launcher.resident_blocks(kernel, launch::BLOCK_THREADS, shared);
+            launch::plan_persistent_stage(
+                stage,
+                shape,
+                input,
+                align,
+                dev,
+                tuning,
+                &mut resident,
+                limit,
+            )
         }
     }
 }

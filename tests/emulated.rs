@@ -61,10 +61,22 @@ impl Launcher for EmuLauncher {
     }
 
     /// 4, or fewer where a device's whole grid of 256-thread blocks would exceed the
-    /// emulator's 65536 co-resident threads of a cooperative launch (an H100's 132 SMs).
-    fn resident_blocks(&self, _: &KernelId, block_threads: u32, _: u32) -> Result<u32> {
+    /// emulator's 65536 co-resident threads of a cooperative launch (an H100's 132 SMs),
+    /// or where the dynamic shared memory asked for leaves room for fewer in an H100's
+    /// 228 KB per multiprocessor (1 KB of it reserved per block); 0 past the opt-in.
+    fn resident_blocks(&self, _: &KernelId, block_threads: u32, shared: u32) -> Result<u32> {
+        if shared > self.dynamic_shared_limit_bytes() {
+            return Ok(0);
+        }
         let cap = 65536 / block_threads.max(1) / self.device.sm_count.max(1);
-        Ok(cap.clamp(1, 4))
+        let by_shared = (228 << 10) / (shared + (1 << 10));
+        let limit = self.options.max_resident_blocks.clamp(1, 4);
+        Ok(cap.clamp(1, limit).min(by_shared))
+    }
+
+    /// An H100's opt-in per block, less 1 KB of static shared memory.
+    fn dynamic_shared_limit(&self, _: &KernelId) -> Result<u32> {
+        Ok(self.dynamic_shared_limit_bytes())
     }
 
     fn launch(
@@ -96,6 +108,14 @@ impl Launcher for EmuLauncher {
             block: [config.block.0, config.block.1, config.block.2],
             dynamic_shared_bytes: config.shared_bytes,
             cooperative: config.cooperative,
+            // The opt-in that dynamic_shared_limit stands for.
+            shared_limit_bytes: if config.shared_bytes
+                > cuda_batchnorm::launch::DEFAULT_DYNAMIC_SHARED
+            {
+                emu::SHARED_OPTIN_BYTES
+            } else {
+                0
+            },
         };
         // SAFETY: the raw layer lists in `regions` exactly the buffers of the call, and
         // every caller in this file passes host slices it owns and leaves alone until
@@ -104,6 +124,12 @@ impl Launcher for EmuLauncher {
             .map_err(|e| BnError::Launch(e.to_string()))?;
         LAUNCHED.lock().unwrap().insert(name);
         Ok(())
+    }
+}
+
+impl EmuLauncher {
+    fn dynamic_shared_limit_bytes(&self) -> u32 {
+        emu::SHARED_OPTIN_BYTES - 1024
     }
 }
 
@@ -741,6 +767,125 @@ fn persistent_family_on_every_pair() {
     );
 }
 
+/// The persistent family's slabs past its registers: one multiprocessor holding 2 blocks
+/// (an H100 running these register-bound kernels, 2 a multiprocessor up to 96 KB of
+/// shared memory each), so that the planner needs 2, 3 and 4 steps (1, 2 and 3 of them
+/// in shared memory, opted in past 48 KiB), a partial last step, planes that wrap, and
+/// one split per channel; every pair, the same bytes per channel for each.
+#[test]
+fn persistent_family_keeps_its_slabs_in_shared_memory() {
+    let tuning = Tuning {
+        variant: Some(Variant::Persistent),
+        ..SPLIT
+    };
+    let one_sm = DeviceInfo {
+        sm_count: 1,
+        ..SMALL
+    };
+    let emu = Emu {
+        resident: 2,
+        ..Emu::new(one_sm, tuning)
+    };
+    let runner = EmuRunner::new(emu);
+    // Dims for 4-byte values (the last size scales with 4 / sizeof(T)), then per stage
+    // (forward, backward) the steps planned (dynamic shared memory, splits), or None where
+    // the slabs do not fit (the backward keeps half the vectors of x a step, beside dy's).
+    type Steps = Option<(u32, u32)>;
+    let cases: [(&[usize], Steps, Steps); 4] = [
+        (&[2, 1, 64, 256], Some((32 << 10, 2)), Some((96 << 10, 2))),
+        (&[3, 1, 100, 160], Some((64 << 10, 2)), None),
+        (&[4, 1, 64, 256], Some((96 << 10, 2)), None),
+        (&[1, 2, 64, 256], Some((32 << 10, 1)), Some((96 << 10, 1))),
+    ];
+    let mut failures = Vec::new();
+    for &pair in TYPE_PAIRS {
+        for (i, &(dims4, fwd, bwd)) in cases.iter().enumerate() {
+            let size = pair.0.size();
+            let mut dims = dims4.to_vec();
+            let last = dims.len() - 1;
+            dims[last] = dims[last] * 4 / size;
+            let shape = Shape::new(&dims, MemoryFormat::Contiguous).unwrap();
+            let stages = [
+                (raw::Op::Forward { batch_stats: true }, fwd),
+                (
+                    raw::Op::Backward {
+                        batch: true,
+                        reduce: true,
+                    },
+                    bwd,
+                ),
+            ];
+            for (op, want) in stages {
+                let plan = raw::plan_op(
+                    op,
+                    &shape,
+                    pair,
+                    Alignment::ALIGNED,
+                    &emu.launcher(),
+                    &tuning,
+                );
+                let got = plan.as_ref().ok().map(|plan| {
+                    let p = &plan.launches[0].plan;
+                    assert!(p.config.cooperative);
+                    (p.config.shared_bytes, p.splits)
+                });
+                if got != want {
+                    failures.push(format!(
+                        "{pair:?} {dims:?} {op:?}: planned {got:?}, not {want:?}"
+                    ));
+                }
+            }
+            // Leaked: Case holds static sizes (a few per run).
+            let case = Case {
+                dims: Vec::leak(dims.clone()),
+                data: if i == 1 {
+                    Data::Offset1e4
+                } else {
+                    Data::Normal
+                },
+                affine: i != 3,
+            };
+            let runner = PersistentOrPredicted(&runner, bwd.is_some());
+            let pr = with_types!(pair, |T, P| {
+                check_problem(
+                    &runner,
+                    &Problem::<T, P>::new(&case, MemoryFormat::Contiguous, 47 + i as u64),
+                )
+            });
+            if let Err(e) = pr {
+                failures.push(format!("{pair:?} {dims:?}: {e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Without the opt-in (48 KiB), two steps at most: the 4-step slabs do not fit.
+    struct NoOptIn(EmuLauncher);
+    impl Launcher for NoOptIn {
+        fn device(&self) -> &DeviceInfo {
+            self.0.device()
+        }
+        fn resident_blocks(&self, k: &KernelId, threads: u32, shared: u32) -> Result<u32> {
+            self.0.resident_blocks(k, threads, shared)
+        }
+        fn launch(&self, k: KernelId, c: &LaunchConfig, p: &BnParams, r: &[Region]) -> Result<()> {
+            self.0.launch(k, c, p, r)
+        }
+    }
+    let shape = Shape::new(&[4, 1, 64, 256], MemoryFormat::Contiguous).unwrap();
+    let op = raw::Op::Forward { batch_stats: true };
+    let pair = (DType::F32, DType::F32);
+    let err = raw::plan_op(
+        op,
+        &shape,
+        pair,
+        Alignment::ALIGNED,
+        &NoOptIn(emu.launcher()),
+        &tuning,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("of 2 steps"), "{err}");
+}
+
 /// The training forward and backward of one problem, as check_problem checks them (the
 /// eval calls are another family's).
 fn check_persistent<T: Float, P: ParamFor<T>>(
@@ -760,14 +905,15 @@ fn check_persistent<T: Float, P: ParamFor<T>>(
             ..*runner
         };
         let p = Problem::<T, P>::new(case, MemoryFormat::Contiguous, seed);
-        check_problem(&PersistentOrPredicted(&runner), &p)?;
+        check_problem(&PersistentOrPredicted(&runner, true), &p)?;
     }
     Ok(())
 }
 
-/// Runs the training calls with the runner's forced family and the eval calls with the
-/// predictions (the persistent family does not take them).
-struct PersistentOrPredicted<'a>(&'a EmuRunner);
+/// Runs the training calls with the runner's forced family (the backward only when the
+/// flag says so) and the others with the predictions (the persistent family does not
+/// take them).
+struct PersistentOrPredicted<'a>(&'a EmuRunner, bool);
 
 impl Runner for PersistentOrPredicted<'_> {
     fn train_forward<T: Float, P: ParamFor<T>>(
@@ -785,8 +931,8 @@ impl Runner for PersistentOrPredicted<'_> {
         saved: common::Saved<'_, T::Acc>,
     ) -> Result<GradOut<T, P>, String> {
         match saved {
-            Some(_) => self.0.backward(p, saved),
-            None => self.predicted().backward(p, saved),
+            Some(_) if self.1 => self.0.backward(p, saved),
+            _ => self.predicted().backward(p, saved),
         }
     }
 }
@@ -1396,6 +1542,7 @@ fn params_abi_matches_the_kernels() {
         block: [32, 1, 1],
         dynamic_shared_bytes: 0,
         cooperative: false,
+        shared_limit_bytes: 0,
     };
     // SAFETY: the one region is `out`, owned here and untouched during the launch; the
     // other addresses in `p` are in no region and the kernel does not dereference them.

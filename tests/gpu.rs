@@ -498,6 +498,163 @@ fn huge_more_than_2_pow_31_elements() {
     }
 }
 
+/// The persistent family's slabs in more than 48 KiB of shared memory a block, through
+/// the driver: the launcher raises each kernel's limit (`cuFuncSetAttribute`) before a
+/// launch needs it (the emulated driver, like NVIDIA's, refuses the launch otherwise).
+/// A launcher that reports one resident block per multiprocessor makes the plans take
+/// four steps of slab in the forward (96 KB of shared memory) and eight in the backward
+/// (224 KB); the results are checked against the f64 reference.
+#[test]
+#[cfg_attr(
+    not(cuda_batchnorm_ptx),
+    ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
+)]
+fn persistent_slabs_past_48_kib_through_the_driver() {
+    use cuda_batchnorm::cpu::reference;
+    use cuda_batchnorm::cudarc::driver::DevicePtrMut;
+    use cuda_batchnorm::kernels::{CudaLauncher, Kernels};
+    use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, Variant};
+    use cuda_batchnorm::raw::{self, Launcher, Region};
+    let Some(Gpu { stream: s, .. }) = gpu("persistent_slabs_past_48_kib_through_the_driver") else {
+        return;
+    };
+    struct OneBlock<'a>(CudaLauncher<'a>);
+    impl Launcher for OneBlock<'_> {
+        fn device(&self) -> &DeviceInfo {
+            self.0.device()
+        }
+        fn prepare(&self, k: &[KernelId]) -> cuda_batchnorm::Result<()> {
+            self.0.prepare(k)
+        }
+        fn resident_blocks(&self, k: &KernelId, t: u32, b: u32) -> cuda_batchnorm::Result<u32> {
+            Ok(self.0.resident_blocks(k, t, b)?.min(1))
+        }
+        fn dynamic_shared_limit(&self, k: &KernelId) -> cuda_batchnorm::Result<u32> {
+            self.0.dynamic_shared_limit(k)
+        }
+        fn launch(
+            &self,
+            k: KernelId,
+            c: &LaunchConfig,
+            p: &BnParams,
+            r: &[Region],
+        ) -> cuda_batchnorm::Result<()> {
+            self.0.launch(k, c, p, r)
+        }
+    }
+    let kernels = Kernels::for_context(s.context()).unwrap();
+    let launcher = OneBlock(CudaLauncher::new(&s, &kernels));
+    // One channel per multiprocessor, 8192 vectors (128 KB) each: one block per channel.
+    let c = launcher.device().sm_count as usize;
+    let shape = Shape::nchw(2, c, 64, 256).unwrap();
+    let tuning = Tuning {
+        variant: Some(Variant::Persistent),
+        ..Tuning::default()
+    };
+    let xs: Vec<f32> = (0..shape.numel())
+        .map(|i| ((i * 7919) % 1013) as f32 / 300.0 - 1.5 + (i % 7) as f32 * 0.25)
+        .collect();
+    let dys: Vec<f32> = (0..shape.numel())
+        .map(|i| ((i * 104_729) % 997) as f32 / 400.0 - 1.1)
+        .collect();
+    let (w, b) = (vec![1.5f32; c], vec![0.25f32; c]);
+    let up = |v: &[f32]| s.clone_htod(v).unwrap();
+    let (x, dy, wd, bd) = (up(&xs), up(&dys), up(&w), up(&b));
+    let (mut y, mut dx) = (
+        s.alloc_zeros::<f32>(shape.numel()).unwrap(),
+        s.alloc_zeros::<f32>(shape.numel()).unwrap(),
+    );
+    let (mut rm, mut rv) = (up(&vec![0.0; c]), up(&vec![1.0; c]));
+    let zeros = || s.alloc_zeros::<f32>(c).unwrap();
+    let (mut sm, mut si, mut gw, mut gb) = (zeros(), zeros(), zeros(), zeros());
+    let need = raw::workspace_size(&launcher, &shape, DType::F32, &tuning).unwrap();
+    let mut counters = s.alloc_zeros::<u32>(need.counters.max(1)).unwrap();
+    let mut scratch = s.alloc_zeros::<u8>(need.scratch_bytes.max(1)).unwrap();
+    let addr = |b: &dyn DevicePtr<f32>| b.device_ptr(&s).0;
+    let (wsc, wss) = (counters.device_ptr_mut(&s).0, scratch.device_ptr_mut(&s).0);
+    let fa = raw::ForwardArgs {
+        x: addr(&x),
+        y: y.device_ptr_mut(&s).0,
+        weight: addr(&wd),
+        bias: addr(&bd),
+        running_mean: rm.device_ptr_mut(&s).0,
+        running_var: rv.device_ptr_mut(&s).0,
+        save_mean: sm.device_ptr_mut(&s).0,
+        save_invstd: si.device_ptr_mut(&s).0,
+        counters: wsc,
+        scratch: wss,
+        batch_stats: true,
+        update_running: true,
+        eps: 1e-5,
+        momentum: 0.1,
+        ..raw::ForwardArgs::default()
+    };
+    let plan = raw::plan_forward::<f32, f32>(&launcher, &shape, &fa, &tuning).unwrap();
+    assert_eq!(plan.launches.len(), 1);
+    assert_eq!(plan.launches[0].plan.config.shared_bytes, 96 << 10);
+    // SAFETY: every address is a live allocation of this stream's context of the size the
+    // call reads or writes; the workspace is sized for the plan and its counters are zero.
+    unsafe { raw::forward::<f32, f32>(&launcher, &shape, &fa, &tuning) }.unwrap();
+    let ba = raw::BackwardArgs {
+        dy: addr(&dy),
+        x: addr(&x),
+        dx: dx.device_ptr_mut(&s).0,
+        weight: addr(&wd),
+        stats: raw::BackwardStats::Batch {
+            save_mean: addr(&sm),
+            save_invstd: addr(&si),
+        },
+        grad_weight: gw.device_ptr_mut(&s).0,
+        grad_bias: gb.device_ptr_mut(&s).0,
+        counters: wsc,
+        scratch: wss,
+        epilogue: raw::EpilogueGrad::None,
+    };
+    let plan = raw::plan_backward::<f32, f32>(&launcher, &shape, &ba, &tuning).unwrap();
+    assert_eq!(plan.launches[0].plan.config.shared_bytes, 224 << 10);
+    // SAFETY: as above, with the saved statistics the forward wrote.
+    unsafe { raw::backward::<f32, f32>(&launcher, &shape, &ba, &tuning) }.unwrap();
+
+    let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
+    let host = |b: &CudaSlice<f32>| wide(&s.clone_dtoh(b).unwrap());
+    let (x64, dy64) = (wide(&xs), wide(&dys));
+    let (mean, var) = reference::batch_stats(&x64, &shape).unwrap();
+    let invstd = reference::invstd(&var, 1e-5);
+    let want_y = reference::normalize(
+        &x64,
+        &shape,
+        &mean,
+        &invstd,
+        Some(&wide(&w)),
+        Some(&wide(&b)),
+    )
+    .unwrap();
+    let want =
+        reference::backward(&dy64, &x64, &shape, &mean, &invstd, Some(&wide(&w)), true).unwrap();
+    let rel = |got: &[f64], want: &[f64]| {
+        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| b * b).sum();
+        (num / den.max(1e-300)).sqrt()
+    };
+    for (name, got, want) in [
+        ("save_mean", host(&sm), mean.clone()),
+        ("save_invstd", host(&si), invstd.clone()),
+        ("y", host(&y), want_y),
+        ("dx", host(&dx), want.input),
+        ("grad_weight", host(&gw), want.weight),
+        ("grad_bias", host(&gb), want.bias),
+    ] {
+        // The parameter gradients are f32 sums of 32768 terms that partly cancel.
+        let tol = if name.starts_with("grad_") {
+            1e-4
+        } else {
+            1e-5
+        };
+        let e = rel(&got, &want);
+        assert!(e < tol, "{name}: relative error {e:.2e}");
+    }
+}
+
 /// Sizes the device cannot address are typed errors before cudarc computes them, and a
 /// copy of the wrong length leaves the buffer as it was.
 #[test]

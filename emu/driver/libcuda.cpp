@@ -113,7 +113,12 @@ struct Module {
 
 struct Function {
     std::string name;
+    // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: 48 KiB until raised (the opt-in).
+    int max_dynamic_shared = 48 * 1024;
 };
+
+// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: an H100's 227 KiB.
+constexpr int kSharedOptin = 227 * 1024;
 
 // One operation of a graph, with its arguments as they were at capture.
 struct Node {
@@ -258,6 +263,8 @@ int attribute(int attr, int* out) {
         case 6: *out = 65535; return kSuccess;       // max grid y
         case 7: *out = 65535; return kSuccess;       // max grid z
         case 8: *out = 48 * 1024; return kSuccess;   // shared memory per block
+        case 81: *out = 228 * 1024; return kSuccess; // shared memory per multiprocessor
+        case 97: *out = kSharedOptin; return kSuccess;  // shared memory per block, opt-in
         case 10: *out = 32; return kSuccess;         // warp size
         case 13: *out = 1000000; return kSuccess;    // clock rate, kHz
         case 16: *out = kSmCount; return kSuccess;   // multiprocessors
@@ -486,6 +493,8 @@ int do_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t bloc
     if (s.functions.count(f) == 0) return kInvalidHandle;
     if (!stream_ok(s, stream)) return kInvalidHandle;
     if (extra != nullptr || params == nullptr || params[0] == nullptr) return kInvalidValue;
+    // Past 48 KiB only after the function's limit was raised, as the driver requires.
+    if (shared > static_cast<uint32_t>(f->max_dynamic_shared)) return kInvalidValue;
     if (cooperative) {
         const uint64_t blocks = uint64_t{grid[0]} * grid[1] * grid[2];
         const int per_sm = occupancy(block[0] * block[1] * block[2], shared);
@@ -569,6 +578,7 @@ int run_launch(State& s, Function* f, const uint32_t grid[3], const uint32_t blo
         d.block[i] = block[i];
     }
     d.dynamic_shared_bytes = shared;
+    d.shared_limit_bytes = f->max_dynamic_shared > 48 * 1024 ? kSharedOptin : 0;
     d.cooperative = cooperative ? 1 : 0;
     d.seed = bn_emu_seed_from_env();
     d.max_resident_blocks = 4;
@@ -1184,6 +1194,35 @@ BN_API int cuLaunchCooperativeKernel(void* function, unsigned gx, unsigned gy, u
     const uint32_t grid[3] = {gx, gy, gz};
     const uint32_t block[3] = {bx, by, bz};
     return do_launch(s, static_cast<Function*>(function), grid, block, shared, stream, params, nullptr, true);
+}
+
+// CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES (1) is answered as 0: the emulator allocates static
+// shared memory as a kernel runs and checks the total then; MAX_DYNAMIC_SHARED_SIZE_BYTES
+// (8) is the launch limit, settable up to the opt-in.
+BN_API int cuFuncGetAttribute(int* out, int attr, void* function) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    if (out == nullptr) return kInvalidValue;
+    Function* f = static_cast<Function*>(function);
+    if (s.functions.count(f) == 0) return kInvalidHandle;
+    switch (attr) {
+        case 0: *out = 1024; return kSuccess;  // max threads per block
+        case 1: *out = 0; return kSuccess;
+        case 8: *out = f->max_dynamic_shared; return kSuccess;
+        default: *out = 0; return kSuccess;
+    }
+}
+
+BN_API int cuFuncSetAttribute(void* function, int attr, int value) {
+    LOCKED;
+    const int rc = check_ready(s);
+    if (rc != kSuccess) return rc;
+    Function* f = static_cast<Function*>(function);
+    if (s.functions.count(f) == 0) return kInvalidHandle;
+    if (attr != 8 || value < 0 || value > kSharedOptin) return kInvalidValue;
+    f->max_dynamic_shared = value;
+    return kSuccess;
 }
 
 BN_API int cuOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, void* function, int block_size,

@@ -24,6 +24,8 @@ struct bn_emu_launch_desc {
     uint32_t block[3];
     uint32_t dynamic_shared_bytes;
     uint32_t cooperative;  // 0 or 1
+    uint32_t shared_limit_bytes;  // static + dynamic per block; 0: CUDA's default 48 KiB
+    uint32_t reserved;
     uint64_t seed;
     uint32_t max_resident_blocks;
     uint32_t preempt_one_in;  // 0: off; n: a global load or store yields with probability 1/n

@@ -68,11 +68,19 @@ pub struct Launch {
     pub grid: [u32; 3],
     /// Block dimensions in threads: x, y <= 1024, z <= 64, at most 1024 threads.
     pub block: [u32; 3],
-    /// Dynamic shared memory per block in bytes (static + dynamic <= 48 KiB).
+    /// Dynamic shared memory per block in bytes (static + dynamic within
+    /// `shared_limit_bytes`).
     pub dynamic_shared_bytes: u32,
     /// Cooperative launch: every block resident at once; `bn_emu::grid_sync()` allowed.
     pub cooperative: bool,
+    /// Static plus dynamic shared memory a block may use: 0 for CUDA's default 48 KiB,
+    /// more where the launcher opted in (`cuFuncSetAttribute`), up to an H100's 227 KiB
+    /// ([`SHARED_OPTIN_BYTES`]).
+    pub shared_limit_bytes: u32,
 }
+
+/// The most shared memory per block a launch can opt into: an H100's 227 KiB.
+pub const SHARED_OPTIN_BYTES: u32 = 227 * 1024;
 
 /// Scheduling options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -146,6 +154,8 @@ struct FfiLaunch {
     block: [u32; 3],
     dynamic_shared_bytes: u32,
     cooperative: u32,
+    shared_limit_bytes: u32,
+    reserved: u32,
     seed: u64,
     max_resident_blocks: u32,
     preempt_one_in: u32,
@@ -215,6 +225,8 @@ pub unsafe fn launch(
         block: cfg.block,
         dynamic_shared_bytes: cfg.dynamic_shared_bytes,
         cooperative: u32::from(cfg.cooperative),
+        shared_limit_bytes: cfg.shared_limit_bytes,
+        reserved: 0,
         seed: opts.seed,
         max_resident_blocks: opts.max_resident_blocks,
         preempt_one_in: opts.preempt_one_in,

@@ -38,6 +38,7 @@ namespace bn_emu {
 namespace {
 
 constexpr size_t kSharedLimit = 49152;  // CUDA's default static + dynamic limit per block
+constexpr size_t kSharedOptin = 227 * 1024;  // the most a launch may opt into (an H100's)
 constexpr uint64_t kCooperativeThreadCap = 65536;
 constexpr size_t kMessageBytes = 4096;
 
@@ -164,6 +165,7 @@ struct Launch {
     dim3 grid, block;
     uint32_t nthreads = 0;
     uint32_t dyn_smem = 0;
+    size_t smem_limit = kSharedLimit;  // static + dynamic per block
     bool cooperative = false;
     uint64_t seed = 0;
     uint32_t max_resident = 1;
@@ -524,7 +526,7 @@ bool admit_block(Launch& L, std::vector<uint32_t>& order) {
     } else {
         bp.reset(new Block());
         bp->fibers.reset(new Fiber[L.nthreads]);
-        bp->smem.reset(static_cast<unsigned char*>(::operator new[](kSharedLimit, std::align_val_t(64))));
+        bp->smem.reset(static_cast<unsigned char*>(::operator new[](L.smem_limit, std::align_val_t(64))));
         bp->warps.resize((L.nthreads + 31) / 32);
     }
     Block* b = bp.get();
@@ -1136,11 +1138,12 @@ void* shared_site_alloc(const SharedSite* site, size_t elem_bytes, size_t elem_a
                    base_name(site->file), site->line, elem_align);
     }
     const size_t off = (b->smem_used + 15) & ~static_cast<size_t>(15);
-    if (bytes > kSharedLimit || off + bytes > kSharedLimit) {
+    if (bytes > L->smem_limit || off + bytes > L->smem_limit) {
         fail_fiber(L, f,
                    "too much shared memory: BN_SHARED '%s' (%s:%d) needs %zu bytes on top of %zu bytes already in "
-                   "use (%u dynamic), over CUDA's default limit of %zu bytes (48 KiB) per block",
-                   site->name, base_name(site->file), site->line, bytes, off, L->dyn_smem, kSharedLimit);
+                   "use (%u dynamic), over the launch's limit of %zu bytes per block (CUDA's default 48 KiB "
+                   "unless it opted in)",
+                   site->name, base_name(site->file), site->line, bytes, off, L->dyn_smem, L->smem_limit);
     }
     memset(b->smem.get() + off, 0xFF, bytes);
     b->allocs.push_back(SharedAlloc{site, off, bytes});
@@ -1227,10 +1230,16 @@ int do_launch(const bn_emu_launch_desc* d) {
         return set_error(fmt("invalid launch: grid (%u,%u,%u): x must be in 1..=2147483647, y and z in 1..=65535",
                              g[0], g[1], g[2]));
     }
-    if (d->dynamic_shared_bytes > kSharedLimit) {
-        return set_error(fmt("invalid launch: %u bytes of dynamic shared memory, over CUDA's default limit of %zu "
-                             "bytes (48 KiB) per block",
-                             d->dynamic_shared_bytes, kSharedLimit));
+    const size_t smem_limit = d->shared_limit_bytes == 0 ? kSharedLimit : d->shared_limit_bytes;
+    if (smem_limit < kSharedLimit || smem_limit > kSharedOptin) {
+        return set_error(fmt("invalid launch: a shared memory limit of %zu bytes per block, outside %zu..=%zu "
+                             "(CUDA's default 48 KiB to an H100's opt-in of 227 KiB)",
+                             smem_limit, kSharedLimit, kSharedOptin));
+    }
+    if (d->dynamic_shared_bytes > smem_limit) {
+        return set_error(fmt("invalid launch: %u bytes of dynamic shared memory, over the limit of %zu bytes per "
+                             "block (CUDA's default 48 KiB unless the launch opted in)",
+                             d->dynamic_shared_bytes, smem_limit));
     }
     if (d->params_len != k->params_bytes) {
         return set_error(fmt("invalid launch: params are %zu bytes but the kernel takes %zu", d->params_len,
@@ -1251,6 +1260,7 @@ int do_launch(const bn_emu_launch_desc* d) {
     L.block = dim3(bl[0], bl[1], bl[2]);
     L.nthreads = static_cast<uint32_t>(nthreads);
     L.dyn_smem = d->dynamic_shared_bytes;
+    L.smem_limit = smem_limit;
     L.cooperative = d->cooperative != 0;
     L.seed = d->seed;
     L.preempt_one_in = d->preempt_one_in;

@@ -254,6 +254,13 @@ fn too_much_shared_memory() {
         errors_kernel(12, 64, Some(c), 0),
         &["too much shared memory", "'a'", "20000 dynamic"],
     );
+    // With the opt-in the same 64 KiB fit, and the dynamic bytes beside them.
+    let opted = Launch {
+        shared_limit_bytes: cuda_batchnorm_emu::SHARED_OPTIN_BYTES,
+        dynamic_shared_bytes: 100_000,
+        ..cfg(1, 64)
+    };
+    errors_kernel(12, 64, Some(opted), 0).unwrap();
 }
 
 #[test]
@@ -314,6 +321,23 @@ fn invalid_launch_configurations() {
         },
         208,
         "dynamic shared memory",
+    );
+    bad_config(
+        Launch {
+            dynamic_shared_bytes: 200_000,
+            shared_limit_bytes: 100_000,
+            ..ok
+        },
+        208,
+        "over the limit of 100000 bytes",
+    );
+    bad_config(
+        Launch {
+            shared_limit_bytes: 300_000,
+            ..ok
+        },
+        208,
+        "a shared memory limit of 300000 bytes",
     );
     bad_config(
         Launch {

@@ -128,6 +128,7 @@ fn multi_dimensional_launch() {
         block: [5, 3, 4],
         dynamic_shared_bytes: 0,
         cooperative: false,
+        shared_limit_bytes: 0,
     };
     let nthr = 60usize;
     let nblk = 12usize;

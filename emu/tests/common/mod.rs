@@ -74,6 +74,7 @@ pub fn cfg(grid: u32, block: u32) -> Launch {
         block: [block, 1, 1],
         dynamic_shared_bytes: 0,
         cooperative: false,
+        shared_limit_bytes: 0,
     }
 }
 
