@@ -146,6 +146,7 @@ template <class T, class P, class A, class I>
 struct PersistentFwd {
     static constexpr int V = VecWidth<T>::value;
     static constexpr int R = 8;
+    static_assert(kBlockThreads * R * 16 == kSlabStepBytes, "a step of slab is PERSISTENT_STEP_BYTES");
     __device__ static void run(const BnParams& p) {
         const IlpNchwBlock<I> b(p, false);
         const I S = static_cast<I>(p.s);
@@ -239,6 +240,7 @@ template <class T, class P, class A, class I>
 struct PersistentBwd {
     static constexpr int V = VecWidth<T>::value;
     static constexpr int R = 4;
+    static_assert(kBlockThreads * R * 2 * 16 == kSlabStepBytes, "a step of slab is PERSISTENT_STEP_BYTES");
     __device__ static void run(const BnParams& p) {
         const IlpNchwBlock<I> b(p, false);
         const BwdStats<A> st = bwd_stats<P, A>(p, b.c);

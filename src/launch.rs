@@ -1030,7 +1030,13 @@ pub fn plan_persistent_stage(
             chosen = Some((capacity, needed));
             break;
         }
-        tried = Some((steps, needed, capacity));
+        if tried.is_none_or(|(_, _, most)| capacity >= most) {
+            tried = Some((steps, needed, capacity));
+        }
+        if needed == 1 {
+            // one block a channel already: more steps only lower the occupancy
+            break;
+        }
     }
     let Some((capacity, needed)) = chosen else {
         let (steps, needed, capacity) = tried.unwrap_or((1, vectors.div_ceil(per_step), 0));

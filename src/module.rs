@@ -335,7 +335,9 @@ impl<const D: usize, B: Backend, T: Float, P: ParamFor<T>> BatchNorm<D, B, T, P>
     /// The batch mean that the last forward saved for its backward (PyTorch's
     /// `save_mean`): `None` until a forward with batch statistics (in training, or in
     /// eval without running statistics) has run, and after one with the running
-    /// statistics.
+    /// statistics. A forward refused by validation leaves the last one's; after a call
+    /// that failed in its kernels or collectives the values are unspecified (as its
+    /// backward's would be).
     pub fn saved_mean(&self) -> Option<&B::Buffer<T::Acc>> {
         self.saved_batch_stats().then_some(&self.save_mean)
     }

@@ -791,8 +791,10 @@ fn persistent_family_keeps_its_slabs_in_shared_memory() {
     // (forward, backward) the steps planned (dynamic shared memory, splits), or None where
     // the slabs do not fit (the backward keeps half the vectors of x a step, beside dy's).
     type Steps = Option<(u32, u32)>;
-    let cases: [(&[usize], Steps, Steps); 4] = [
+    let cases: [(&[usize], Steps, Steps); 5] = [
         (&[2, 1, 64, 256], Some((32 << 10, 2)), Some((96 << 10, 2))),
+        // 6000 vectors: chunks of 3000, the last step of each partial in both stages
+        (&[3, 1, 100, 80], Some((32 << 10, 2)), Some((64 << 10, 2))),
         (&[3, 1, 100, 160], Some((64 << 10, 2)), None),
         (&[4, 1, 64, 256], Some((96 << 10, 2)), None),
         (&[1, 2, 64, 256], Some((32 << 10, 1)), Some((96 << 10, 1))),
@@ -1461,13 +1463,45 @@ fn more_than_2_pow_31_check_on_a_small_tensor() {
             ..SPLIT
         },
     );
+    let families = streaming_families(emu);
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-        common::huge::check(&emu, format, 16 * 4099).unwrap();
+        // planes of 16 x 4099 / 8 values, which only the planner's choice takes, then
+        // 64 x 1031 / 8, a multiple of the vector width
+        common::huge::check_each(&huge_devices(&families[..1]), format, 16 * 4099).unwrap();
+        common::huge::check_each(&huge_devices(&families), format, 64 * 1031).unwrap();
     }
 }
 
+/// `emu` as planned (auto) and with each streaming family forced: the families the
+/// full-size check runs (the persistent one cannot hold its tensor on chip).
+fn streaming_families(emu: Emu) -> Vec<(&'static str, Emu)> {
+    let forced = |v| Emu {
+        tuning: Tuning {
+            variant: Some(v),
+            ..emu.tuning
+        },
+        ..emu
+    };
+    vec![
+        ("auto", emu),
+        ("baseline", forced(Variant::Baseline)),
+        ("ilp", forced(Variant::Ilp)),
+        ("flat", forced(Variant::Flat)),
+    ]
+}
+
+fn huge_devices<'a>(
+    families: &'a [(&'static str, Emu)],
+) -> Vec<(&'static str, &'a dyn common::huge::Device)> {
+    families
+        .iter()
+        .map(|(n, e)| (*n, e as &dyn common::huge::Device))
+        .collect()
+}
+
 /// A tensor of 2^31 + 2^20 f16 elements, both layouts, with the H100 plan: the kernels
-/// pick 64-bit index arithmetic by themselves. Needs about 13 GB of memory and minutes:
+/// pick 64-bit index arithmetic by themselves; the planner's choice and each streaming
+/// family forced. Needs about 13 GB of memory and many minutes:
 /// `cargo test --release --test emulated -- --ignored`.
 #[test]
 #[ignore = "13 GB and minutes on the emulator; run with --ignored"]
@@ -1485,7 +1519,8 @@ fn huge_more_than_2_pow_31_elements() {
         .unwrap();
         assert!(plan.index64, "{format:?}: the plan keeps 32-bit indices");
         let t = std::time::Instant::now();
-        common::huge::check(&emu, format, common::huge::FULL).unwrap();
+        let families = streaming_families(emu);
+        common::huge::check_each(&huge_devices(&families), format, common::huge::FULL).unwrap();
         eprintln!(
             "{format:?}: forward and backward checked in {:.0?}",
             t.elapsed()

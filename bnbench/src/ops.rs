@@ -434,9 +434,12 @@ impl<T: Float, P: ParamFor<T>> OpBuffers<T, P> {
             sync,
             ..
         } = self;
-        let (Some(dy), Some(dx), Some(sync)) = (dy.as_ref(), dx.as_mut(), sync.as_mut()) else {
-            return Err(no_sync_module());
+        let (Some(dy), Some(dx)) = (dy.as_ref(), dx.as_mut()) else {
+            return Err(BnError::Backward(
+                "the backward's buffers were not allocated",
+            ));
         };
+        let sync = sync.as_mut().ok_or_else(no_sync_module)?;
         sync.forced(verify);
         sync.module.backward_into(
             dy,

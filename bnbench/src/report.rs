@@ -480,7 +480,9 @@ impl Report {
                 .filter_map(|r| {
                     ours.iter()
                         .find(|p| {
+                            // the same family (a sync op runs the planner's choice)
                             p.op == plain.name()
+                                && p.variant == r.variant
                                 && (&p.shape, &p.layout, &p.dtype)
                                     == (&r.shape, &r.layout, &r.dtype)
                         })

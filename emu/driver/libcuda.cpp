@@ -1210,7 +1210,7 @@ BN_API int cuFuncGetAttribute(int* out, int attr, void* function) {
         case 0: *out = 1024; return kSuccess;  // max threads per block
         case 1: *out = 0; return kSuccess;
         case 8: *out = f->max_dynamic_shared; return kSuccess;
-        default: *out = 0; return kSuccess;
+        default: return kInvalidValue;  // not emulated: no silent zero
     }
 }
 

@@ -166,6 +166,16 @@ pub trait Device {
 /// Runs and checks the training forward and backward on `numel` elements (use [`FULL`]
 /// for the tensor of more than 2^31 elements).
 pub fn check<D: Device>(dev: &D, format: MemoryFormat, numel: usize) -> Result<(), String> {
+    check_each(&[("", dev as &dyn Device)], format, numel)
+}
+
+/// [`check`] for several devices (the kernel families, each forced), the reference
+/// computed once; an error names the device.
+pub fn check_each(
+    devs: &[(&str, &dyn Device)],
+    format: MemoryFormat,
+    numel: usize,
+) -> Result<(), String> {
     let shape = shape(format, numel);
     assert_eq!(shape.numel(), numel, "numel must be a multiple of 16");
     let (n, c) = (shape.numel(), shape.c());
@@ -181,16 +191,11 @@ pub fn check<D: Device>(dev: &D, format: MemoryFormat, numel: usize) -> Result<(
     let var: Vec<f64> = sq.iter().map(|s| s / m).collect();
     let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
 
-    let f = dev.forward(&shape, &x, &w, &b, &idx)?;
-    check_close("save_mean", &f.save_mean, &mean)?;
-    check_close("save_invstd", &f.save_invstd, &invstd)?;
     let rm: Vec<f64> = mean.iter().map(|v| MOMENTUM * v).collect();
     let rv: Vec<f64> = var
         .iter()
         .map(|v| MOMENTUM * v * m / (m - 1.0) + (1.0 - MOMENTUM))
         .collect();
-    check_close("running_mean", &f.running_mean, &rm)?;
-    check_close("running_var", &f.running_var, &rv)?;
     let want_y: Vec<f64> = idx
         .iter()
         .map(|&i| {
@@ -198,16 +203,11 @@ pub fn check<D: Device>(dev: &D, format: MemoryFormat, numel: usize) -> Result<(
             (xf(i) - mean[ch]) * invstd[ch] * f64::from(w[ch]) + f64::from(b[ch])
         })
         .collect();
-    check_close("y at the sampled indices", &f.y, &want_y)?;
-
     let dy = fill(&shape, |i, ch| dy_at(i, ch, x[i]));
     let dyf = |i: usize| f64::from(dy[i].to_f32());
     let sum_dy = channel_sums(&shape, |i, _| dyf(i));
     let dotp = channel_sums(&shape, |i, ch| dyf(i) * (xf(i) - mean[ch]));
-    let g = dev.backward(&shape, &x, &dy, &w, &f.save_mean, &f.save_invstd, &idx)?;
     let gw: Vec<f64> = (0..c).map(|ch| dotp[ch] * invstd[ch]).collect();
-    check_close("grad_weight", &g.grad_weight, &gw)?;
-    check_close("grad_bias", &g.grad_bias, &sum_dy)?;
     let want_dx: Vec<f64> = idx
         .iter()
         .map(|&i| {
@@ -218,5 +218,32 @@ pub fn check<D: Device>(dev: &D, format: MemoryFormat, numel: usize) -> Result<(
                 * f64::from(w[ch])
         })
         .collect();
-    check_close("grad_input at the sampled indices", &g.dx, &want_dx)
+
+    for (name, dev) in devs {
+        let named = |e: String| {
+            if name.is_empty() {
+                e
+            } else {
+                format!("{name}: {e}")
+            }
+        };
+        let f = dev.forward(&shape, &x, &w, &b, &idx).map_err(named)?;
+        let g = dev
+            .backward(&shape, &x, &dy, &w, &f.save_mean, &f.save_invstd, &idx)
+            .map_err(named)?;
+        [
+            check_close("save_mean", &f.save_mean, &mean),
+            check_close("save_invstd", &f.save_invstd, &invstd),
+            check_close("running_mean", &f.running_mean, &rm),
+            check_close("running_var", &f.running_var, &rv),
+            check_close("y at the sampled indices", &f.y, &want_y),
+            check_close("grad_weight", &g.grad_weight, &gw),
+            check_close("grad_bias", &g.grad_bias, &sum_dy),
+            check_close("grad_input at the sampled indices", &g.dx, &want_dx),
+        ]
+        .into_iter()
+        .collect::<Result<(), String>>()
+        .map_err(named)?;
+    }
+    Ok(())
 }
