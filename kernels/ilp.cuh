@@ -69,6 +69,8 @@ struct IlpNchwBlock {
 // from it, 256 units at a time, each step (registers for the loads, not for U walks).
 template <class I, int U, int V>
 struct IlpNchwWalk {
+    using Index = I;
+    static constexpr int kUnits = U;
     static constexpr bool kChain = U > 4;
     static constexpr int kWalks = kChain ? 1 : U;
     Walk<I> w[kWalks];

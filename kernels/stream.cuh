@@ -174,6 +174,7 @@ struct StatsPolicy {
     __device__ static State empty() { return welford_empty<A>(); }
     __device__ static State merge(const State& a, const State& b) { return welford_merge(a, b); }
     __device__ static State block(const State& s) { return block_merge(s); }
+    __device__ static State warp(const State& s) { return warp_merge(s); }
     __device__ static A get(const State& s, int q) { return q == 0 ? s.n : (q == 1 ? s.mean : s.m2); }
     __device__ static State make(A n, A mean, A m2) { return State{n, mean, m2}; }
 };
@@ -185,6 +186,7 @@ struct SumPolicy {
     __device__ static State empty() { return State{A(0), A(0)}; }
     __device__ static State merge(const State& a, const State& b) { return State{a.a + b.a, a.b + b.b}; }
     __device__ static State block(const State& s) { return block_sum(s); }
+    __device__ static State warp(const State& s) { return warp_sum(s); }
     __device__ static A get(const State& s, int q) { return q == 0 ? s.a : s.b; }
     __device__ static State make(A a, A b, A) { return State{a, b}; }
 };
@@ -255,14 +257,20 @@ __device__ __forceinline__ void reduce_channel(const BnParams& p, I c, I k, I sp
 template <class Pol, int V>
 __device__ __forceinline__ void merge_rows(typename Pol::State (&s)[V]) {
     using A = decltype(Pol::get(s[0], 0));
-    BN_SHARED(A, sh, kBlockThreads * V * 3);
+    constexpr int K = Pol::K;
+    BN_SHARED(A, sh, kBlockThreads * V * K);
     const int me = threadIdx.y * blockDim.x + threadIdx.x;
     auto put = [&](int who) {
         BN_UNROLL
         for (int j = 0; j < V; ++j) {
             BN_UNROLL
-            for (int q = 0; q < Pol::K; ++q) sh[(who * V + j) * 3 + q] = Pol::get(s[j], q);
+            for (int q = 0; q < K; ++q) sh[(who * V + j) * K + q] = Pol::get(s[j], q);
         }
+    };
+    auto take = [&](int who, int j) {
+        const int o = (who * V + j) * K;
+        // SumPolicy (K = 2) ignores make's third value: its slot reads the second again
+        return Pol::make(sh[o], sh[o + 1], sh[o + (K > 2 ? 2 : 1)]);
     };
     put(me);
     __syncthreads();
@@ -270,10 +278,7 @@ __device__ __forceinline__ void merge_rows(typename Pol::State (&s)[V]) {
         if (static_cast<int>(threadIdx.y) < stride) {
             const int other = me + stride * static_cast<int>(blockDim.x);
             BN_UNROLL
-            for (int j = 0; j < V; ++j) {
-                const int o = (other * V + j) * 3;
-                s[j] = Pol::merge(s[j], Pol::make(sh[o], sh[o + 1], sh[o + 2]));
-            }
+            for (int j = 0; j < V; ++j) s[j] = Pol::merge(s[j], take(other, j));
             put(me);
         }
         __syncthreads();

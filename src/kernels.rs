@@ -481,14 +481,8 @@ mod tests {
                 "persistent" => (Variant::Persistent, &fused, &[false, true]),
                 other => panic!("a PTX module no family claims: {other}"),
             };
-            // the persistent family is nchw only
-            let layouts: &[Layout] = if variant == Variant::Persistent {
-                &[Layout::Nchw]
-            } else {
-                &[Layout::Nchw, Layout::Nhwc]
-            };
             for &stage in stages {
-                for &layout in layouts {
+                for layout in [Layout::Nchw, Layout::Nhwc] {
                     for (input, param) in KERNEL_PAIRS {
                         for &index64 in widths {
                             let id = KernelId {

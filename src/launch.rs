@@ -963,34 +963,38 @@ pub const PERSISTENT_MAX_STEPS: u32 = 8;
 pub const DEFAULT_DYNAMIC_SHARED: u32 = 47 * 1024;
 
 /// Whether the persistent family has kernels for this call at all (before its occupancy
-/// is asked for: there are no channels-last entry points to ask about).
+/// is asked for): the fused training stages on aligned tensors whose vectors hold one
+/// channel's values (nchw planes, or nhwc rows of channels, a multiple of the width).
 pub fn persistent_takes(stage: Stage, shape: &Shape, input: DType, align: Alignment) -> Result<()> {
     let v = Variant::Persistent;
     if !matches!(stage, Stage::FwdFused | Stage::BwdFused) {
         return Err(unavailable(v, "only the fused training stages"));
     }
-    if Layout::of(shape) != Layout::Nchw {
-        return Err(unavailable(v, "nchw only (channels-last is not built yet)"));
-    }
     let vec_width = 16 / input.size();
-    if !align.all_aligned || !shape.spatial().is_multiple_of(vec_width) {
+    let (what, count) = match Layout::of(shape) {
+        Layout::Nchw => ("planes", shape.spatial()),
+        Layout::Nhwc => ("channel counts", shape.c()),
+    };
+    if !align.all_aligned || !count.is_multiple_of(vec_width) {
         return Err(unavailable(
             v,
-            format!("needs 16-byte aligned tensors and planes of a multiple of {vec_width} values"),
+            format!("needs 16-byte aligned tensors and {what} of a multiple of {vec_width} values"),
         ));
     }
     Ok(())
 }
 
-/// Plans a fused stage of the persistent family (kernels/persistent.cu): nchw, S a
-/// multiple of the vector width, aligned tensors, each block's split at most 256 x
-/// [`persistent_slots`] vectors a step, and the whole grid resident at once. The fewest
-/// steps whose slabs fit are taken (the first in registers, each further one in
-/// [`PERSISTENT_STEP_BYTES`] of dynamic shared memory, within `shared_limit` bytes per
-/// block); `resident(bytes)` is the blocks resident per multiprocessor with that much
-/// dynamic shared memory, from the driver's occupancy calculator. Then as many splits
-/// per channel as the device holds, at least enough for the slabs to fit. A tensor whose
-/// slabs do not fit on chip is refused (the two-pass families take it).
+/// Plans a fused stage of the persistent family (kernels/persistent.cu): aligned tensors
+/// whose planes (nchw) or channel counts (nhwc) are a multiple of the vector width, each
+/// block's split at most `steps` steps of 256 x [`persistent_slots`] vectors, and the whole
+/// grid resident at once. A group is a channel (nchw) or a tile of channels (nhwc, as the
+/// streaming families cut them); a block a split of a group. The fewest steps whose slabs
+/// fit are taken (the first in registers, each further one in [`PERSISTENT_STEP_BYTES`] of
+/// dynamic shared memory, within `shared_limit` bytes per block); `resident(bytes)` is the
+/// blocks resident per multiprocessor with that much dynamic shared memory, from the
+/// driver's occupancy calculator. Then as many splits per group as the device holds, at
+/// least enough for the slabs to fit. A tensor whose slabs do not fit on chip is refused
+/// (the two-pass families take it).
 #[allow(clippy::too_many_arguments)]
 pub fn plan_persistent_stage(
     stage: Stage,
@@ -1011,9 +1015,29 @@ pub fn plan_persistent_stage(
     }
     persistent_takes(stage, shape, input, align)?;
     let vec_width = 16 / input.size();
-    let s = shape.spatial();
-    let vectors = per_channel / vec_width;
-    let per_step = BLOCK_THREADS as usize * persistent_slots(stage);
+    let slots = persistent_slots(stage);
+    let layout = Layout::of(shape);
+    // (groups, the work of one, units of work a block takes a step, threads across groups)
+    let (groups, work, per_step, tile_x) = match layout {
+        // a channel of vectors, 256 threads x slots vectors a step
+        Layout::Nchw => (
+            c,
+            per_channel / vec_width,
+            BLOCK_THREADS as usize * slots,
+            BLOCK_THREADS as usize,
+        ),
+        // a tile of channels over all rows, 256 / tile_x rows x slots a step
+        Layout::Nhwc => {
+            let tile_x = (c / vec_width).next_power_of_two().min(32);
+            let tiles = (c / vec_width).div_ceil(tile_x);
+            (
+                tiles,
+                per_channel,
+                BLOCK_THREADS as usize / tile_x * slots,
+                tile_x,
+            )
+        }
+    };
     let mut tried = None;
     let mut chosen = None;
     for steps in 1..=PERSISTENT_MAX_STEPS {
@@ -1025,8 +1049,8 @@ pub fn plan_persistent_stage(
         if capacity == 0 {
             break;
         }
-        let needed = vectors.div_ceil(per_step * steps as usize);
-        if c.checked_mul(needed).is_some_and(|b| b <= capacity) {
+        let needed = work.div_ceil(per_step * steps as usize);
+        if groups.checked_mul(needed).is_some_and(|b| b <= capacity) {
             chosen = Some((capacity, needed));
             break;
         }
@@ -1034,47 +1058,75 @@ pub fn plan_persistent_stage(
             tried = Some((steps, needed, capacity));
         }
         if needed == 1 {
-            // one block a channel already: more steps only lower the occupancy
+            // one block a group already: more steps only lower the occupancy
             break;
         }
     }
+    let unit = match layout {
+        Layout::Nchw => "channels",
+        Layout::Nhwc => "channel tiles",
+    };
     let Some((capacity, needed)) = chosen else {
-        let (steps, needed, capacity) = tried.unwrap_or((1, vectors.div_ceil(per_step), 0));
+        let (steps, needed, capacity) = tried.unwrap_or((1, work.div_ceil(per_step), 0));
         return Err(unavailable(
             v,
             format!(
-                "the slabs do not fit on chip: {c} channels x {needed} blocks of {steps} steps, {capacity} resident"
+                "the slabs do not fit on chip: {groups} {unit} x {needed} blocks of {steps} steps, {capacity} resident"
             ),
         ));
     };
-    // more splits while the grid still fits, but no block with under 256 vectors
-    let splits = (capacity / c).clamp(needed, vectors.div_ceil(BLOCK_THREADS as usize).max(needed));
-    let chunk = vectors.div_ceil(splits);
-    let splits = vectors.div_ceil(chunk);
-    let blocks = c * splits;
+    // more splits while the grid still fits, but no block with under one unit a thread
+    let least = per_step / slots;
+    let splits = (capacity / groups).clamp(needed, work.div_ceil(least).max(needed));
+    let chunk = work.div_ceil(splits);
+    let splits = work.div_ceil(chunk);
+    let blocks = groups * splits;
     // the steps the chunk takes: the first in registers, the rest in shared memory
     let steps = chunk.div_ceil(per_step) as u32;
+    let (grid, block) = match layout {
+        Layout::Nchw => ((blocks as u32, 1, 1), (BLOCK_THREADS, 1, 1)),
+        Layout::Nhwc => {
+            if splits > 65535 {
+                return Err(unavailable(
+                    v,
+                    format!("{splits} splits a tile, over a grid's 65535"),
+                ));
+            }
+            (
+                (groups as u32, splits as u32, 1),
+                (tile_x as u32, (BLOCK_THREADS as usize / tile_x) as u32, 1),
+            )
+        }
+    };
     let plan = StagePlan {
-        layout: Layout::Nchw,
+        layout,
         config: LaunchConfig {
-            grid: (blocks as u32, 1, 1),
-            block: (BLOCK_THREADS, 1, 1),
+            grid,
+            block,
             shared_bytes: (steps - 1) * PERSISTENT_STEP_BYTES,
             cooperative: true,
         },
         splits: splits as u32,
         chunk,
-        tile_x: BLOCK_THREADS,
-        tiles: c as u32,
+        tile_x: tile_x as u32,
+        tiles: groups as u32,
         vec: true,
         index64: false,
     };
-    // A thread's walk forms unit positions at most two steps past its block's range (its
-    // last advance, and the step's slots chained from it): that many units, in planes of
-    // s / vec_width units, past the last plane.
-    let planes_ahead = 2 * (per_step / (s / vec_width).max(1)) as u128 + 3;
-    let walk_ahead = planes_ahead * (c as u128) * (s as u128);
-    let ahead = shape.numel() as u128 + walk_ahead > i32::MAX as u128;
+    let ahead = match layout {
+        // A thread's walk forms unit positions at most two steps past its block's range
+        // (its last advance, and the step's slots chained from it): that many units, in
+        // planes of s / vec_width units, past the last plane.
+        Layout::Nchw => {
+            let s = shape.spatial();
+            let planes_ahead = 2 * (per_step / (s / vec_width).max(1)) as u128 + 3;
+            planes_ahead * (c as u128) * (s as u128)
+        }
+        // A thread's rows run at most a step of 256 / tile_x x slots rows past its
+        // split's end, its channels at most a tile past C.
+        Layout::Nhwc => (per_step as u128 + 1) * (c as u128) + (tile_x * vec_width) as u128,
+    };
+    let ahead = shape.numel() as u128 + ahead > i32::MAX as u128;
     Ok(StagePlan {
         index64: tuning.force_index64 || ahead || needs_index64(shape, &plan),
         ..plan

@@ -22,7 +22,7 @@ use cuda_batchnorm::backend::{self, Backend, Epilogue, EpilogueGrad, Forward, Gr
 use cuda_batchnorm::cpu::reference;
 use cuda_batchnorm::half::f16;
 use cuda_batchnorm::launch::{
-    Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, Variant,
+    self, Alignment, BnParams, DeviceInfo, KernelId, LaunchConfig, Stage, Tuning, Variant,
 };
 use cuda_batchnorm::raw::{self, Launcher, Region, RegionKind};
 use cuda_batchnorm::validate::ForwardKind;
@@ -108,9 +108,11 @@ impl Launcher for EmuLauncher {
             block: [config.block.0, config.block.1, config.block.2],
             dynamic_shared_bytes: config.shared_bytes,
             cooperative: config.cooperative,
-            // The opt-in that dynamic_shared_limit stands for.
-            shared_limit_bytes: if config.shared_bytes
-                > cuda_batchnorm::launch::DEFAULT_DYNAMIC_SHARED
+            // The opt-in that dynamic_shared_limit stands for (CudaLauncher raises the
+            // persistent family's, the cooperative launches, before any launch: their
+            // static shared memory and a step of slab can pass 48 KiB together).
+            shared_limit_bytes: if config.cooperative
+                || config.shared_bytes > cuda_batchnorm::launch::DEFAULT_DYNAMIC_SHARED
             {
                 emu::SHARED_OPTIN_BYTES
             } else {
@@ -709,7 +711,11 @@ fn persistent_family_on_every_pair() {
     };
     let runner = EmuRunner::new(Emu::new(ROOMY, tuning));
     let mut failures = Vec::new();
-    // [4, 16, 8, 8]: one split; [2, 4, 64, 64]: several (2048 f32 vectors a channel)
+    // nchw: [4, 16, 8, 8] one split, [2, 4, 64, 64] several (2048 f32 vectors a
+    // channel). nhwc (the rank-4 ones channels-last too): [2, 4, 64, 64] a tile of 4
+    // channels (one thread a row; not 16-bit types, whose vectors are 8 channels),
+    // [32, 512] several tiles of several splits, [64, 24] one with idle
+    // threads in its tile, [100, 64] splits of uneven rows (rows of threads idle in some).
     let cases = [
         ALIGNED_CASES[0],
         Case {
@@ -720,6 +726,21 @@ fn persistent_family_on_every_pair() {
         Case {
             dims: &[3, 8, 16, 32],
             data: Data::Offset1e4,
+            affine: false,
+        },
+        Case {
+            dims: &[32, 512],
+            data: Data::Normal,
+            affine: true,
+        },
+        Case {
+            dims: &[64, 24],
+            data: Data::Offset1e4,
+            affine: true,
+        },
+        Case {
+            dims: &[100, 64],
+            data: Data::Normal,
             affine: false,
         },
     ];
@@ -790,23 +811,55 @@ fn persistent_family_keeps_its_slabs_in_shared_memory() {
     // Dims for 4-byte values (the last size scales with 4 / sizeof(T)), then per stage
     // (forward, backward) the steps planned (dynamic shared memory, splits), or None where
     // the slabs do not fit (the backward keeps half the vectors of x a step, beside dy's).
+    // Channels-last: 32 channels, a tile of 32 / V threads across them by 8 V rows (the
+    // same bytes a step as in nchw), so the same steps for the same bytes a channel.
     type Steps = Option<(u32, u32)>;
-    let cases: [(&[usize], Steps, Steps); 5] = [
-        (&[2, 1, 64, 256], Some((32 << 10, 2)), Some((96 << 10, 2))),
+    let nchw = MemoryFormat::Contiguous;
+    let nhwc = MemoryFormat::ChannelsLast;
+    let cases: [(&[usize], MemoryFormat, Steps, Steps); 7] = [
+        (
+            &[2, 1, 64, 256],
+            nchw,
+            Some((32 << 10, 2)),
+            Some((96 << 10, 2)),
+        ),
         // 6000 vectors: chunks of 3000, the last step of each partial in both stages
-        (&[3, 1, 100, 80], Some((32 << 10, 2)), Some((64 << 10, 2))),
-        (&[3, 1, 100, 160], Some((64 << 10, 2)), None),
-        (&[4, 1, 64, 256], Some((96 << 10, 2)), None),
-        (&[1, 2, 64, 256], Some((32 << 10, 1)), Some((96 << 10, 1))),
+        (
+            &[3, 1, 100, 80],
+            nchw,
+            Some((32 << 10, 2)),
+            Some((64 << 10, 2)),
+        ),
+        (&[3, 1, 100, 160], nchw, Some((64 << 10, 2)), None),
+        (&[4, 1, 64, 256], nchw, Some((96 << 10, 2)), None),
+        (
+            &[1, 2, 64, 256],
+            nchw,
+            Some((32 << 10, 1)),
+            Some((96 << 10, 1)),
+        ),
+        (
+            &[4, 32, 16, 16],
+            nhwc,
+            Some((32 << 10, 2)),
+            Some((96 << 10, 2)),
+        ),
+        // 1000 rows of f32: splits of 500, the last step of each partial in both stages
+        (
+            &[5, 32, 10, 20],
+            nhwc,
+            Some((32 << 10, 2)),
+            Some((96 << 10, 2)),
+        ),
     ];
     let mut failures = Vec::new();
     for &pair in TYPE_PAIRS {
-        for (i, &(dims4, fwd, bwd)) in cases.iter().enumerate() {
+        for (i, &(dims4, format, fwd, bwd)) in cases.iter().enumerate() {
             let size = pair.0.size();
             let mut dims = dims4.to_vec();
             let last = dims.len() - 1;
             dims[last] = dims[last] * 4 / size;
-            let shape = Shape::new(&dims, MemoryFormat::Contiguous).unwrap();
+            let shape = Shape::new(&dims, format).unwrap();
             let stages = [
                 (raw::Op::Forward { batch_stats: true }, fwd),
                 (
@@ -833,7 +886,8 @@ fn persistent_family_keeps_its_slabs_in_shared_memory() {
                 });
                 if got != want {
                     failures.push(format!(
-                        "{pair:?} {dims:?} {op:?}: planned {got:?}, not {want:?}"
+                        "{pair:?} {dims:?} {} {op:?}: planned {got:?}, not {want:?}",
+                        format.name()
                     ));
                 }
             }
@@ -849,13 +903,10 @@ fn persistent_family_keeps_its_slabs_in_shared_memory() {
             };
             let runner = PersistentOrPredicted(&runner, bwd.is_some());
             let pr = with_types!(pair, |T, P| {
-                check_problem(
-                    &runner,
-                    &Problem::<T, P>::new(&case, MemoryFormat::Contiguous, 47 + i as u64),
-                )
+                check_problem(&runner, &Problem::<T, P>::new(&case, format, 47 + i as u64))
             });
             if let Err(e) = pr {
-                failures.push(format!("{pair:?} {dims:?}: {e}"));
+                failures.push(format!("{pair:?} {dims:?} {}: {e}", format.name()));
             }
         }
     }
@@ -889,25 +940,39 @@ fn persistent_family_keeps_its_slabs_in_shared_memory() {
 }
 
 /// The training forward and backward of one problem, as check_problem checks them (the
-/// eval calls are another family's).
+/// eval calls are another family's), in both index widths and, for shapes of rank 4 or
+/// more, in both memory formats (nchw and nhwc kernels); a rank-2 shape is nhwc already.
 fn check_persistent<T: Float, P: ParamFor<T>>(
     runner: &EmuRunner,
     case: &Case,
     seed: u64,
 ) -> Result<(), String> {
-    for index64 in [false, true] {
-        let runner = EmuRunner {
-            emu: Emu {
-                tuning: Tuning {
-                    force_index64: index64,
-                    ..runner.emu.tuning
+    let formats: &[MemoryFormat] = if case.dims.len() >= 4 {
+        &[MemoryFormat::Contiguous, MemoryFormat::ChannelsLast]
+    } else {
+        &[MemoryFormat::Contiguous]
+    };
+    for &format in formats {
+        let shape = Shape::new(case.dims, format).unwrap();
+        if launch::persistent_takes(Stage::FwdFused, &shape, T::DTYPE, Alignment::ALIGNED).is_err()
+        {
+            continue;
+        }
+        for index64 in [false, true] {
+            let runner = EmuRunner {
+                emu: Emu {
+                    tuning: Tuning {
+                        force_index64: index64,
+                        ..runner.emu.tuning
+                    },
+                    ..runner.emu
                 },
-                ..runner.emu
-            },
-            ..*runner
-        };
-        let p = Problem::<T, P>::new(case, MemoryFormat::Contiguous, seed);
-        check_problem(&PersistentOrPredicted(&runner, true), &p)?;
+                ..*runner
+            };
+            let p = Problem::<T, P>::new(case, format, seed);
+            check_problem(&PersistentOrPredicted(&runner, true), &p)
+                .map_err(|e| format!("{} index64 {index64}: {e}", format.name()))?;
+        }
     }
     Ok(())
 }
@@ -1668,10 +1733,10 @@ fn every_kernel_runs() {
     }
     let mine = LAUNCHED.lock().unwrap().clone();
     // ilp and flat: 5 stages x 2 layouts x 6 pairs x 2 index widths each; persistent: 2
-    // fused stages x nchw x 6 pairs x 2 widths; the stats stage: 3 per-channel kernels x
-    // 6 pairs
+    // fused stages x 2 layouts x 6 pairs x 2 widths; the stats stage: 3 per-channel
+    // kernels x 6 pairs
     let streaming = 5 * 2 * TYPE_PAIRS.len() * 2;
-    let persistent = 2 * TYPE_PAIRS.len() * 2;
+    let persistent = 2 * 2 * TYPE_PAIRS.len() * 2;
     let per_channel = 3 * TYPE_PAIRS.len();
     assert_eq!(
         compiled.len(),

@@ -691,10 +691,9 @@ fn more_than_2_pow_31_check_on_a_small_tensor_by_every_family() {
     ignore = "built without PTX (no nvcc at build time; see the README's Getting nvcc)"
 )]
 fn persistent_slabs_past_48_kib_through_the_driver() {
-    use cuda_batchnorm::cpu::reference;
     use cuda_batchnorm::kernels::{CudaLauncher, Kernels};
-    use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig, Tuning, Variant};
-    use cuda_batchnorm::raw::{self, Launcher, Region};
+    use cuda_batchnorm::launch::{BnParams, DeviceInfo, KernelId, LaunchConfig};
+    use cuda_batchnorm::raw::{Launcher, Region};
     let Some(Gpu { stream: s, .. }) = gpu("persistent_slabs_past_48_kib_through_the_driver") else {
         return;
     };
@@ -724,9 +723,38 @@ fn persistent_slabs_past_48_kib_through_the_driver() {
     }
     let kernels = Kernels::for_context(s.context()).unwrap();
     let launcher = OneBlock(CudaLauncher::new(&s, &kernels));
-    // One channel per multiprocessor, 8192 vectors (128 KB) each: one block per channel.
-    let c = launcher.device().sm_count as usize;
-    let shape = Shape::nchw(2, c, 64, 256).unwrap();
+    let sms = launcher.device().sm_count as usize;
+    // nchw: one channel per multiprocessor, 8192 vectors (128 KB) each, one block per
+    // channel. nhwc: 32 channels (one tile of 8 threads by 32 rows) of 768 rows per
+    // multiprocessor, one split per multiprocessor: 3 steps forward, 6 backward (its
+    // static shared memory leaves no room for 8).
+    let cases = [
+        (Shape::nchw(2, sms, 64, 256).unwrap(), 96 << 10, 224 << 10),
+        (
+            Shape::new(&[sms, 32, 24, 32], MemoryFormat::ChannelsLast).unwrap(),
+            64 << 10,
+            160 << 10,
+        ),
+    ];
+    for (shape, fwd_shared, bwd_shared) in cases {
+        slabs_past_48_kib(&s, &launcher, &shape, fwd_shared, bwd_shared);
+    }
+}
+
+/// One shape of [`persistent_slabs_past_48_kib_through_the_driver`]: the plans' shared
+/// memory, then the forward and backward against the f64 reference.
+fn slabs_past_48_kib(
+    s: &Arc<CudaStream>,
+    launcher: &impl cuda_batchnorm::raw::Launcher,
+    shape: &Shape,
+    fwd_shared: u32,
+    bwd_shared: u32,
+) {
+    use cuda_batchnorm::cpu::reference;
+    use cuda_batchnorm::launch::{Tuning, Variant};
+    use cuda_batchnorm::raw;
+    let c = shape.c();
+    let layout = cuda_batchnorm::launch::Layout::of(shape).name();
     let tuning = Tuning {
         variant: Some(Variant::Persistent),
         ..Tuning::default()
@@ -746,9 +774,12 @@ fn persistent_slabs_past_48_kib_through_the_driver() {
         momentum: 0.1,
         ..raw::ForwardArgs::default()
     };
-    let plan = raw::plan_forward::<f32, f32>(&launcher, &shape, &fa, &tuning).unwrap();
+    let plan = raw::plan_forward::<f32, f32>(launcher, shape, &fa, &tuning).unwrap();
     assert_eq!(plan.launches.len(), 1);
-    assert_eq!(plan.launches[0].plan.config.shared_bytes, 96 << 10);
+    assert_eq!(
+        plan.launches[0].plan.config.shared_bytes, fwd_shared,
+        "{layout}"
+    );
     let ba = raw::BackwardArgs {
         dy: 0,
         x: 0,
@@ -764,19 +795,22 @@ fn persistent_slabs_past_48_kib_through_the_driver() {
         scratch: 0,
         epilogue: raw::EpilogueGrad::None,
     };
-    let plan = raw::plan_backward::<f32, f32>(&launcher, &shape, &ba, &tuning).unwrap();
-    assert_eq!(plan.launches[0].plan.config.shared_bytes, 224 << 10);
-    let f = raw_forward(&s, &launcher, &tuning, &shape, &xs, &w, &b).unwrap();
+    let plan = raw::plan_backward::<f32, f32>(launcher, shape, &ba, &tuning).unwrap();
+    assert_eq!(
+        plan.launches[0].plan.config.shared_bytes, bwd_shared,
+        "{layout}"
+    );
+    let f = raw_forward(s, launcher, &tuning, shape, &xs, &w, &b).unwrap();
     let (sm, si) = (&f.save_mean, &f.save_invstd);
-    let g = raw_backward(&s, &launcher, &tuning, &shape, &xs, &dys, &w, sm, si).unwrap();
+    let g = raw_backward(s, launcher, &tuning, shape, &xs, &dys, &w, sm, si).unwrap();
 
     let wide = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
     let (x64, dy64) = (wide(&xs), wide(&dys));
-    let (mean, var) = reference::batch_stats(&x64, &shape).unwrap();
+    let (mean, var) = reference::batch_stats(&x64, shape).unwrap();
     let invstd = reference::invstd(&var, 1e-5);
     let want_y = reference::normalize(
         &x64,
-        &shape,
+        shape,
         &mean,
         &invstd,
         Some(&wide(&w)),
@@ -784,7 +818,7 @@ fn persistent_slabs_past_48_kib_through_the_driver() {
     )
     .unwrap();
     let want =
-        reference::backward(&dy64, &x64, &shape, &mean, &invstd, Some(&wide(&w)), true).unwrap();
+        reference::backward(&dy64, &x64, shape, &mean, &invstd, Some(&wide(&w)), true).unwrap();
     let rel = |got: &[f64], want: &[f64]| {
         let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
         let den: f64 = want.iter().map(|b| b * b).sum();
@@ -805,7 +839,7 @@ fn persistent_slabs_past_48_kib_through_the_driver() {
             1e-5
         };
         let e = rel(&got, &want);
-        assert!(e < tol, "{name}: relative error {e:.2e}");
+        assert!(e < tol, "{layout} {name}: relative error {e:.2e}");
     }
 }
 
