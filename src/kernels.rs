@@ -245,6 +245,35 @@ impl Kernels {
         *self.tuning.lock().unwrap_or_else(|e| e.into_inner()) = tuning;
     }
 
+    /// What the driver answers `ask` about `kernel` (its function loaded, the context
+    /// bound), asked once per `key`: the answers never change, and every call plans
+    /// several families' stages.
+    fn asked_once<K: Copy + Eq + std::hash::Hash>(
+        &self,
+        answers: &Mutex<HashMap<K, u32>>,
+        key: K,
+        kernel: &KernelId,
+        ask: impl FnOnce(sys::CUfunction) -> Result<u32>,
+    ) -> Result<u32> {
+        let known = answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        if let Some(n) = known {
+            return Ok(n);
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(BnError::driver("binding the context"))?;
+        let n = ask(self.function(kernel)?)?;
+        answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, n);
+        Ok(n)
+    }
+
     /// The entry point `id`, looked up once. The context must be bound.
     fn function(&self, id: &KernelId) -> Result<sys::CUfunction> {
         if !KERNEL_PAIRS.contains(&(id.input, id.param)) {
@@ -339,80 +368,56 @@ impl Launcher for CudaLauncher<'_> {
         shared_bytes: u32,
     ) -> Result<u32> {
         let key = (*kernel, block_threads, shared_bytes);
-        let cached = |k: &Kernels| {
-            k.occupancy
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
-                .copied()
-        };
-        if let Some(n) = cached(self.kernels) {
-            return Ok(n);
-        }
         self.kernels
-            .ctx
-            .bind_to_thread()
-            .map_err(BnError::driver("binding the context"))?;
-        let f = self.kernels.function(kernel)?;
-        let threads = i32::try_from(block_threads).unwrap_or(i32::MAX);
-        // SAFETY: `f` is a live function of the bound context's loaded module.
-        let n = unsafe {
-            result::occupancy::max_active_block_per_multiprocessor(
-                f,
-                threads,
-                shared_bytes as usize,
-            )
-        }
-        .map_err(BnError::driver("reading a kernel's occupancy"))?;
-        let n = n.max(0) as u32;
-        self.kernels
-            .occupancy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, n);
-        Ok(n)
+            .asked_once(&self.kernels.occupancy, key, kernel, |f| {
+                let threads = i32::try_from(block_threads).unwrap_or(i32::MAX);
+                // SAFETY: `f` is a live function of the bound context's loaded module.
+                let n = unsafe {
+                    result::occupancy::max_active_block_per_multiprocessor(
+                        f,
+                        threads,
+                        shared_bytes as usize,
+                    )
+                }
+                .map_err(BnError::driver("reading a kernel's occupancy"))?;
+                Ok(n.max(0) as u32)
+            })
     }
 
     /// The device's opt-in per block (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`) less the
     /// kernel's static shared memory, set as the kernel's `MAX_DYNAMIC_SHARED_SIZE_BYTES`
     /// (without it a launch may not pass 48 KiB); once per kernel.
     fn dynamic_shared_limit(&self, kernel: &KernelId) -> Result<u32> {
-        let limits = &self.kernels.shared_limits;
-        if let Some(&n) = limits.lock().unwrap_or_else(|e| e.into_inner()).get(kernel) {
-            return Ok(n);
-        }
         let ctx = &self.kernels.ctx;
-        ctx.bind_to_thread()
-            .map_err(BnError::driver("binding the context"))?;
-        let optin = ctx
-            .attribute(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-            )
-            .map_err(BnError::driver("reading device attributes"))?;
-        let f = self.kernels.function(kernel)?;
-        use sys::CUfunction_attribute as Attr;
-        // SAFETY: `f` is a live function of the bound context's loaded module; the
-        // attribute is a readable one.
-        let fixed = unsafe {
-            result::function::get_function_attribute(f, Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
-        }
-        .map_err(BnError::driver("reading a kernel's shared memory"))?;
-        let limit = optin.saturating_sub(fixed).max(0);
-        // SAFETY: as above; the value is within what the device allows the kernel.
-        unsafe {
-            result::function::set_function_attribute(
-                f,
-                Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                limit,
-            )
-        }
-        .map_err(BnError::driver("raising a kernel's shared memory limit"))?;
-        let limit = limit as u32;
-        limits
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*kernel, limit);
-        Ok(limit)
+        self.kernels
+            .asked_once(&self.kernels.shared_limits, *kernel, kernel, |f| {
+                let optin = ctx
+                .attribute(
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                )
+                .map_err(BnError::driver("reading device attributes"))?;
+                use sys::CUfunction_attribute as Attr;
+                // SAFETY: `f` is a live function of the bound context's loaded module; the
+                // attribute is a readable one.
+                let fixed = unsafe {
+                    result::function::get_function_attribute(
+                        f,
+                        Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                    )
+                }
+                .map_err(BnError::driver("reading a kernel's shared memory"))?;
+                let limit = optin.saturating_sub(fixed).max(0);
+                // SAFETY: as above; the value is within what the device allows the kernel.
+                unsafe {
+                    result::function::set_function_attribute(
+                        f,
+                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        limit,
+                    )
+                }
+                .map_err(BnError::driver("raising a kernel's shared memory limit"))?;
+                Ok(limit as u32)
+            })
     }
 
     fn launch(

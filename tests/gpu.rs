@@ -683,8 +683,9 @@ fn more_than_2_pow_31_check_on_a_small_tensor_by_every_family() {
 /// the driver: the launcher raises each kernel's limit (`cuFuncSetAttribute`) before a
 /// launch needs it (the emulated driver, like NVIDIA's, refuses the launch otherwise).
 /// A launcher that reports one resident block per multiprocessor makes the plans take
-/// four steps of slab in the forward (96 KB of shared memory) and eight in the backward
-/// (224 KB); the results are checked against the f64 reference.
+/// four steps of slab in the nchw forward (96 KB of shared memory) and eight in the
+/// backward (224 KB), three and six channels-last (64 KB, 160 KB); the results are
+/// checked against the f64 reference.
 #[test]
 #[cfg_attr(
     not(cuda_batchnorm_ptx),
