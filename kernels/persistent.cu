@@ -7,11 +7,13 @@
 //       update, saved statistics and y. Each thread keeps its units of its block's slab
 //       as raw 16-byte vectors: the first step of R = 8 in registers (32 registers
 //       whatever T), each further step of R in dynamic shared memory (32 KB a step per
-//       block). Welford over them (one reciprocal per vector in nchw, per step of R rows
-//       in nhwc), the block's state published as the split's partial, a grid-wide
-//       barrier, then every block of the channel merges all its splits in the same fixed
-//       order (the same bits in each), normalises what it kept and writes y; split 0
-//       writes save_mean / save_invstd and the running statistics.
+//       block). Welford over them (one reciprocal per vector in nchw, two per step of R
+//       rows in nhwc), the block's state published as the split's partial, a grid-wide
+//       barrier, then the splits merged in a fixed order (nchw: every block of the
+//       channel merges all of them, the same bits in each; nhwc: merge_tile, each
+//       channel merged once and read back after a second barrier), what it kept
+//       normalised and written as y; split 0 writes save_mean / save_invstd and the
+//       running statistics.
 //   bn_persistent_bwd_train_{nchw,nhwc}_<tag>[_i64]: sum_dy and dotp from x and dy kept
 //       the same way (R = 4 vectors of each a step: 32 KB of shared memory a further
 //       step), published, barrier, merged as above, dx from what was kept; split 0 writes
@@ -24,8 +26,9 @@
 //         values of it, located by an IlpNchwWalk; the block merges its threads' states.
 //   nhwc: a tile of tile_x * V channels per block (grid (tiles, splits), block (tile_x,
 //         256 / tile_x)), V channels per thread from c0; a unit is one row's V channels,
-//         rows threadIdx.y + blockDim.y u of the split a step; the block merges its rows
-//         per channel (merge_rows), and every row takes the result.
+//         rows threadIdx.y + blockDim.y u of the split a step; merge_tile merges the
+//         block's rows per channel and the channel's splits, and every row takes the
+//         result.
 //
 // Layout and what it needs (the plan guarantees it, src/launch.rs plan_persistent_stage):
 // S (nchw) or C (nhwc) a multiple of the vector width V, every tensor 16-byte aligned, a

@@ -427,8 +427,10 @@ impl Launcher for CudaLauncher<'_> {
         params: &BnParams,
         _regions: &[Region],
     ) -> Result<()> {
-        if config.shared_bytes > crate::launch::DEFAULT_DYNAMIC_SHARED {
-            // The opt-in, where a plan made elsewhere did not ask first.
+        if config.shared_bytes > 0 {
+            // The opt-in (asked once per kernel), where a plan made elsewhere did not ask
+            // first: with its static shared memory a kernel can pass 48 KiB at any
+            // dynamic size.
             self.dynamic_shared_limit(&kernel)?;
         }
         self.kernels

@@ -958,9 +958,33 @@ pub const PERSISTENT_STEP_BYTES: u32 = 32 * 1024;
 /// memory (224 KB, within an H100's 227 KB per block).
 pub const PERSISTENT_MAX_STEPS: u32 = 8;
 
-/// Dynamic shared memory a kernel may use where the executor cannot say more: CUDA's
-/// 48 KiB per block without the opt-in, less 1 KiB for a kernel's static shared memory.
-pub const DEFAULT_DYNAMIC_SHARED: u32 = 47 * 1024;
+/// Shared memory a block may use without CUDA's opt-in, static and dynamic together.
+pub const SHARED_WITHOUT_OPT_IN: u32 = 48 * 1024;
+
+/// At least the static shared memory of a kernel that takes dynamic shared memory (the
+/// persistent family; kernels/NOTES.md's table shows each kernel's): the nhwc kernels'
+/// row merge holds 256 x (V + 1) x K accumulators (K = 3 forward, 2 backward: 27 KB for
+/// the 16-bit forward), the nchw ones a few hundred bytes; 1 KiB more for either.
+pub fn static_shared_bound(kernel: &KernelId) -> u32 {
+    let merge = if kernel.variant == Variant::Persistent && kernel.layout == Layout::Nhwc {
+        let v = 16 / kernel.input.size();
+        let k = if kernel.stage == Stage::BwdFused {
+            2
+        } else {
+            3
+        };
+        BLOCK_THREADS as usize * (v + 1) * k * kernel.input.acc().size()
+    } else {
+        0
+    };
+    merge as u32 + 1024
+}
+
+/// Dynamic shared memory `kernel` may use where the executor cannot say more: what
+/// CUDA allows a block without the opt-in, less the kernel's static shared memory.
+pub fn default_dynamic_shared(kernel: &KernelId) -> u32 {
+    SHARED_WITHOUT_OPT_IN.saturating_sub(static_shared_bound(kernel))
+}
 
 /// Whether the persistent family has kernels for this call at all (before its occupancy
 /// is asked for): the fused training stages on aligned tensors whose vectors hold one

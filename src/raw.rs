@@ -81,10 +81,9 @@ pub trait Launcher {
     /// The most dynamic shared memory a block of `kernel` may have, in bytes (the
     /// persistent family keeps slabs there). An executor that can raise the limit
     /// (CUDA's opt-in, `cuFuncSetAttribute`) does so here, before any launch that needs
-    /// it. The default is [`launch::DEFAULT_DYNAMIC_SHARED`].
+    /// it. The default is [`launch::default_dynamic_shared`], without the opt-in.
     fn dynamic_shared_limit(&self, kernel: &KernelId) -> Result<u32> {
-        let _ = kernel;
-        Ok(launch::DEFAULT_DYNAMIC_SHARED)
+        Ok(launch::default_dynamic_shared(kernel))
     }
     /// Runs one kernel. `regions` lists every buffer it may touch.
     fn launch(
