@@ -54,12 +54,23 @@ impl<const D: usize, T: Float, P: ParamFor<T>> BatchNorm<D, Cuda, T, P> {
         shape: &Shape,
         output: &mut dyn DevicePtrMut<T>,
     ) -> Result<()> {
-        self.infer_fused(stream, input, None, shape, output)
+        self.eval_with(stream, input, None, shape, output)
     }
 
     /// [`infer`](Self::infer) with a fused epilogue (`relu(bn(x))`, `relu(bn(x) + z)`)
-    /// in the same one pass.
+    /// in the same one pass (as [`crate::FrozenBatchNorm::infer_fused`]).
     pub fn infer_fused(
+        &self,
+        stream: &Arc<CudaStream>,
+        input: &dyn DevicePtr<T>,
+        epilogue: Epilogue<'_, T>,
+        shape: &Shape,
+        output: &mut dyn DevicePtrMut<T>,
+    ) -> Result<()> {
+        self.eval_with(stream, input, Some(epilogue), shape, output)
+    }
+
+    fn eval_with(
         &self,
         stream: &Arc<CudaStream>,
         input: &dyn DevicePtr<T>,

@@ -996,7 +996,7 @@ fn eval_captured_in_a_graph_and_replayed() {
         bn.infer_fused(
             &s,
             x,
-            Some(cuda_batchnorm::functional::Epilogue::AddRelu { residual: &z }),
+            cuda_batchnorm::functional::Epilogue::AddRelu { residual: &z },
             &shape,
             y3,
         )?;
