@@ -391,12 +391,11 @@ impl Launcher for CudaLauncher<'_> {
         let ctx = &self.kernels.ctx;
         self.kernels
             .asked_once(&self.kernels.shared_limits, *kernel, kernel, |f| {
-                let optin = ctx
-                .attribute(
-                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
-                )
-                .map_err(BnError::driver("reading device attributes"))?;
+                use sys::CUdevice_attribute as Dev;
                 use sys::CUfunction_attribute as Attr;
+                let optin = ctx
+                    .attribute(Dev::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+                    .map_err(BnError::driver("reading device attributes"))?;
                 // SAFETY: `f` is a live function of the bound context's loaded module; the
                 // attribute is a readable one.
                 let fixed = unsafe {
