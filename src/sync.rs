@@ -695,6 +695,52 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> std::fmt::Debug for SyncBatchNorm
     }
 }
 
+/// A rank below a world of at least one.
+fn check_ranks(comm: &impl Collectives) -> Result<()> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world == 0 || rank >= world {
+        return Err(BnError::RankMismatch(format!(
+            "rank {rank} of a world of {world} ranks"
+        )));
+    }
+    Ok(())
+}
+
+/// Why [`SyncBatchNorm::from_batch_norm`] did not convert a module, with the module as
+/// it was handed in.
+pub struct NotConverted<M> {
+    /// Why.
+    pub error: BnError,
+    /// The module, unchanged (boxed: a module is several hundred bytes).
+    pub module: Box<M>,
+}
+
+impl<M> From<NotConverted<M>> for BnError {
+    fn from(e: NotConverted<M>) -> BnError {
+        e.error
+    }
+}
+
+impl<M> std::fmt::Debug for NotConverted<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotConverted")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> std::fmt::Display for NotConverted<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<M> std::error::Error for NotConverted<M> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
 impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
     /// A module in training mode with PyTorch's initial parameters and buffers, its
     /// collectives over `comm`.
@@ -704,32 +750,37 @@ impl<T: Float, P: ParamFor<T>, C: Collectives> SyncBatchNorm<T, P, C> {
         options: BatchNormOptions,
         comm: C,
     ) -> Result<Self> {
+        check_ranks(&comm)?;
         let bn = BatchNorm::new(Cuda::new(stream), num_features, options)?;
-        Self::with_module(bn, comm, SyncOptions::default())
+        Ok(Self::assemble(bn, comm))
     }
 
     /// `torch.nn.SyncBatchNorm.convert_sync_batchnorm` for one module: `bn`'s
     /// parameters, buffers, counter and mode, synchronised over `comm`. The one error,
-    /// a `comm` whose rank is not below its world size, drops `bn`.
-    pub fn from_batch_norm<const D: usize>(bn: BatchNorm<D, Cuda, T, P>, comm: C) -> Result<Self> {
-        Self::with_module(bn.with_rank::<0>(), comm, SyncOptions::default())
+    /// a `comm` whose rank is not below its world size, hands `bn` back unchanged
+    /// ([`NotConverted`]; `?` makes it the [`BnError`]).
+    pub fn from_batch_norm<const D: usize>(
+        bn: BatchNorm<D, Cuda, T, P>,
+        comm: C,
+    ) -> std::result::Result<Self, NotConverted<BatchNorm<D, Cuda, T, P>>> {
+        match check_ranks(&comm) {
+            Ok(()) => Ok(Self::assemble(bn.with_rank::<0>(), comm)),
+            Err(error) => Err(NotConverted {
+                error,
+                module: Box::new(bn),
+            }),
+        }
     }
 
-    fn with_module(bn: BatchNorm<0, Cuda, T, P>, comm: C, options: SyncOptions) -> Result<Self> {
-        let (rank, world) = (comm.rank(), comm.world_size());
-        if world == 0 || rank >= world {
-            return Err(BnError::RankMismatch(format!(
-                "rank {rank} of a world of {world} ranks"
-            )));
-        }
-        Ok(SyncBatchNorm {
+    fn assemble(bn: BatchNorm<0, Cuda, T, P>, comm: C) -> Self {
+        SyncBatchNorm {
             bn,
             comm,
-            options,
+            options: SyncOptions::default(),
             data: None,
             headers: None,
             synced: false,
-        })
+        }
     }
 
     /// The options of the synchronisation.

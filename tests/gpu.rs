@@ -2606,6 +2606,21 @@ fn sync_batch_norm_on_one_rank_and_in_eval_is_batch_norm() {
     )
     .unwrap();
     assert_eq!(sync.local().state_dict().unwrap(), bn.state_dict().unwrap());
+    // A rank past its world: the module comes back as it was.
+    let mut past = HostCollectives::world(1).pop().unwrap();
+    past.rank = 1;
+    let mut b = BatchNorm2d::<f32>::new(Cuda::new(&s), c, BatchNormOptions::default()).unwrap();
+    b.load_state_dict(&sd).unwrap();
+    let refused = SyncBatchNorm::from_batch_norm(b, past).err().unwrap();
+    assert_eq!(refused.to_string(), refused.error.to_string());
+    assert!(
+        refused.to_string().contains("rank 1 of a world of 1"),
+        "{refused}"
+    );
+    assert_eq!(
+        refused.module.state_dict().unwrap(),
+        bn.state_dict().unwrap()
+    );
     for training in [true, false] {
         if !training {
             bn.eval();
