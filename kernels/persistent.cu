@@ -57,29 +57,13 @@ __device__ __forceinline__ void grid_barrier() {
 }
 
 // What thread 0 holds after a block reduction, for every thread of the block.
-template <class A>
-__device__ __forceinline__ Welford<A> broadcast(const Welford<A>& w) {
-    BN_SHARED(A, s_state, 3);
-    if (threadIdx.x == 0) {
-        s_state[0] = w.n;
-        s_state[1] = w.mean;
-        s_state[2] = w.m2;
-    }
+template <class Pol>
+__device__ __forceinline__ typename Pol::State broadcast(const typename Pol::State& st) {
+    using A = decltype(Pol::get(st, 0));
+    BN_SHARED(A, s_state, Pol::K);
+    if (threadIdx.x == 0) put_state<Pol>(s_state, 0, st);
     __syncthreads();
-    const Welford<A> out{s_state[0], s_state[1], s_state[2]};
-    __syncthreads();
-    return out;
-}
-
-template <class A>
-__device__ __forceinline__ Sum2<A> broadcast(const Sum2<A>& s) {
-    BN_SHARED(A, s_sums, 2);
-    if (threadIdx.x == 0) {
-        s_sums[0] = s.a;
-        s_sums[1] = s.b;
-    }
-    __syncthreads();
-    const Sum2<A> out{s_sums[0], s_sums[1]};
+    const typename Pol::State out = take_state<Pol>(s_state, 0);
     __syncthreads();
     return out;
 }
@@ -92,14 +76,14 @@ __device__ __forceinline__ typename Pol::State merge_channel(const BnParams& p, 
                                                              typename Pol::State st) {
     using A = decltype(Pol::get(st, 0));
     st = Pol::block(st);
-    if (splits == 1) return broadcast(st);
+    if (splits == 1) return broadcast<Pol>(st);
     const I C = static_cast<I>(p.c);
     const Gmem<A> part(p.ws_partials);
     if (threadIdx.x == 0) publish<Pol>(part, C, splits, k, c, st);
     grid_barrier();
     typename Pol::State acc =
         merge_splits<Pol>(part, C, splits, c, static_cast<I>(threadIdx.x), static_cast<I>(kBlockThreads));
-    return broadcast(Pol::block(acc));
+    return broadcast<Pol>(Pol::block(acc));
 }
 
 // A state shuffled down `offset` lanes.
@@ -140,10 +124,7 @@ __device__ __forceinline__ void merge_tile(const BnParams& p, const IlpNhwcThrea
     const int tx = static_cast<int>(blockDim.x);
     const int me = static_cast<int>(threadIdx.y) * tx + static_cast<int>(threadIdx.x);
     BN_UNROLL
-    for (int j = 0; j < V; ++j) {
-        BN_UNROLL
-        for (int q = 0; q < K; ++q) s_rows[(me * V + j) * K + q] = Pol::get(st[j], q);
-    }
+    for (int j = 0; j < V; ++j) put_state<Pol>(s_rows, (me * V + j) * K, st[j]);
     __syncthreads();
     // the tile's channels (inactive ones included: empty states), tx V <= 256
     const int channels = tx * V;
@@ -156,9 +137,7 @@ __device__ __forceinline__ void merge_tile(const BnParams& p, const IlpNhwcThrea
         const int x = i / V;
         const int j = i - x * V;
         for (int y = lane * per_lane; y < (lane + 1) * per_lane; ++y) {
-            const int o = ((y * tx + x) * V + j) * K;
-            // SumPolicy (K = 2) ignores make's third value: its slot reads the second again
-            acc = Pol::merge(acc, Pol::make(s_rows[o], s_rows[o + 1], s_rows[o + (K > 2 ? 2 : 1)]));
+            acc = Pol::merge(acc, take_state<Pol>(s_rows, ((y * tx + x) * V + j) * K));
         }
     }
     for (int offset = lanes / 2; offset > 0; offset >>= 1) acc = Pol::merge(acc, shfl_down_state<Pol>(acc, offset));
@@ -167,15 +146,12 @@ __device__ __forceinline__ void merge_tile(const BnParams& p, const IlpNhwcThrea
     const I c = th.tile * static_cast<I>(channels) + static_cast<I>(i);
     const bool owner = lane == 0 && i < channels && c < C;
     if (splits == 1) {
-        if (owner) {
-            BN_UNROLL
-            for (int q = 0; q < K; ++q) s_total[i * K + q] = Pol::get(acc, q);
-        }
+        if (owner) put_state<Pol>(s_total, i * K, acc);
         __syncthreads();
         BN_UNROLL
         for (int j = 0; j < V; ++j) {
             const int o = (static_cast<int>(threadIdx.x) * V + j) * K;
-            st[j] = th.active ? Pol::make(s_total[o], s_total[o + 1], s_total[o + (K > 2 ? 2 : 1)]) : Pol::empty();
+            st[j] = th.active ? take_state<Pol>(s_total, o) : Pol::empty();
         }
         return;
     }

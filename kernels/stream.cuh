@@ -252,6 +252,22 @@ __device__ __forceinline__ void reduce_channel(const BnParams& p, I c, I k, I sp
     if (threadIdx.x == 0) finalize(acc);
 }
 
+// A state's K values at a[o], a[o + 1], ... (an array in shared memory), and back.
+template <class Pol, class Arr>
+__device__ __forceinline__ void put_state(Arr&& a, int o, const typename Pol::State& s) {
+    BN_UNROLL
+    for (int q = 0; q < Pol::K; ++q) a[o + q] = Pol::get(s, q);
+}
+
+template <class Pol, class Arr>
+__device__ __forceinline__ typename Pol::State take_state(Arr&& a, int o) {
+    using A = decltype(Pol::get(Pol::empty(), 0));
+    A v[3] = {A(0), A(0), A(0)};
+    BN_UNROLL
+    for (int q = 0; q < Pol::K; ++q) v[q] = a[o + q];
+    return Pol::make(v[0], v[1], v[2]);
+}
+
 // The rows of a 2-D block (x across channels, y across rows) merged into threadIdx.y ==
 // 0, in a fixed tree: V states per thread, K values each, through shared memory.
 template <class Pol, int V>
@@ -262,15 +278,7 @@ __device__ __forceinline__ void merge_rows(typename Pol::State (&s)[V]) {
     const int me = threadIdx.y * blockDim.x + threadIdx.x;
     auto put = [&](int who) {
         BN_UNROLL
-        for (int j = 0; j < V; ++j) {
-            BN_UNROLL
-            for (int q = 0; q < K; ++q) sh[(who * V + j) * K + q] = Pol::get(s[j], q);
-        }
-    };
-    auto take = [&](int who, int j) {
-        const int o = (who * V + j) * K;
-        // SumPolicy (K = 2) ignores make's third value: its slot reads the second again
-        return Pol::make(sh[o], sh[o + 1], sh[o + (K > 2 ? 2 : 1)]);
+        for (int j = 0; j < V; ++j) put_state<Pol>(sh, (who * V + j) * K, s[j]);
     };
     put(me);
     __syncthreads();
@@ -278,7 +286,7 @@ __device__ __forceinline__ void merge_rows(typename Pol::State (&s)[V]) {
         if (static_cast<int>(threadIdx.y) < stride) {
             const int other = me + stride * static_cast<int>(blockDim.x);
             BN_UNROLL
-            for (int j = 0; j < V; ++j) s[j] = Pol::merge(s[j], take(other, j));
+            for (int j = 0; j < V; ++j) s[j] = Pol::merge(s[j], take_state<Pol>(sh, (other * V + j) * K));
             put(me);
         }
         __syncthreads();
