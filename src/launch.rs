@@ -725,10 +725,8 @@ pub fn plan_stage(
                 && c.is_multiple_of(vec_width)
                 && vec_width > 1;
             let width = if vec { vec_width } else { 1 };
-            let units = c.div_ceil(width);
-            let tile_x = units.next_power_of_two().min(32) as u32;
-            let tile_y = (BLOCK_THREADS / tile_x) as usize;
-            let tiles = units.div_ceil(tile_x as usize);
+            let (tile_x, tile_y, tiles) = nhwc_tiles(c.div_ceil(width));
+            let tile_x = tile_x as u32;
             let wanted = target_blocks.div_ceil(tiles);
             // a block's rows times its channels should reach min_split values
             let values_per_row = (tile_x as usize * width).min(c);
@@ -769,6 +767,18 @@ pub fn plan_stage(
         index64: tuning.force_index64 || needs_index64(shape, &plan),
         ..plan
     })
+}
+
+/// The nhwc tiling every family's kernels share: a row's `units` (vectors, or single
+/// values, of channels) across tile_x threads, the next power of two up to 32, by
+/// tile_y = 256 / tile_x rows. Returns (tile_x, tile_y, tiles).
+fn nhwc_tiles(units: usize) -> (usize, usize, usize) {
+    let tile_x = units.next_power_of_two().min(32);
+    (
+        tile_x,
+        BLOCK_THREADS as usize / tile_x,
+        units.div_ceil(tile_x),
+    )
 }
 
 /// The number of splits, between `lo` and `hi`, of each of `groups` units of work
@@ -894,10 +904,7 @@ pub fn plan_ilp_stage(
                 ));
             }
             let rows = per_channel;
-            let units = c / vec_width;
-            let tile_x = units.next_power_of_two().min(32);
-            let tile_y = BLOCK_THREADS as usize / tile_x;
-            let tiles = units.div_ceil(tile_x);
+            let (tile_x, tile_y, tiles) = nhwc_tiles(c / vec_width);
             let rows_min = min_values.div_ceil((tile_x * vec_width).min(c)).max(tile_y);
             let lo = rows.div_ceil(MAX_SPLIT_VALUES);
             let hi = (rows / rows_min).min(MAX_SPLITS as usize).max(lo);
@@ -1052,14 +1059,8 @@ pub fn plan_persistent_stage(
         ),
         // a tile of channels over all rows, 256 / tile_x rows x slots a step
         Layout::Nhwc => {
-            let tile_x = (c / vec_width).next_power_of_two().min(32);
-            let tiles = (c / vec_width).div_ceil(tile_x);
-            (
-                tiles,
-                per_channel,
-                BLOCK_THREADS as usize / tile_x * slots,
-                tile_x,
-            )
+            let (tile_x, tile_y, tiles) = nhwc_tiles(c / vec_width);
+            (tiles, per_channel, tile_y * slots, tile_x)
         }
     };
     let mut tried = None;
